@@ -1,0 +1,431 @@
+"""The on-disk layout of the pre-quantized Mixtral shards: names, strict checks, reading and writing.
+
+One trunk file holds every non-expert tensor under full (old, ``block_sparse_moe``) names; each expert
+lives in a file of its own under keys relative to the expert (``w1.W_q`` ...). The index maps full
+names to files. Every file is checked (size, header, key set, dtype, shape) before a byte is used,
+and every error names the file and the key. See ``docs/checkpoint_format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import MixtralConfig
+
+from .quant import (
+    DEFAULT_ATTENTION_SPECS,
+    DEFAULT_EXPERT_SPECS,
+    DEMO_ATTENTION_SPEC,
+    DEMO_EXPERT_SPEC,
+    SUFFIXES,
+    QuantSpec,
+)
+
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+QUANT_CONFIG_KEY = "offloading_quantization"  # our addition to config.json; absent in the public demo repo
+ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_MATS = ("w1", "w2", "w3")  # gate, down, up
+
+_ST_DTYPES = {
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or does not hold what the layout says."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which low-bit settings attention and experts use in one checkpoint."""
+
+    attention: QuantSpec = DEMO_ATTENTION_SPEC
+    experts: QuantSpec = DEMO_EXPERT_SPEC
+
+    @classmethod
+    def for_bits(cls, attn_bits: int, expert_bits: int) -> QuantConfig:
+        if attn_bits not in DEFAULT_ATTENTION_SPECS or expert_bits not in DEFAULT_EXPERT_SPECS:
+            raise ValueError(f"bit widths must be 2, 3 or 4 (got attention {attn_bits}, experts {expert_bits})")
+        return cls(DEFAULT_ATTENTION_SPECS[attn_bits], DEFAULT_EXPERT_SPECS[expert_bits])
+
+    @classmethod
+    def from_config_dict(cls, cfg: dict) -> QuantConfig:
+        """Settings stored by our writer, or the public demo's settings when there are none."""
+        q = cfg.get(QUANT_CONFIG_KEY)
+        if q is None:
+            return cls()
+        return cls(QuantSpec(**q["attention"]), QuantSpec(**q["experts"]))
+
+    def to_dict(self) -> dict:
+        return {"attention": self.attention.to_dict(), "experts": self.experts.to_dict()}
+
+
+# --------------------------------------------------------------------------------------------------
+# names and expected shapes
+# --------------------------------------------------------------------------------------------------
+
+
+def head_dim(cfg: MixtralConfig) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def attention_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, int]]:
+    hd, h = head_dim(cfg), cfg.hidden_size
+    return {
+        "q_proj": (cfg.num_attention_heads * hd, h),
+        "k_proj": (cfg.num_key_value_heads * hd, h),
+        "v_proj": (cfg.num_key_value_heads * hd, h),
+        "o_proj": (h, cfg.num_attention_heads * hd),
+    }
+
+
+def expert_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, int]]:
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"w1": (i, h), "w2": (h, i), "w3": (i, h)}
+
+
+def expert_prefix(layer: int, expert: int) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
+
+
+def expected_expert_tensors(cfg: MixtralConfig, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Keys (relative to the expert), dtypes and shapes of one expert file's 21 tensors."""
+    out = {}
+    for mat, shape in expert_shapes(cfg).items():
+        for suffix, spec in quant.experts.tensor_specs(shape).items():
+            out[f"{mat}.{suffix}"] = spec
+    return out
+
+
+def expected_trunk_tensors(cfg: MixtralConfig, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Full names, dtypes and shapes of every non-expert tensor."""
+    h, v, e = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts
+    out: dict[str, tuple[torch.dtype, tuple]] = {
+        "model.embed_tokens.weight": (torch.float16, (v, h)),
+        "lm_head.weight": (torch.float16, (v, h)),
+        "model.norm.weight": (torch.float16, (h,)),
+    }
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        out[p + "input_layernorm.weight"] = (torch.float16, (h,))
+        out[p + "post_attention_layernorm.weight"] = (torch.float16, (h,))
+        out[p + "block_sparse_moe.gate.weight"] = (torch.float16, (e, h))
+        for proj, shape in attention_shapes(cfg).items():
+            for suffix, spec in quant.attention.tensor_specs(shape).items():
+                out[f"{p}self_attn.{proj}.{suffix}"] = spec
+    return out
+
+
+def to_transformers_name(name: str) -> str:
+    """Old Mixtral names (``block_sparse_moe``) to transformers 5 names (``mlp``)."""
+    return name.replace(".block_sparse_moe.", ".mlp.")
+
+
+# --------------------------------------------------------------------------------------------------
+# safetensors headers (read ourselves: cheap, and lets us name truncated files precisely)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check the file is exactly as long as the header says."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.name}: file is missing (expected at {path})")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path.name}: truncated ({size} bytes, no safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise CheckpointError(f"{path.name}: truncated or not a safetensors file (header {n} B)")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path.name}: unreadable safetensors header ({err})") from err
+    header.pop("__metadata__", None)
+    infos, end = {}, 0
+    for key, entry in header.items():
+        dtype = _ST_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path.name}: tensor {key!r} has unsupported dtype {entry.get('dtype')!r}")
+        begin, stop = entry["data_offsets"]
+        infos[key] = TensorInfo(dtype, tuple(entry["shape"]), stop - begin)
+        end = max(end, stop)
+    if size != 8 + n + end:
+        raise CheckpointError(
+            f"{path.name}: truncated or corrupt: {size} bytes on disk, header promises {8 + n + end}"
+        )
+    return infos
+
+
+def check_tensors(
+    path: Path, infos: dict[str, TensorInfo], expected: dict[str, tuple[torch.dtype, tuple]], exact: bool
+) -> None:
+    """Every expected key present with its dtype and shape; with ``exact``, nothing else either."""
+    for key, (dtype, shape) in expected.items():
+        info = infos.get(key)
+        if info is None:
+            raise CheckpointError(f"{path.name}: missing tensor {key!r}")
+        if info.dtype != dtype or tuple(info.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{path.name}: tensor {key!r} is {_ST_NAMES.get(info.dtype)} {list(info.shape)}, expected "
+                f"{_ST_NAMES[dtype]} {list(shape)}"
+            )
+    if exact:
+        extra = sorted(set(infos) - set(expected))
+        if extra:
+            raise CheckpointError(f"{path.name}: unexpected tensors {extra[:5]}")
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint directory: config, quantization settings and where each tensor lives."""
+
+    root: Path
+    config: MixtralConfig
+    quant: QuantConfig
+    trunk_files: dict[str, str]  # full (old) name -> file
+    expert_files: dict[tuple[int, int], str]  # (layer, expert) -> file
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, verify: bool = True) -> Checkpoint:
+        """Read config and index; with ``verify`` also check every file's size, keys, dtypes, shapes."""
+        root = Path(root)
+        cfg_dict = _read_json(root / CONFIG_FILE)
+        config = config_from_dict(cfg_dict, root / CONFIG_FILE)
+        quant = QuantConfig.from_config_dict(cfg_dict)
+        index = _read_json(root / INDEX_FILE)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{INDEX_FILE}: no 'weight_map' object")
+        trunk_files = {}
+        for key in expected_trunk_tensors(config, quant):
+            if key not in weight_map:
+                raise CheckpointError(f"{INDEX_FILE}: no entry for {key!r}")
+            trunk_files[key] = weight_map[key]
+        expert_files = {}
+        rel_keys = list(expected_expert_tensors(config, quant))
+        for layer in range(config.num_hidden_layers):
+            for e in range(config.num_local_experts):
+                prefix = expert_prefix(layer, e)
+                files = {weight_map.get(prefix + k) for k in rel_keys}
+                if None in files:
+                    missing = next(prefix + k for k in rel_keys if prefix + k not in weight_map)
+                    raise CheckpointError(f"{INDEX_FILE}: no entry for {missing!r}")
+                if len(files) != 1:
+                    raise CheckpointError(f"{INDEX_FILE}: expert {layer}.{e} is split across files {sorted(files)}")
+                expert_files[(layer, e)] = files.pop()
+        ckpt = cls(root, config, quant, trunk_files, expert_files)
+        if verify:
+            ckpt.verify()
+        return ckpt
+
+    def files(self) -> list[str]:
+        return sorted(set(self.trunk_files.values()) | set(self.expert_files.values()))
+
+    def verify(self) -> None:
+        """Check every referenced file against the layout without reading tensor data."""
+        trunk_expected = expected_trunk_tensors(self.config, self.quant)
+        by_file: dict[str, dict] = {}
+        for key, file in self.trunk_files.items():
+            by_file.setdefault(file, {})[key] = trunk_expected[key]
+        for file, expected in by_file.items():
+            check_tensors(self.root / file, read_header(self.root / file), expected, exact=False)
+        expert_expected = expected_expert_tensors(self.config, self.quant)
+        for file in sorted(set(self.expert_files.values())):
+            check_tensors(self.root / file, read_header(self.root / file), expert_expected, exact=True)
+
+    def load_trunk(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """All non-expert tensors under transformers 5 names, read file by file (mmap)."""
+        from safetensors import safe_open
+
+        out = {}
+        by_file: dict[str, list[str]] = {}
+        for key, file in self.trunk_files.items():
+            by_file.setdefault(file, []).append(key)
+        for file, keys in by_file.items():
+            with safe_open(self.root / file, framework="pt", device=str(device)) as f:
+                for key in keys:
+                    out[to_transformers_name(key)] = f.get_tensor(key)
+        return out
+
+    def iter_experts(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """Yield ``(layer, expert, {rel_key: tensor})``, one file open at a time (mmap, no full copy)."""
+        from safetensors import safe_open
+
+        for (layer, e), file in sorted(self.expert_files.items()):
+            with safe_open(self.root / file, framework="pt", device="cpu") as f:
+                yield layer, e, {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path.name}: file is missing (expected at {path})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path.name}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path.name}: expected a JSON object")
+    return data
+
+
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "vocab_size",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "sliding_window",
+    "head_dim",
+    "hidden_act",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+)
+
+
+def config_from_dict(cfg: dict, path: Path | str = CONFIG_FILE) -> MixtralConfig:
+    """A ``MixtralConfig`` from the architecture fields only (the rest of the file is ignored)."""
+    if cfg.get("model_type", "mixtral") != "mixtral":
+        raise CheckpointError(f"{Path(path).name}: model_type is {cfg.get('model_type')!r}, expected 'mixtral'")
+    fields = {k: cfg[k] for k in ARCHITECTURE_FIELDS if k in cfg and cfg[k] is not None}
+    if "rope_parameters" in cfg and "rope_theta" not in fields:
+        fields["rope_theta"] = cfg["rope_parameters"].get("rope_theta", 1e6)
+    rope_theta = fields.pop("rope_theta", 1e6)
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if k not in fields:
+            raise CheckpointError(f"{Path(path).name}: missing {k!r}")
+    config = MixtralConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------------
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    attn_bits: int = 4,
+    expert_bits: int = 2,
+    tokenizer=None,
+    optimize: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Write a transformers 5 ``MixtralForCausalLM`` in the offloading-demo layout.
+
+    Attention is quantized to ``attn_bits``, experts to ``expert_bits`` (HQQ's optimizer refines
+    scale/zero when ``optimize``); embeddings, norms, router and ``lm_head`` stay float16.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .quant import quantize
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg: MixtralConfig = model.config
+    quant = QuantConfig.for_bits(attn_bits, expert_bits)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    n_layers, n_exp, inter = cfg.num_hidden_layers, cfg.num_local_experts, cfg.intermediate_size
+    n_files = 1 + n_layers * n_exp
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def add(tensors: dict[str, torch.Tensor], file: str, prefix: str = "") -> None:
+        nonlocal total
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out / file)
+        for k, v in tensors.items():
+            weight_map[prefix + k] = file
+            total += v.numel() * v.element_size()
+
+    bar = tqdm(total=n_files, desc="quantizing", unit="file", disable=not progress)
+    trunk: dict[str, torch.Tensor] = {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        trunk[name] = sd[name].half()
+    for layer in range(n_layers):
+        p = f"model.layers.{layer}."
+        trunk[p + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"].half()
+        trunk[p + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"].half()
+        trunk[p + "block_sparse_moe.gate.weight"] = sd[p + "mlp.gate.weight"].half()
+        for proj in ATTENTION_PROJS:
+            qw = quantize(sd[f"{p}self_attn.{proj}.weight"], quant.attention, optimize=optimize)
+            for suffix, t in qw.tensors().items():
+                trunk[f"{p}self_attn.{proj}.{suffix}"] = t
+    add(trunk, shard_name(1, n_files))
+    bar.update(1)
+    for layer in range(n_layers):
+        p = f"model.layers.{layer}.mlp.experts."
+        gate_up, down = sd[p + "gate_up_proj"], sd[p + "down_proj"]  # [E, 2I, H], [E, H, I]
+        for e in range(n_exp):
+            mats = {"w1": gate_up[e, :inter], "w2": down[e], "w3": gate_up[e, inter:]}
+            tensors = {}
+            for mat, w in mats.items():
+                for suffix, t in quantize(w, quant.experts, optimize=optimize).tensors().items():
+                    tensors[f"{mat}.{suffix}"] = t
+            add(tensors, shard_name(2 + layer * n_exp + e, n_files), prefix=expert_prefix(layer, e))
+            bar.update(1)
+    bar.close()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    cfg_dict = {k: v for k, v in cfg.to_dict().items() if k in ARCHITECTURE_FIELDS or k == "model_type"}
+    cfg_dict["model_type"] = "mixtral"
+    cfg_dict["architectures"] = ["MixtralForCausalLM"]
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    cfg_dict["rope_theta"] = rope.get("rope_theta", getattr(cfg, "rope_theta", 1e6))
+    cfg_dict["torch_dtype"] = "float16"
+    cfg_dict[QUANT_CONFIG_KEY] = quant.to_dict()
+    (out / CONFIG_FILE).write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "QuantConfig",
+    "SUFFIXES",
+    "save_checkpoint",
+]

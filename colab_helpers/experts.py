@@ -1,0 +1,416 @@
+"""Where experts live: one flat byte buffer per expert, per-layer device slots, host store, copies.
+
+Placement is *exclusive*: every expert is in exactly one place, a device slot or a host buffer,
+because all 256 Mixtral experts (15.8 GiB) do not fit in a free Colab VM's ~12.7 GB of RAM. A miss
+therefore *swaps*: the wanted expert X is copied host→device into a spare device slot, and the
+evicted expert Y is copied device→host into the host buffer X just left. A small pool of spare
+slots shared by all layers lets loads run ahead of write-backs. On CUDA the two directions run on
+their own streams, ordered by events; on CPU the same code copies synchronously.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import MixtralConfig
+
+from .checkpoint import QuantConfig, expected_expert_tensors, expert_shapes
+from .policies import EvictionPolicy, make_policy
+from .quant import SUFFIXES, QuantizedWeight
+
+_ALIGN = 64  # bytes; keeps every view aligned for fp16/int32 loads and vectorized kernels
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one expert's 21 tensors sit inside its flat ``uint8`` buffer."""
+
+    entries: tuple[_Entry, ...]
+    nbytes: int
+    quant: QuantConfig
+    shapes: dict[str, tuple[int, int]]
+
+    @classmethod
+    def for_model(cls, config: MixtralConfig, quant: QuantConfig) -> ExpertLayout:
+        entries, offset = [], 0
+        for key, (dtype, shape) in expected_expert_tensors(config, quant).items():
+            n = max(1, _numel(shape)) * torch.empty((), dtype=dtype).element_size()
+            entries.append(_Entry(key, dtype, tuple(shape), offset, n))
+            offset += -(-n // _ALIGN) * _ALIGN
+        return cls(tuple(entries), offset, quant, expert_shapes(config))
+
+    def pack(self, tensors: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        """Copy an expert's tensors (``{rel_key: tensor}``) into its flat buffer ``out``."""
+        for e in self.entries:
+            out[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape).copy_(tensors[e.key])
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero-copy tensors over a flat buffer."""
+        return {e.key: buf[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in self.entries}
+
+    def weights(self, buf: torch.Tensor) -> dict[str, QuantizedWeight]:
+        """``{"w1"|"w2"|"w3": QuantizedWeight}`` viewing ``buf``."""
+        v = self.views(buf)
+        return {
+            mat: QuantizedWeight.from_tensors(
+                self.quant.experts, shape, {s: v[f"{mat}.{s}"] for s in SUFFIXES}
+            )
+            for mat, shape in self.shapes.items()
+        }
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# copies
+# --------------------------------------------------------------------------------------------------
+
+
+class CopyEngine:
+    """Host↔device copies. CUDA: own streams per direction, events for ordering. CPU: plain copies."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.h2d_stream = torch.cuda.Stream(device)
+            self.d2h_stream = torch.cuda.Stream(device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, to_device: bool, after: Iterable) -> object:
+        """Copy ``src`` into ``dst`` once every event in ``after`` fired; returns the completion event."""
+        if not self.cuda:
+            dst.copy_(src)
+            return None
+        stream = self.h2d_stream if to_device else self.d2h_stream
+        for ev in after:
+            if ev is not None:
+                stream.wait_event(ev)
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+    def compute_waits(self, event: object) -> None:
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def mark_compute(self) -> object:
+        """An event on the compute stream: everything queued so far has run when it fires."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C / Colab's stop until the block ends, so bookkeeping and copies stay in step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: caught.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+# --------------------------------------------------------------------------------------------------
+# counters
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheStats:
+    """Per-layer counters. Hits/misses count demand fetches; prefetch counters count guesses."""
+
+    num_layers: int
+    hits: list[int] = field(default_factory=list)
+    misses: list[int] = field(default_factory=list)
+    h2d_bytes: list[int] = field(default_factory=list)
+    d2h_bytes: list[int] = field(default_factory=list)
+    prefetch_loads: list[int] = field(default_factory=list)
+    predicted: list[int] = field(default_factory=list)  # experts guessed for a layer
+    correct: list[int] = field(default_factory=list)  # guesses the layer then used
+    needed: list[int] = field(default_factory=list)  # experts the layer used while a guess existed
+    wasted_bytes: list[int] = field(default_factory=list)  # prefetched bytes the layer did not use
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        for name in (
+            "hits",
+            "misses",
+            "h2d_bytes",
+            "d2h_bytes",
+            "prefetch_loads",
+            "predicted",
+            "correct",
+            "needed",
+            "wasted_bytes",
+        ):
+            setattr(self, name, [0] * self.num_layers)
+
+    @property
+    def hit_rate(self) -> float:
+        total = sum(self.hits) + sum(self.misses)
+        return sum(self.hits) / total if total else 0.0
+
+    @property
+    def precision(self) -> float:
+        return sum(self.correct) / sum(self.predicted) if sum(self.predicted) else 0.0
+
+    @property
+    def recall(self) -> float:
+        return sum(self.correct) / sum(self.needed) if sum(self.needed) else 0.0
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "hits": sum(self.hits),
+            "misses": sum(self.misses),
+            "hit_rate": self.hit_rate,
+            "h2d_bytes": sum(self.h2d_bytes),
+            "d2h_bytes": sum(self.d2h_bytes),
+            "prefetch_loads": sum(self.prefetch_loads),
+            "prefetch_precision": self.precision,
+            "prefetch_recall": self.recall,
+            "prefetch_wasted_bytes": sum(self.wasted_bytes),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# the cache
+# --------------------------------------------------------------------------------------------------
+
+
+def experts_per_layer(experts_on_device: int | Sequence[int], num_layers: int, num_experts: int) -> list[int]:
+    """Normalize ``experts_on_device`` (one int or one per layer) and check its range."""
+    ks = [experts_on_device] * num_layers if isinstance(experts_on_device, int) else list(experts_on_device)
+    if len(ks) != num_layers or any(not 1 <= k <= num_experts for k in ks):
+        raise ValueError(f"experts_on_device must be 1..{num_experts} per layer ({num_layers} layers), got {ks}")
+    return ks
+
+
+class ExpertCache:
+    """Per-layer device slots over a host store, with a pluggable eviction policy and counters.
+
+    Call ``place`` once per expert at load time (the first ``k`` experts of a layer land on the
+    device), then ``fetch`` per use: it returns the expert's weights on the device, copying it in
+    (and its victim out) on a miss. ``prefetch`` starts a load early without touching hit counters.
+    """
+
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        num_layers: int,
+        num_experts: int,
+        experts_on_device: int | Sequence[int],
+        device: torch.device | str = "cpu",
+        policy: str | EvictionPolicy = "lru",
+        spare_slots: int = 2,
+    ) -> None:
+        self.layout = layout
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.device = torch.device(device)
+        self.capacity = experts_per_layer(experts_on_device, num_layers, num_experts)
+        n_host = sum(num_experts - k for k in self.capacity)
+        self.spare = spare_slots if n_host else 0
+        if n_host and self.spare < 1:
+            raise ValueError("need at least one spare device slot when some experts live on the host")
+        self.policy = make_policy(policy, num_layers, num_experts) if isinstance(policy, str) else policy
+        self.engine = CopyEngine(self.device)
+        n_slots = sum(self.capacity) + self.spare
+        self.device_buf = torch.empty(n_slots, layout.nbytes, dtype=torch.uint8, device=self.device)
+        pin = self.engine.cuda
+        self.host_buf = torch.empty(n_host, layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self._slot_weights = [layout.weights(self.device_buf[s]) for s in range(n_slots)]
+        self.slot_of: list[dict[int, int]] = [{} for _ in range(num_layers)]
+        self.host_of: list[dict[int, int]] = [{} for _ in range(num_layers)]
+        self._free_slots: deque[int] = deque(range(n_slots))
+        self._free_hosts: deque[int] = deque(range(n_host))
+        # CUDA events guarding reuse (None on CPU or when nothing is pending)
+        self._slot_ready: list = [None] * n_slots  # H2D into slot finished
+        self._slot_used: list = [None] * n_slots  # last compute reading slot finished
+        self._slot_drained: list = [None] * n_slots  # D2H out of slot finished
+        self._host_read: list = [None] * n_host  # H2D out of host buffer finished
+        self._host_written: list = [None] * n_host  # D2H into host buffer finished
+        self._prefetched: list[set[int]] = [set() for _ in range(num_layers)]
+        self.stats = CacheStats(num_layers)
+
+    # ---- load time -------------------------------------------------------------------------------
+
+    def place(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Store an expert for the first time: in a device slot while the layer has room, else host."""
+        if expert in self.slot_of[layer] or expert in self.host_of[layer]:
+            raise ValueError(f"expert {layer}.{expert} placed twice")
+        if len(self.slot_of[layer]) < self.capacity[layer]:
+            slot = self._free_slots.popleft()
+            if self.engine.cuda:
+                staging = torch.empty(self.layout.nbytes, dtype=torch.uint8)
+                self.layout.pack(tensors, staging)
+                self.device_buf[slot].copy_(staging)
+            else:
+                self.layout.pack(tensors, self.device_buf[slot])
+            self.slot_of[layer][expert] = slot
+        else:
+            host = self._free_hosts.popleft()
+            self.layout.pack(tensors, self.host_buf[host])
+            self.host_of[layer][expert] = host
+
+    def check_complete(self) -> None:
+        missing = [
+            (layer, e)
+            for layer in range(self.num_layers)
+            for e in range(self.num_experts)
+            if e not in self.slot_of[layer] and e not in self.host_of[layer]
+        ]
+        if missing:
+            raise RuntimeError(f"experts never placed: {missing[:8]}")
+
+    # ---- per token -------------------------------------------------------------------------------
+
+    def resident(self, layer: int) -> set[int]:
+        return set(self.slot_of[layer])
+
+    def fetch(self, layer: int, expert: int, keep: Iterable[int] = ()) -> dict[str, QuantizedWeight]:
+        """The expert's weights on the device, ready for the compute stream; counts a hit or a miss.
+
+        ``keep`` lists experts of this layer that must not be evicted to make room (still needed).
+        """
+        self.policy.on_access(layer, expert)
+        slot = self.slot_of[layer].get(expert)
+        if slot is None:
+            self.stats.misses[layer] += 1
+            slot = self._swap_in(layer, expert, keep)
+        else:
+            self.stats.hits[layer] += 1
+        self.engine.compute_waits(self._slot_ready[slot])
+        return self._slot_weights[slot]
+
+    def release(self, layer: int, expert: int) -> None:
+        """The compute stream has queued its last read of this expert for now (guards slot reuse)."""
+        if self.engine.cuda:
+            self._slot_used[self.slot_of[layer][expert]] = self.engine.mark_compute()
+
+    def prefetch(self, layer: int, expert: int, keep: Iterable[int] = ()) -> bool:
+        """Start loading a guessed expert; False when it is resident or no slot may be given up."""
+        if expert in self.slot_of[layer]:
+            return False
+        if not self._candidates(layer, expert, keep):
+            return False
+        self._swap_in(layer, expert, keep)
+        self.stats.prefetch_loads[layer] += 1
+        self._prefetched[layer].add(expert)
+        return True
+
+    def score_prediction(self, layer: int, predicted: set[int], used: set[int]) -> None:
+        """Record how a guess for ``layer`` compared with the experts it then used."""
+        s = self.stats
+        s.predicted[layer] += len(predicted)
+        s.needed[layer] += len(used)
+        s.correct[layer] += len(predicted & used)
+        s.wasted_bytes[layer] += len(self._prefetched[layer] - used) * self.layout.nbytes
+        self._prefetched[layer].clear()
+
+    def end_step(self, layer: int) -> None:
+        self.policy.on_step(layer)
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _candidates(self, layer: int, expert: int, keep: Iterable[int]) -> list[int]:
+        keep = set(keep) | {expert}
+        return sorted(e for e in self.slot_of[layer] if e not in keep)
+
+    def _swap_in(self, layer: int, expert: int, keep: Iterable[int]) -> int:
+        candidates = self._candidates(layer, expert, keep)
+        if not candidates:
+            raise RuntimeError(f"layer {layer}: no evictable expert to make room for {expert} (keep={set(keep)})")
+        victim = self.policy.victim(layer, candidates)
+        nbytes = self.layout.nbytes
+        with deferred_interrupts():  # copies and bookkeeping change together or not at all
+            slot = self._free_slots.popleft()
+            host = self.host_of[layer][expert]
+            old = self.slot_of[layer][victim]
+            eng = self.engine
+            ready = eng.copy(
+                self.device_buf[slot],
+                self.host_buf[host],
+                to_device=True,
+                after=(self._slot_used[slot], self._slot_drained[slot], self._host_written[host]),
+            )
+            drained = eng.copy(
+                self.host_buf[host],
+                self.device_buf[old],
+                to_device=False,
+                after=(ready, self._slot_ready[old]),
+            )
+            self._slot_ready[slot], self._host_read[host] = ready, ready
+            self._slot_drained[old], self._host_written[host] = drained, drained
+            del self.slot_of[layer][victim], self.host_of[layer][expert]
+            self.slot_of[layer][expert] = slot
+            self.host_of[layer][victim] = host
+            self._free_slots.append(old)
+            self.stats.h2d_bytes[layer] += nbytes
+            self.stats.d2h_bytes[layer] += nbytes
+        return slot
+
+    # ---- inspection (tests, notebooks) -----------------------------------------------------------
+
+    def expert_bytes(self, layer: int, expert: int) -> torch.Tensor:
+        """A host copy of the expert's flat buffer, wherever it lives now."""
+        self.engine.synchronize()
+        slot = self.slot_of[layer].get(expert)
+        if slot is not None:
+            return self.device_buf[slot].cpu().clone()
+        return self.host_buf[self.host_of[layer][expert]].clone()
+
+    def check_invariants(self) -> None:
+        """Each expert in exactly one place, no buffer shared, no layer over capacity."""
+        slots, hosts = [], []
+        for layer in range(self.num_layers):
+            on_dev, on_host = set(self.slot_of[layer]), set(self.host_of[layer])
+            assert not on_dev & on_host, f"layer {layer}: experts in two places {on_dev & on_host}"
+            assert on_dev | on_host == set(range(self.num_experts)), f"layer {layer}: experts lost"
+            assert len(on_dev) <= self.capacity[layer], f"layer {layer}: {len(on_dev)} > {self.capacity[layer]}"
+            slots += self.slot_of[layer].values()
+            hosts += self.host_of[layer].values()
+        assert len(set(slots) | set(self._free_slots)) == len(slots) + len(self._free_slots) == len(self.device_buf)
+        assert len(set(hosts)) == len(hosts) == len(self.host_buf)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.device_buf.numel()
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host_buf.numel()

@@ -1,0 +1,171 @@
+"""``load_model``: a transformers 5 Mixtral whose attention is low-bit and whose experts are offloaded.
+
+The skeleton is built on the meta device (no expert weights are ever materialised), the trunk is
+loaded from its shard, attention projections become ``QuantLinear``, and each layer's MoE block
+becomes an ``OffloadedMoE`` reading from one shared ``ExpertCache``. Everything else — generation,
+KV cache, streaming, chat templates — is stock transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import MixtralForCausalLM
+from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, MixtralTopKRouter
+
+from .checkpoint import ATTENTION_PROJS, SUFFIXES, Checkpoint, attention_shapes
+from .experts import ExpertCache, ExpertLayout
+from .moe import OffloadedMoE, PrefetchConfig
+from .quant import QuantizedWeight, QuantLinear
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How a checkpoint is run: device, dtype, experts kept on the device, eviction, prefetch."""
+
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # default: float16 on CUDA, float32 on CPU
+    experts_on_device: int | tuple[int, ...] = 2
+    policy: str = "lru"
+    spare_slots: int = 2
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    verify: bool = True  # check every shard's header before reading
+    progress: bool = True
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        return torch.float16 if torch.device(self.device).type == "cuda" else torch.float32
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" → CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    experts_on_device: int | Sequence[int] = 2,
+    config: OffloadConfig | None = None,
+    **overrides,
+) -> MixtralForCausalLM:
+    """Load a checkpoint in the offloading layout as a transformers causal LM.
+
+    ``path`` is a local directory (see ``colab_helpers.hub.download`` for the hub). ``experts_on_device``
+    is an int or one int per layer. Extra keyword arguments override ``OffloadConfig`` fields.
+    The cache is reachable as ``model.expert_cache``; nothing half-loaded is returned on error.
+    """
+    from tqdm.auto import tqdm
+
+    dev = resolve_device(device)
+    ks = experts_on_device if isinstance(experts_on_device, int) else tuple(experts_on_device)
+    cfg = config or OffloadConfig(device=str(dev), experts_on_device=ks, **overrides)
+    ckpt = Checkpoint.open(Path(path), verify=cfg.verify)
+    mcfg = ckpt.config
+    dtype = cfg.compute_dtype
+    mcfg._attn_implementation = "sdpa"
+
+    with torch.device("meta"):
+        model = MixtralForCausalLM(mcfg)
+    model.eval().requires_grad_(False)
+    trunk = ckpt.load_trunk()
+
+    layout = ExpertLayout.for_model(mcfg, ckpt.quant)
+    cache = ExpertCache(
+        layout,
+        mcfg.num_hidden_layers,
+        mcfg.num_local_experts,
+        cfg.experts_on_device,
+        device=dev,
+        policy=cfg.policy,
+        spare_slots=cfg.spare_slots,
+    )
+    blocks = []
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        for proj, shape in attention_shapes(mcfg).items():
+            tensors = {s: trunk.pop(f"{p}self_attn.{proj}.{s}").to(dev) for s in SUFFIXES}
+            qw = QuantizedWeight.from_tensors(ckpt.quant.attention, shape, tensors)
+            setattr(layer.self_attn, proj, QuantLinear(qw))
+        gate = MixtralTopKRouter(mcfg)
+        gate.weight = torch.nn.Parameter(trunk.pop(p + "mlp.gate.weight").to(dev, dtype), requires_grad=False)
+        block = OffloadedMoE(gate, i, cache, cfg.prefetch, mcfg.num_experts_per_tok)
+        layer.mlp = block
+        blocks.append(block)
+    for i, block in enumerate(blocks):
+        block.link(blocks[i + 1 : i + 1 + cfg.prefetch.lookahead])
+    assert set(ATTENTION_PROJS) == set(attention_shapes(mcfg))
+
+    # the rest of the trunk: embeddings, norms, lm_head (names match the skeleton's)
+    missing, unexpected = model.load_state_dict(
+        {k: v.to(dtype) for k, v in trunk.items()}, strict=False, assign=True
+    )
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if unexpected or [n for n in still_meta if "rotary_emb" not in n]:
+        raise RuntimeError(f"trunk mismatch: unexpected {unexpected[:5]}, unset {still_meta[:5]}")
+    model.model.rotary_emb = MixtralRotaryEmbedding(mcfg)
+    model.to(dev)
+
+    bar = tqdm(total=len(ckpt.expert_files), desc="loading experts", unit="expert", disable=not cfg.progress)
+    for layer_idx, e, tensors in ckpt.iter_experts():
+        cache.place(layer_idx, e, tensors)
+        bar.update(1)
+    bar.close()
+    cache.check_complete()
+    model.expert_cache = cache
+    model.offload_config = cfg
+    model.checkpoint_path = str(path)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = mcfg.eos_token_id
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer shipped in the checkpoint directory (the upstream mistralai repo is gated)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def dequantized_reference(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
+    """A plain transformers Mixtral holding the checkpoint's dequantized weights, all resident.
+
+    The ground truth for parity tests and the CPU overhead benchmark; small models only.
+    """
+    ckpt = Checkpoint.open(Path(path))
+    mcfg = ckpt.config
+    mcfg._attn_implementation = "sdpa"
+    model = MixtralForCausalLM(mcfg).eval().requires_grad_(False)
+    sd = {}
+    for k, v in ckpt.load_trunk().items():
+        sd[k] = v
+    inter = mcfg.intermediate_size
+    for i in range(mcfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for proj, shape in attention_shapes(mcfg).items():
+            t = {s: sd.pop(f"{p}self_attn.{proj}.{s}") for s in SUFFIXES}
+            sd[f"{p}self_attn.{proj}.weight"] = QuantizedWeight.from_tensors(ckpt.quant.attention, shape, t).dequantize()
+    layout = ExpertLayout.for_model(mcfg, ckpt.quant)
+    gate_up = torch.zeros(mcfg.num_hidden_layers, mcfg.num_local_experts, 2 * inter, mcfg.hidden_size)
+    down = torch.zeros(mcfg.num_hidden_layers, mcfg.num_local_experts, mcfg.hidden_size, inter)
+    buf = torch.empty(layout.nbytes, dtype=torch.uint8)
+    for layer, e, tensors in ckpt.iter_experts():
+        layout.pack(tensors, buf)
+        w = {k: v.dequantize().float() for k, v in layout.weights(buf).items()}
+        gate_up[layer, e, :inter], gate_up[layer, e, inter:], down[layer, e] = w["w1"], w["w3"], w["w2"]
+    for i in range(mcfg.num_hidden_layers):
+        sd[f"model.layers.{i}.mlp.experts.gate_up_proj"] = gate_up[i]
+        sd[f"model.layers.{i}.mlp.experts.down_proj"] = down[i]
+    model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
+    model.to(dtype)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = mcfg.eos_token_id
+    return model
