@@ -1,1 +1,39 @@
-"""Run Mixtral-8x7B on a free Colab T4: HQQ low-bit weights, a GPU expert cache, speculative prefetch."""
+"""Run Mixtral-8x7B on a free Colab T4: HQQ low-bit weights, a GPU expert cache, speculative prefetch.
+
+Public API::
+
+    model = colab_helpers.load_model(path, device="cpu", experts_on_device=k)   # a transformers causal LM
+    colab_helpers.save_checkpoint(model, out_dir, attn_bits=4, expert_bits=2)   # write the shard layout
+
+Submodules are imported lazily so ``import colab_helpers`` stays cheap (notebook install cells).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "model",
+    "load_tokenizer": "model",
+    "OffloadConfig": "model",
+    "save_checkpoint": "checkpoint",
+    "Checkpoint": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "PrefetchConfig": "moe",
+    "SamplingConfig": "generation",
+    "generate_stream": "generation",
+    "ChatSession": "session",
+    "tiny_model_path": "tiny",
+    "download": "hub",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'colab_helpers' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -45,8 +45,11 @@ class OffloadedMoE(nn.Module):
         self.cache = cache
         self.prefetch = prefetch
         self.top_k = top_k
-        self.next_gates: list[nn.Module] = []  # set by the model assembly (not registered: owned elsewhere)
+        self.next_gates: list[nn.Module] = []  # routers of the following layers (set by ``link``)
+        self._following: list[OffloadedMoE] = []
         self._pending_guess: set[int] | None = None
+        # observers(layer, experts [T][k], guesses [lookahead][n] or None): routing recorders, notebooks
+        self.observers: list = []
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         bsz, seq, hidden = hidden_states.shape
@@ -56,6 +59,8 @@ class OffloadedMoE(nn.Module):
         index_list = index.tolist()  # the one host sync per layer
         guesses = guess_index.tolist() if guess_index is not None else None
         used = sorted({e for row in index_list for e in row})
+        for observe in self.observers:
+            observe(self.layer, index_list, guesses)
         if self._pending_guess is not None:
             self.cache.score_prediction(self.layer, self._pending_guess, set(used))
             self._pending_guess = None
@@ -94,16 +99,11 @@ class OffloadedMoE(nn.Module):
         return logits.topk(n, dim=-1).indices
 
     def _start_prefetch(self, guesses: list[list[int]]) -> None:
-        for step, (gate_owner, guess) in enumerate(zip(self._next_blocks, guesses, strict=False)):
-            target = gate_owner.layer
+        for step, (block, guess) in enumerate(zip(self._following, guesses, strict=False)):
             if step == 0:
-                gate_owner._pending_guess = set(guess)
+                block._pending_guess = set(guess)
             for e in guess:
-                self.cache.prefetch(target, e, keep=guess)
-
-    @property
-    def _next_blocks(self) -> list[OffloadedMoE]:
-        return self._following
+                self.cache.prefetch(block.layer, e, keep=guess)
 
     def link(self, following: list[OffloadedMoE]) -> None:
         """Tell this block which blocks come next, for prefetch (their routers and layer ids)."""

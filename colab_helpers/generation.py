@@ -1,0 +1,178 @@
+"""One streaming generation path for the CLI, the chat session and the widget: stock ``generate`` plus a callback.
+
+Tokens reach ``on_text`` on the calling thread (Colab renders only main-thread updates). Ctrl-C or
+Colab's stop button ends the answer cleanly: what was generated is kept and the stats say so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding knobs; ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature <= 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, "temperature": None, "top_p": None}
+        return {
+            "do_sample": True,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": None,
+        }
+
+
+@dataclass
+class GenerationStats:
+    """What one answer cost: speed, cache behaviour, bytes moved, and why it stopped."""
+
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    first_token_seconds: float = 0.0
+    hit_rate: float = 0.0
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    prefetch_precision: float = 0.0
+    prefetch_recall: float = 0.0
+    stop_reason: str = "length"  # "eos" | "length" | "interrupted" | "out_of_memory"
+    vram_gb: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode = self.seconds - self.first_token_seconds
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
+
+    def line(self) -> str:
+        s = (
+            f"{self.new_tokens} tokens in {self.seconds:.2f}s ({self.tokens_per_s:.2f} tok/s decode), "
+            f"cache hit rate {self.hit_rate:.1%}, moved {self.h2d_bytes / 2**20:.1f} MiB in / "
+            f"{self.d2h_bytes / 2**20:.1f} MiB out, prefetch precision {self.prefetch_precision:.1%} "
+            f"recall {self.prefetch_recall:.1%}"
+        )
+        if self.vram_gb is not None:
+            s += f", VRAM {self.vram_gb:.2f} GB"
+        return s + f" [{self.stop_reason}]"
+
+
+class CallbackStreamer(BaseStreamer):
+    """Decodes new tokens incrementally and hands text pieces to ``on_text`` (no threads)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, skip_prompt: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.skip_prompt = skip_prompt
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.first_token_time: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_prompt:  # generate() first sends the prompt
+            self.skip_prompt = False
+            return
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self.token_ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        piece, self.text = text[len(self.text) :], text
+        if piece and self.on_text is not None:
+            self.on_text(piece)
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    cache: object = None  # the KV cache after the answer (reused by the chat session)
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _vram_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 1e9
+
+
+def generate_stream(
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    sampling: SamplingConfig = SamplingConfig(),
+    on_text: Callable[[str], None] | None = None,
+    past_key_values=None,
+) -> GenerationResult:
+    """Generate from ``input_ids`` ([1, T]) streaming text to ``on_text``; never raises on Ctrl-C or OOM.
+
+    On an interrupt the partial answer is returned (``stop_reason="interrupted"``); on CUDA out of
+    memory the KV cache is dropped, memory released, and ``error`` says what happened.
+    """
+    cache = getattr(model, "expert_cache", None)
+    if cache is not None:
+        cache.stats.reset()
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    streamer = CallbackStreamer(tokenizer, on_text)
+    stats = GenerationStats(prompt_tokens=int(input_ids.shape[-1]))
+    eos = model.generation_config.eos_token_id
+    start = time.perf_counter()
+    error = None
+    try:
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=streamer,
+            past_key_values=past_key_values,
+            return_dict_in_generate=True,
+            **sampling.generate_kwargs(),
+        )
+        new_ids = out.sequences[0, input_ids.shape[-1] :].tolist()
+        past_key_values = out.past_key_values
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        stats.stop_reason = "eos" if new_ids and new_ids[-1] in eos_ids else "length"
+    except KeyboardInterrupt:
+        new_ids = list(streamer.token_ids)
+        stats.stop_reason = "interrupted"
+    except torch.OutOfMemoryError:
+        new_ids = list(streamer.token_ids)
+        past_key_values = None
+        stats.stop_reason = "out_of_memory"
+        error = "out of GPU memory: the KV cache was released; try a shorter prompt or fewer max new tokens"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    stats.seconds = time.perf_counter() - start
+    stats.new_tokens = len(new_ids)
+    if streamer.first_token_time is not None:
+        stats.first_token_seconds = streamer.first_token_time - start
+    if cache is not None:
+        cache.engine.synchronize()
+        summary = cache.stats.summary()
+        stats.hit_rate, stats.h2d_bytes, stats.d2h_bytes = summary["hit_rate"], summary["h2d_bytes"], summary["d2h_bytes"]
+        stats.prefetch_precision, stats.prefetch_recall = summary["prefetch_precision"], summary["prefetch_recall"]
+    stats.vram_gb = _vram_gb(device)
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    return GenerationResult(text, new_ids, stats, past_key_values, error)

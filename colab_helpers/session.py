@@ -1,0 +1,137 @@
+"""A multi-turn conversation over one model: chat template, reused KV cache, safe interrupts.
+
+Each turn renders the whole conversation with the tokenizer's chat template, keeps the KV cache of
+the longest prefix already computed, and feeds only the new tokens. An interrupted or failed answer
+leaves the conversation and the cache consistent, so the next turn just works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .generation import GenerationResult, SamplingConfig, generate_stream
+
+
+@dataclass
+class ChatTurn:
+    user: str
+    assistant: str
+    stop_reason: str
+
+
+@dataclass
+class ChatSession:
+    """Conversation state plus the KV cache that matches it."""
+
+    model: object
+    tokenizer: object
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_context: int | None = None  # tokens; default: the model's max_position_embeddings
+    system_prompt: str | None = None
+    turns: list[ChatTurn] = field(default_factory=list)
+    last_result: GenerationResult | None = None
+    _cache: DynamicCache | None = None
+    _cached_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_context is None:
+            self.max_context = int(self.model.config.max_position_embeddings)
+
+    # ---- public ----------------------------------------------------------------------------------
+
+    def send(
+        self, message: str, on_text: Callable[[str], None] | None = None, sampling: SamplingConfig | None = None
+    ) -> GenerationResult:
+        """Answer ``message``; raises ``ValueError`` (conversation untouched) on an empty or too long prompt."""
+        message = (message or "").strip()
+        if not message:
+            raise ValueError("empty message: type something first")
+        sampling = sampling or self.sampling
+        ids, dropped = self._prompt_ids(message, sampling.max_new_tokens)
+        if dropped:
+            self.turns = self.turns[dropped:]
+            self.reset_cache()
+        common = _common_prefix(self._cached_ids, ids)
+        if common == len(ids):  # always feed at least one token
+            common -= 1
+        if self._cache is None or common == 0:
+            self.reset_cache()
+            self._cache = DynamicCache(config=self.model.config)
+            common = 0
+        elif common < len(self._cached_ids):
+            self._cache.crop(common)
+        self._cached_ids = ids[:common]
+        result = generate_stream(
+            self.model, self.tokenizer, torch.tensor([ids]), sampling, on_text, past_key_values=self._cache
+        )
+        if result.cache is None:  # out of memory: the cache was dropped
+            self.reset_cache()
+        else:
+            valid = len(ids) + len(result.token_ids) - 1 if result.token_ids else common
+            self._cache.crop(valid)
+            self._cached_ids = (ids + result.token_ids)[:valid]
+        self.turns.append(ChatTurn(message, result.text, result.stats.stop_reason))
+        self.last_result = result
+        if dropped:
+            result.extra["dropped_turns"] = dropped
+        return result
+
+    def clear(self) -> None:
+        """Forget the conversation and release its KV cache."""
+        self.turns = []
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        self._cache = None
+        self._cached_ids = []
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._cached_ids)
+
+    def messages(self, next_user: str | None = None) -> list[dict[str, str]]:
+        msgs = []
+        for t in self.turns:
+            msgs += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
+        if next_user is not None:
+            msgs.append({"role": "user", "content": next_user})
+        if self.system_prompt and msgs:  # Mixtral's template has no system role: prefix the first message
+            msgs[0] = {"role": "user", "content": f"{self.system_prompt}\n\n{msgs[0]['content']}"}
+        return msgs
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _render(self, turns: list[ChatTurn], message: str) -> list[int]:
+        saved, self.turns = self.turns, turns
+        try:
+            ids = self.tokenizer.apply_chat_template(self.messages(message), add_generation_prompt=True, tokenize=True)
+        finally:
+            self.turns = saved
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _prompt_ids(self, message: str, max_new: int) -> tuple[list[int], int]:
+        """Token ids of the conversation plus ``message``, dropping oldest turns to fit the context."""
+        budget = self.max_context - max_new
+        for dropped in range(len(self.turns) + 1):
+            ids = self._render(self.turns[dropped:], message)
+            if len(ids) <= budget:
+                return ids, dropped
+        raise ValueError(
+            f"prompt is {len(ids)} tokens but the context budget leaves {max(budget, 0)} for it "
+            f"({self.max_context} context - {max_new} new tokens): shorten it or lower max new tokens"
+        )
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
