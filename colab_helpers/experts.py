@@ -55,7 +55,8 @@ class ExpertLayout:
         return cls(tuple(entries), offset, quant, expert_shapes(config))
 
     def pack(self, tensors: dict[str, torch.Tensor], out: torch.Tensor) -> None:
-        """Copy an expert's tensors (``{rel_key: tensor}``) into its flat buffer ``out``."""
+        """Copy an expert's tensors (``{rel_key: tensor}``) into its flat buffer ``out`` (padding zeroed)."""
+        out.zero_()
         for e in self.entries:
             out[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape).copy_(tensors[e.key])
 
@@ -302,10 +303,18 @@ class ExpertCache:
     def resident(self, layer: int) -> set[int]:
         return set(self.slot_of[layer])
 
+    def order(self, layer: int, experts: Iterable[int]) -> list[int]:
+        """Resident experts first, then misses: compute starts at once, and each miss can always evict
+        an expert this layer has finished with (so one slot per layer is enough for any top-k)."""
+        slots = self.slot_of[layer]
+        experts = list(experts)
+        return [e for e in experts if e in slots] + [e for e in experts if e not in slots]
+
     def fetch(self, layer: int, expert: int, keep: Iterable[int] = ()) -> dict[str, QuantizedWeight]:
         """The expert's weights on the device, ready for the compute stream; counts a hit or a miss.
 
-        ``keep`` lists experts of this layer that must not be evicted to make room (still needed).
+        ``keep`` lists experts of this layer that must not be evicted to make room (still needed);
+        fetch a layer's experts in ``order(...)`` and pass the ones still to come as ``keep``.
         """
         self.policy.on_access(layer, expert)
         slot = self.slot_of[layer].get(expert)

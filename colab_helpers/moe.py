@@ -74,8 +74,7 @@ class OffloadedMoE(nn.Module):
         self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, used: list[int]
     ) -> torch.Tensor:
         cache, layer = self.cache, self.layer
-        resident = cache.resident(layer)
-        order = [e for e in used if e in resident] + [e for e in used if e not in resident]
+        order = cache.order(layer, used)
         out = torch.zeros_like(x)
         single = x.shape[0] == 1
         for i, e in enumerate(order):

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random Mixtral checkpoints written in the real shard layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from colab_helpers.checkpoint import save_checkpoint
+
+
+def tiny_config(layers: int = 2, vocab: int = 128) -> MixtralConfig:
+    """The smallest shapes that satisfy the format's group constraints (see CHECKPOINT_FORMAT.md)."""
+    return MixtralConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def random_model(seed: int = 0, layers: int = 2) -> MixtralForCausalLM:
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(tiny_config(layers)).eval()
+    with torch.no_grad():  # larger router weights: sharper, more varied routing than the 0.02 init
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+    return model
+
+
+_CACHE: dict[tuple, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """``make_checkpoint(expert_bits=2, seed=0, layers=2) -> Path``, each variant written once per session."""
+
+    def make(expert_bits: int = 2, seed: int = 0, layers: int = 2, attn_bits: int = 4) -> Path:
+        key = (expert_bits, seed, layers, attn_bits)
+        if key not in _CACHE:
+            out = tmp_path_factory.mktemp(f"ckpt_e{expert_bits}_s{seed}_l{layers}")
+            save_checkpoint(
+                random_model(seed, layers), out, attn_bits=attn_bits, expert_bits=expert_bits, optimize=False,
+                progress=False,
+            )
+            _CACHE[key] = out
+        return _CACHE[key]
+
+    return make

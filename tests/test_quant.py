@@ -1,0 +1,124 @@
+"""Low-bit format: packing round trips, bit-exact dequantization against hqq, byte sizes of the real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colab_helpers.checkpoint import QuantConfig, attention_shapes, expected_trunk_tensors, expert_shapes
+from colab_helpers.quant import (
+    DEFAULT_EXPERT_SPECS,
+    DEMO_ATTENTION_SPEC,
+    DEMO_EXPERT_SPEC,
+    PACK,
+    UNPACK,
+    QuantizedWeight,
+    QuantLinear,
+    QuantSpec,
+    quantize,
+)
+
+SPECS = [DEMO_EXPERT_SPEC, DEMO_ATTENTION_SPEC, DEFAULT_EXPERT_SPECS[3], DEFAULT_EXPERT_SPECS[4]]
+
+
+@pytest.mark.parametrize("nbits", [2, 3, 4])
+def test_pack_unpack_round_trip(nbits: int) -> None:
+    g = 16 if nbits != 3 else 64
+    codes = torch.randint(0, 2**nbits, (g, 40), dtype=torch.uint8)
+    packed = PACK[nbits](codes)
+    assert packed.dtype == (torch.int32 if nbits == 3 else torch.uint8)
+    assert torch.equal(UNPACK[nbits](packed)[:g], codes)
+
+
+def test_2bit_packing_matches_the_documented_bit_order() -> None:
+    codes = torch.tensor([[1], [2], [3], [0], [3], [3], [3], [3]], dtype=torch.uint8)  # g=8, h=2
+    packed = PACK[2](codes)
+    assert packed[:, 0].tolist() == [1 << 6 | 3 << 4 | 3 << 2 | 3, 2 << 6 | 0 << 4 | 3 << 2 | 3]
+
+
+def _hqq_dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """hqq 0.2.8's backward-compatible ``meta`` path, built by hand (see CHECKPOINT_FORMAT.md)."""
+    from hqq.core.quantize import HQQLinear
+
+    spec, m = qw.spec, qw.num_groups
+    f16 = torch.float16
+    meta = {
+        "nbits": spec.nbits,
+        "group_size": spec.group_size,
+        "shape": qw.shape,
+        "axis": 0,
+        "packing": {2: "2bit_u8", 3: "3bit_32", 4: "4bit_u8"}[spec.nbits],
+        "quant_scale": True,
+        "quant_zero": True,
+        "compute_dtype": f16,
+        "view_as_float": False,
+        "scale_q": qw.scale_q,
+        "zero_q": qw.zero_q,
+        "meta_scale": {"nbits": 8, "group_size": spec.scale_group_size, "shape": (1, m), "axis": 0,
+                       "packing": None, "scale": qw.scale_scale, "zero": qw.scale_zero, "compute_dtype": f16},
+        "meta_zero": {"nbits": 8, "group_size": None, "shape": (1, m), "axis": 0, "packing": None,
+                      "scale": qw.zero_scale, "zero": qw.zero_zero, "compute_dtype": f16},
+    }
+    layer = HQQLinear(None, None, compute_dtype=f16, device="cpu", initialize=False)
+    layer.load_state_dict({"W_q": qw.W_q, "meta": meta})
+    return layer.dequantize().reshape(qw.shape)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.nbits}b_g{s.group_size}")
+@pytest.mark.parametrize("optimize", [False, True])
+def test_dequantize_is_bit_exact_with_hqq(spec: QuantSpec, optimize: bool) -> None:
+    torch.manual_seed(spec.nbits)
+    w = torch.randn(512, 256) * 0.02
+    qw = quantize(w, spec, optimize=optimize)
+    assert torch.equal(qw.dequantize(), _hqq_dequantize(qw))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.nbits}b_g{s.group_size}")
+def test_stored_tensors_have_the_documented_shapes(spec: QuantSpec) -> None:
+    qw = quantize(torch.randn(512, 256), spec, optimize=False)
+    for suffix, (dtype, shape) in spec.tensor_specs((512, 256)).items():
+        t = qw.tensors()[suffix]
+        assert t.dtype == dtype and tuple(t.shape) == shape, suffix
+
+
+def test_error_shrinks_with_bits_and_hqq_optimizer_helps() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(512, 256) * 0.02
+    err = {}
+    for bits, spec in DEFAULT_EXPERT_SPECS.items():
+        err[bits] = ((quantize(w, spec).dequantize().float() - w).norm() / w.norm()).item()
+    assert err[2] > err[3] > err[4]
+    plain = ((quantize(w, DEMO_EXPERT_SPEC, optimize=False).dequantize().float() - w).norm() / w.norm()).item()
+    assert err[2] < plain
+
+
+def test_real_mixtral_byte_sizes_match_the_format_doc() -> None:
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig()  # stock Mixtral-8x7B shapes
+    quant = QuantConfig()
+    expert = sum(DEMO_EXPERT_SPEC.nbytes(s) for s in expert_shapes(cfg).values())
+    attention = sum(DEMO_ATTENTION_SPEC.nbytes(s) for s in attention_shapes(cfg).values())
+    trunk = 0
+    for dtype, shape in expected_trunk_tensors(cfg, quant).values():
+        n = 1
+        for s in shape:
+            n *= s
+        trunk += n * torch.empty((), dtype=dtype).element_size()
+    assert expert == 66_404_364
+    assert attention == 22_292_496
+    assert trunk == 1_240_277_504
+    assert trunk + 256 * expert == 18_239_794_688
+
+
+def test_quant_linear_matches_dequantized_matmul() -> None:
+    torch.manual_seed(2)
+    qw = quantize(torch.randn(128, 256) * 0.05, DEMO_ATTENTION_SPEC, optimize=False)
+    x = torch.randn(3, 256)
+    layer = QuantLinear(qw)
+    torch.testing.assert_close(layer(x), x @ qw.dequantize(torch.float32).T)
+
+
+def test_shapes_that_do_not_fit_the_grouping_are_refused() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        DEMO_ATTENTION_SPEC.num_groups((64, 64))
