@@ -239,6 +239,7 @@ class ExpertCache:
         device: torch.device | str = "cpu",
         policy: str | EvictionPolicy = "lru",
         spare_slots: int = 2,
+        dense_dtype: torch.dtype | None = None,
     ) -> None:
         self.layout = layout
         self.num_layers, self.num_experts = num_layers, num_experts
@@ -267,6 +268,9 @@ class ExpertCache:
         self._host_written: list = [None] * n_host  # D2H into host buffer finished
         self._prefetched: list[set[int]] = [set() for _ in range(num_layers)]
         self.stats = CacheStats(num_layers)
+        # CPU fast path: a slot's weights are dequantized once per load instead of once per use
+        self.dense_dtype = dense_dtype if self.device.type == "cpu" else None
+        self._slot_dense = [False] * n_slots
 
     # ---- load time -------------------------------------------------------------------------------
 
@@ -282,6 +286,7 @@ class ExpertCache:
                 self.device_buf[slot].copy_(staging)
             else:
                 self.layout.pack(tensors, self.device_buf[slot])
+            self._drop_dense(slot)
             self.slot_of[layer][expert] = slot
         else:
             host = self._free_hosts.popleft()
@@ -324,7 +329,12 @@ class ExpertCache:
         else:
             self.stats.hits[layer] += 1
         self.engine.compute_waits(self._slot_ready[slot])
-        return self._slot_weights[slot]
+        weights = self._slot_weights[slot]
+        if self.dense_dtype is not None and not self._slot_dense[slot]:
+            for w in weights.values():
+                w.dense = w.dequantize(self.dense_dtype)
+            self._slot_dense[slot] = True
+        return weights
 
     def release(self, layer: int, expert: int) -> None:
         """The compute stream has queued its last read of this expert for now (guards slot reuse)."""
@@ -389,9 +399,17 @@ class ExpertCache:
             self.slot_of[layer][expert] = slot
             self.host_of[layer][victim] = host
             self._free_slots.append(old)
+            self._drop_dense(slot)
+            self._drop_dense(old)
             self.stats.h2d_bytes[layer] += nbytes
             self.stats.d2h_bytes[layer] += nbytes
         return slot
+
+    def _drop_dense(self, slot: int) -> None:
+        if self._slot_dense[slot]:
+            for w in self._slot_weights[slot].values():
+                w.dense = None
+            self._slot_dense[slot] = False
 
     # ---- inspection (tests, notebooks) -----------------------------------------------------------
 

@@ -33,6 +33,7 @@ class OffloadConfig:
     policy: str = "lru"
     spare_slots: int = 2
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    dense_on_cpu: bool = True  # CPU only: keep dequantized copies of resident weights (no fused CPU kernel)
     verify: bool = True  # check every shard's header before reading
     progress: bool = True
 
@@ -87,6 +88,7 @@ def load_model(
         device=dev,
         policy=cfg.policy,
         spare_slots=cfg.spare_slots,
+        dense_dtype=dtype if cfg.dense_on_cpu else None,
     )
     blocks = []
     for i, layer in enumerate(model.model.layers):
@@ -94,7 +96,7 @@ def load_model(
         for proj, shape in attention_shapes(mcfg).items():
             tensors = {s: trunk.pop(f"{p}self_attn.{proj}.{s}").to(dev) for s in SUFFIXES}
             qw = QuantizedWeight.from_tensors(ckpt.quant.attention, shape, tensors)
-            setattr(layer.self_attn, proj, QuantLinear(qw))
+            setattr(layer.self_attn, proj, QuantLinear(qw, dense_on_cpu=cfg.dense_on_cpu))
         gate = MixtralTopKRouter(mcfg)
         gate.weight = torch.nn.Parameter(trunk.pop(p + "mlp.gate.weight").to(dev, dtype), requires_grad=False)
         block = OffloadedMoE(gate, i, cache, cfg.prefetch, mcfg.num_experts_per_tok)

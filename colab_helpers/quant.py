@@ -176,6 +176,7 @@ class QuantizedWeight:
     zero_q: torch.Tensor  # [1, M] uint8
     zero_scale: torch.Tensor  # [] fp16
     zero_zero: torch.Tensor  # [] fp16
+    dense: torch.Tensor | None = None  # optional dequantized copy (CPU fast path); never stored on disk
 
     @classmethod
     def from_tensors(cls, spec: QuantSpec, shape: tuple[int, int], t: dict[str, torch.Tensor]) -> QuantizedWeight:
@@ -272,24 +273,36 @@ def quantize(weight: torch.Tensor, spec: QuantSpec, optimize: bool = True) -> Qu
 
 
 class QuantLinear(nn.Module):
-    """A bias-free linear whose weight is stored low-bit; stands in for ``nn.Linear`` in attention."""
+    """A bias-free linear whose weight is stored low-bit; stands in for ``nn.Linear`` in attention.
 
-    def __init__(self, weight: QuantizedWeight) -> None:
+    With ``dense_on_cpu`` a CPU run dequantizes once and keeps the dense copy (CPUs have no fused
+    low-bit kernel; on CUDA the packed bytes are read directly every call).
+    """
+
+    def __init__(self, weight: QuantizedWeight, dense_on_cpu: bool = True) -> None:
         super().__init__()
         self.spec = weight.spec
         self.out_features, self.in_features = weight.shape
+        self.dense_on_cpu = dense_on_cpu
         for name, tensor in weight.tensors().items():
             self.register_buffer(name.replace(".", "_"), tensor)
+        self._weight: QuantizedWeight | None = None
 
     @property
     def weight_q(self) -> QuantizedWeight:
-        tensors = {s: getattr(self, s.replace(".", "_")) for s in SUFFIXES}
-        return QuantizedWeight.from_tensors(self.spec, (self.out_features, self.in_features), tensors)
+        """The buffers as a ``QuantizedWeight``; rebuilt only after ``.to()`` replaced them."""
+        if self._weight is None or self._weight.W_q is not self.W_q:
+            tensors = {s: getattr(self, s.replace(".", "_")) for s in SUFFIXES}
+            self._weight = QuantizedWeight.from_tensors(self.spec, (self.out_features, self.in_features), tensors)
+        return self._weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels import quant_linear
 
-        return quant_linear(x, self.weight_q)
+        w = self.weight_q
+        if self.dense_on_cpu and x.device.type == "cpu" and (w.dense is None or w.dense.dtype != x.dtype):
+            w.dense = w.dequantize(x.dtype)
+        return quant_linear(x, w)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -297,5 +310,7 @@ class QuantLinear(nn.Module):
 
 
 def dequantized_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """Reference path: dequantize, then an ordinary matmul in the activation dtype."""
+    """Reference path: dequantize (or use the kept dense copy), then an ordinary matmul."""
+    if weight.dense is not None and weight.dense.dtype == x.dtype:
+        return F.linear(x, weight.dense)
     return F.linear(x, weight.dequantize(x.dtype))
