@@ -173,9 +173,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         infos[key] = TensorInfo(dtype, tuple(entry["shape"]), stop - begin)
         end = max(end, stop)
     if size != 8 + n + end:
-        raise CheckpointError(
-            f"{path.name}: truncated or corrupt: {size} bytes on disk, header promises {8 + n + end}"
-        )
+        raise CheckpointError(f"{path.name}: truncated or corrupt: {size} bytes on disk, header promises {8 + n + end}")
     return infos
 
 

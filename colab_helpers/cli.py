@@ -7,11 +7,18 @@ import sys
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint folder or hub repo id (default: demo repo on a GPU, "
-                   "else the embedded tiny model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder or hub repo id (default: demo repo on a GPU, else the embedded tiny model)",
+    )
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
-    p.add_argument("--experts-on-device", type=int, default=None,
-                   help="experts per layer kept on the device (default: planned from free memory on CUDA, 2 on CPU)")
+    p.add_argument(
+        "--experts-on-device",
+        type=int,
+        default=None,
+        help="experts per layer kept on the device (default: planned from free memory on CUDA, 2 on CPU)",
+    )
     p.add_argument("--policy", default="lru", help="eviction policy (see colab_helpers.policies)")
     p.add_argument("--no-prefetch", action="store_true", help="disable speculative expert prefetch")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -32,7 +39,10 @@ def _load(args: argparse.Namespace):
         k = _planned_experts(path, device)
     print(f"model: {what} on {device}, {k} experts per layer on the device", file=sys.stderr)
     model = load_model(
-        path, device=device, experts_on_device=k, policy=args.policy,
+        path,
+        device=device,
+        experts_on_device=k,
+        policy=args.policy,
         prefetch=PrefetchConfig(enabled=not args.no_prefetch),
     )
     return model, load_tokenizer(path)
@@ -59,7 +69,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok(args.prompt, return_tensors="pt").input_ids
     else:
         ids = tok.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
             return_dict=True,
         )["input_ids"]
     result = generate_stream(model, tok, ids, sampling, on_text=lambda t: print(t, end="", flush=True))

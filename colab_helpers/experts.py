@@ -68,9 +68,7 @@ class ExpertLayout:
         """``{"w1"|"w2"|"w3": QuantizedWeight}`` viewing ``buf``."""
         v = self.views(buf)
         return {
-            mat: QuantizedWeight.from_tensors(
-                self.quant.experts, shape, {s: v[f"{mat}.{s}"] for s in SUFFIXES}
-            )
+            mat: QuantizedWeight.from_tensors(self.quant.experts, shape, {s: v[f"{mat}.{s}"] for s in SUFFIXES})
             for mat, shape in self.shapes.items()
         }
 

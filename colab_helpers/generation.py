@@ -171,7 +171,11 @@ def generate_stream(
     if cache is not None:
         cache.engine.synchronize()
         summary = cache.stats.summary()
-        stats.hit_rate, stats.h2d_bytes, stats.d2h_bytes = summary["hit_rate"], summary["h2d_bytes"], summary["d2h_bytes"]
+        stats.hit_rate, stats.h2d_bytes, stats.d2h_bytes = (
+            summary["hit_rate"],
+            summary["h2d_bytes"],
+            summary["d2h_bytes"],
+        )
         stats.prefetch_precision, stats.prefetch_recall = summary["prefetch_precision"], summary["prefetch_recall"]
     stats.vram_gb = _vram_gb(device)
     text = tokenizer.decode(new_ids, skip_special_tokens=True)

@@ -9,15 +9,15 @@ KV cache, streaming, chat templates — is stock transformers.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, MixtralTopKRouter
 
-from .checkpoint import ATTENTION_PROJS, SUFFIXES, Checkpoint, attention_shapes
+from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, attention_shapes
 from .experts import ExpertCache, ExpertLayout
 from .moe import OffloadedMoE, PrefetchConfig
 from .quant import QuantizedWeight, QuantLinear
@@ -64,22 +64,37 @@ def load_model(
     is an int or one int per layer. Extra keyword arguments override ``OffloadConfig`` fields.
     The cache is reachable as ``model.expert_cache``; nothing half-loaded is returned on error.
     """
-    from tqdm.auto import tqdm
-
     dev = resolve_device(device)
     ks = experts_on_device if isinstance(experts_on_device, int) else tuple(experts_on_device)
     cfg = config or OffloadConfig(device=str(dev), experts_on_device=ks, **overrides)
     ckpt = Checkpoint.open(Path(path), verify=cfg.verify)
-    mcfg = ckpt.config
+    model = assemble_model(ckpt.config, ckpt.quant, ckpt.load_trunk(), ckpt.iter_experts(), cfg)
+    model.checkpoint_path = str(path)
+    return model
+
+
+def assemble_model(
+    mcfg: MixtralConfig,
+    quant: QuantConfig,
+    trunk: dict[str, torch.Tensor],
+    experts: Iterable[tuple[int, int, dict[str, torch.Tensor]]],
+    cfg: OffloadConfig,
+) -> MixtralForCausalLM:
+    """Build the offloaded model from trunk tensors (transformers names) and ``(layer, expert, tensors)``.
+
+    Used by ``load_model`` (tensors streamed from shards) and by benchmarks (random tensors made on
+    the GPU, so a full-size model needs no download). ``trunk`` is consumed.
+    """
+    from tqdm.auto import tqdm
+
+    dev = resolve_device(cfg.device)
     dtype = cfg.compute_dtype
     mcfg._attn_implementation = "sdpa"
-
     with torch.device("meta"):
         model = MixtralForCausalLM(mcfg)
     model.eval().requires_grad_(False)
-    trunk = ckpt.load_trunk()
 
-    layout = ExpertLayout.for_model(mcfg, ckpt.quant)
+    layout = ExpertLayout.for_model(mcfg, quant)
     cache = ExpertCache(
         layout,
         mcfg.num_hidden_layers,
@@ -95,7 +110,7 @@ def load_model(
         p = f"model.layers.{i}."
         for proj, shape in attention_shapes(mcfg).items():
             tensors = {s: trunk.pop(f"{p}self_attn.{proj}.{s}").to(dev) for s in SUFFIXES}
-            qw = QuantizedWeight.from_tensors(ckpt.quant.attention, shape, tensors)
+            qw = QuantizedWeight.from_tensors(quant.attention, shape, tensors)
             setattr(layer.self_attn, proj, QuantLinear(qw, dense_on_cpu=cfg.dense_on_cpu))
         gate = MixtralTopKRouter(mcfg)
         gate.weight = torch.nn.Parameter(trunk.pop(p + "mlp.gate.weight").to(dev, dtype), requires_grad=False)
@@ -104,27 +119,25 @@ def load_model(
         blocks.append(block)
     for i, block in enumerate(blocks):
         block.link(blocks[i + 1 : i + 1 + cfg.prefetch.lookahead])
-    assert set(ATTENTION_PROJS) == set(attention_shapes(mcfg))
 
     # the rest of the trunk: embeddings, norms, lm_head (names match the skeleton's)
-    missing, unexpected = model.load_state_dict(
-        {k: v.to(dtype) for k, v in trunk.items()}, strict=False, assign=True
-    )
+    _, unexpected = model.load_state_dict({k: v.to(dev, dtype) for k, v in trunk.items()}, strict=False, assign=True)
+    trunk.clear()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if unexpected or [n for n in still_meta if "rotary_emb" not in n]:
         raise RuntimeError(f"trunk mismatch: unexpected {unexpected[:5]}, unset {still_meta[:5]}")
     model.model.rotary_emb = MixtralRotaryEmbedding(mcfg)
     model.to(dev)
 
-    bar = tqdm(total=len(ckpt.expert_files), desc="loading experts", unit="expert", disable=not cfg.progress)
-    for layer_idx, e, tensors in ckpt.iter_experts():
+    total = mcfg.num_hidden_layers * mcfg.num_local_experts
+    bar = tqdm(total=total, desc="loading experts", unit="expert", disable=not cfg.progress)
+    for layer_idx, e, tensors in experts:
         cache.place(layer_idx, e, tensors)
         bar.update(1)
     bar.close()
     cache.check_complete()
     model.expert_cache = cache
     model.offload_config = cfg
-    model.checkpoint_path = str(path)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = mcfg.eos_token_id
     return model
@@ -154,7 +167,9 @@ def dequantized_reference(path: str | os.PathLike, dtype: torch.dtype = torch.fl
         p = f"model.layers.{i}."
         for proj, shape in attention_shapes(mcfg).items():
             t = {s: sd.pop(f"{p}self_attn.{proj}.{s}") for s in SUFFIXES}
-            sd[f"{p}self_attn.{proj}.weight"] = QuantizedWeight.from_tensors(ckpt.quant.attention, shape, t).dequantize()
+            sd[f"{p}self_attn.{proj}.weight"] = QuantizedWeight.from_tensors(
+                ckpt.quant.attention, shape, t
+            ).dequantize()
     layout = ExpertLayout.for_model(mcfg, ckpt.quant)
     gate_up = torch.zeros(mcfg.num_hidden_layers, mcfg.num_local_experts, 2 * inter, mcfg.hidden_size)
     down = torch.zeros(mcfg.num_hidden_layers, mcfg.num_local_experts, mcfg.hidden_size, inter)

@@ -36,9 +36,7 @@ def expert_forward(x: torch.Tensor, w: dict[str, QuantizedWeight]) -> torch.Tens
 class OffloadedMoE(nn.Module):
     """Routing plus offloaded experts for one layer; ``gate`` is transformers' own router module."""
 
-    def __init__(
-        self, gate: nn.Module, layer: int, cache: ExpertCache, prefetch: PrefetchConfig, top_k: int
-    ) -> None:
+    def __init__(self, gate: nn.Module, layer: int, cache: ExpertCache, prefetch: PrefetchConfig, top_k: int) -> None:
         super().__init__()
         self.gate = gate
         self.layer = layer

@@ -184,7 +184,15 @@ class QuantizedWeight:
         return cls(spec, tuple(shape), *(t[s] for s in SUFFIXES))  # type: ignore[arg-type]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        values = (self.W_q, self.scale_q, self.scale_scale, self.scale_zero, self.zero_q, self.zero_scale, self.zero_zero)
+        values = (
+            self.W_q,
+            self.scale_q,
+            self.scale_scale,
+            self.scale_zero,
+            self.zero_q,
+            self.zero_scale,
+            self.zero_zero,
+        )
         return dict(zip(SUFFIXES, values, strict=True))
 
     @property
@@ -258,9 +266,7 @@ def quantize(weight: torch.Tensor, spec: QuantSpec, optimize: bool = True) -> Qu
         s, z = s.float(), z.float()
     scale_q, scale_scale, scale_zero = _quantize_meta(1.0 / s, spec.scale_group_size)
     zero_q, zero_scale, zero_zero = _quantize_meta(z, None)
-    qw = QuantizedWeight(
-        spec, shape, torch.empty(0), scale_q, scale_scale, scale_zero, zero_q, zero_scale, zero_zero
-    )
+    qw = QuantizedWeight(spec, shape, torch.empty(0), scale_q, scale_scale, scale_zero, zero_q, zero_scale, zero_zero)
     step, zero = (t.float() for t in qw.step_and_zero())
     codes = (w / step + zero).round().clamp(0, top).to(torch.uint8)  # [g, M]
     qw.W_q = PACK[spec.nbits](codes).contiguous()

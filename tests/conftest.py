@@ -49,7 +49,11 @@ def make_checkpoint(tmp_path_factory):
         if key not in _CACHE:
             out = tmp_path_factory.mktemp(f"ckpt_e{expert_bits}_s{seed}_l{layers}")
             save_checkpoint(
-                random_model(seed, layers), out, attn_bits=attn_bits, expert_bits=expert_bits, optimize=False,
+                random_model(seed, layers),
+                out,
+                attn_bits=attn_bits,
+                expert_bits=expert_bits,
+                optimize=False,
                 progress=False,
             )
             _CACHE[key] = out

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from colab_helpers.checkpoint import QuantConfig, expected_expert_tensors
 from colab_helpers.experts import ExpertCache, ExpertLayout, deferred_interrupts
 from colab_helpers.policies import POLICIES
-
 from tests.conftest import tiny_config
 
 LAYERS, EXPERTS = 3, 8

@@ -46,7 +46,10 @@ def test_logits_and_greedy_tokens_match_for_every_cache_size(pair, k: int) -> No
 def test_parity_with_every_policy_and_prefetch_setting(pair, policy: str, prefetch: bool) -> None:
     path, ref_logits, ref_greedy = pair
     model = load_model(
-        path, experts_on_device=2, policy=policy, prefetch=PrefetchConfig(enabled=prefetch, lookahead=2),
+        path,
+        experts_on_device=2,
+        policy=policy,
+        prefetch=PrefetchConfig(enabled=prefetch, lookahead=2),
         progress=False,
     )
     assert torch.equal(model.generate(PROMPT, max_new_tokens=12, do_sample=False), ref_greedy)

@@ -54,10 +54,26 @@ def _hqq_dequantize(qw: QuantizedWeight) -> torch.Tensor:
         "view_as_float": False,
         "scale_q": qw.scale_q,
         "zero_q": qw.zero_q,
-        "meta_scale": {"nbits": 8, "group_size": spec.scale_group_size, "shape": (1, m), "axis": 0,
-                       "packing": None, "scale": qw.scale_scale, "zero": qw.scale_zero, "compute_dtype": f16},
-        "meta_zero": {"nbits": 8, "group_size": None, "shape": (1, m), "axis": 0, "packing": None,
-                      "scale": qw.zero_scale, "zero": qw.zero_zero, "compute_dtype": f16},
+        "meta_scale": {
+            "nbits": 8,
+            "group_size": spec.scale_group_size,
+            "shape": (1, m),
+            "axis": 0,
+            "packing": None,
+            "scale": qw.scale_scale,
+            "zero": qw.scale_zero,
+            "compute_dtype": f16,
+        },
+        "meta_zero": {
+            "nbits": 8,
+            "group_size": None,
+            "shape": (1, m),
+            "axis": 0,
+            "packing": None,
+            "scale": qw.zero_scale,
+            "zero": qw.zero_zero,
+            "compute_dtype": f16,
+        },
     }
     layer = HQQLinear(None, None, compute_dtype=f16, device="cpu", initialize=False)
     layer.load_state_dict({"W_q": qw.W_q, "meta": meta})
