@@ -33,6 +33,12 @@ def expert_forward(x: torch.Tensor, w: dict[str, QuantizedWeight]) -> torch.Tens
     return quant_linear(F.silu(quant_linear(x, w["w1"])) * quant_linear(x, w["w3"]), w["w2"])
 
 
+def _router_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A router's logits for ``x``; routers that script their choices (benchmarks) expose ``predict``."""
+    predict = getattr(gate, "predict", None)
+    return predict(x) if predict is not None else F.linear(x, gate.weight)
+
+
 class OffloadedMoE(nn.Module):
     """Routing plus offloaded experts for one layer; ``gate`` is transformers' own router module."""
 
@@ -92,7 +98,7 @@ class OffloadedMoE(nn.Module):
         if not self.prefetch.enabled or not self.next_gates:
             return None
         n = self.prefetch.experts
-        logits = torch.cat([F.linear(x, g.weight) for g in self.next_gates], dim=0)  # [d, E]
+        logits = torch.cat([_router_logits(g, x) for g in self.next_gates], dim=0)  # [d, E]
         return logits.topk(n, dim=-1).indices
 
     def _start_prefetch(self, guesses: list[list[int]]) -> None:
