@@ -19,7 +19,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="experts per layer kept on the device (default: planned from free memory on CUDA, 2 on CPU)",
     )
-    p.add_argument("--policy", default="lru", help="eviction policy (see colab_helpers.policies)")
+    p.add_argument("--policy", default="lfu_decay", help="eviction policy: lfu_decay (default), lru, lfu")
     p.add_argument("--no-prefetch", action="store_true", help="disable speculative expert prefetch")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -1,12 +1,300 @@
-"""Low-bit matmul dispatch: fused Triton GEMV on CUDA for decode, dequantize + matmul elsewhere."""
+"""Low-bit matmul dispatch: fused Triton GEMV on CUDA for decode, dequantize + matmul elsewhere.
+
+Decode (one token, batch 1) is memory-bandwidth bound: every weight byte is read once per token, so a
+path that first writes an fp16 copy of ``W`` and then reads it again moves ~10x the bytes of the packed
+weight (see ``docs/PERFORMANCE.md``). The fused kernel reads each packed byte once, unpacks its codes
+and dequantizes them in registers, and reduces straight into ``y``.
+
+It reads the checkpoint's native layout, no re-packing: ``W[out, in]`` viewed row-major as the
+``[g, M]`` code grid has ``M = R * in`` columns with ``R = out / g``, so column ``j = r0 * in + c`` holds
+``W[i * R + r0, c]`` for ``i = 0..g-1``. For a fixed ``r0`` the reduction over ``c`` therefore runs
+over *contiguous* columns, and one packed byte of that column carries several grid rows ``i`` (packed
+row ``p`` holds rows ``p, p + h, p + 2h, ...``), i.e. several outputs that share the column's
+step and zero point. A program owns one ``r0``, a block of packed rows and a range of ``c``; it keeps
+a ``[codes per word, packed rows, BLOCK_C]`` fp32 accumulator and reduces it once at the end.
+
+Dequantization repeats ``QuantizedWeight.dequantize`` op for op in fp16, so the kernel multiplies
+exactly the reference weights; only the fp32 summation order differs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
+import math
+import warnings
+from dataclasses import dataclass
+
 import torch
 
-from .quant import QuantizedWeight, dequantized_linear
+from .quant import QuantizedWeight, QuantSpec, dequantized_linear
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # a broken install is the same as none: use the torch path
+        HAS_TRITON = False
+
+MAX_GEMV_ROWS = 4  # rows of x up to which the fused GEMV beats dequantize + matmul (decode, tiny batches)
+FUSED_DTYPES = (torch.float16, torch.float32)  # what the T4 path needs; anything else takes the torch path
+_SLOTS = 16  # grid rows (codes per word x packed rows) one program accumulates per column: bounds registers
+_fused_enabled = True  # cleared (with a warning) if the fused kernel ever fails on this machine
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------------
 
 
 def quant_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """``x @ W.T`` for a low-bit ``W``; the reference torch path (fused kernels plug in here)."""
+    """``x @ W.T`` for a low-bit ``W``: fused GEMV for decode on CUDA, else dequantize + matmul."""
+    global _fused_enabled
+    if use_fused_kernel(x, weight):
+        try:
+            return triton_gemv(x, weight)
+        except Exception as err:  # never run on this GPU/driver before: keep the model usable, say so once
+            _fused_enabled = False
+            warnings.warn(f"fused low-bit GEMV failed ({err!r}); using dequantize + matmul from now on", stacklevel=2)
     return dequantized_linear(x, weight)
+
+
+def use_fused_kernel(x: torch.Tensor, weight: QuantizedWeight) -> bool:
+    """Whether ``quant_linear`` takes the Triton path: CUDA tensors, Triton importable, few rows."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (
+        HAS_TRITON
+        and _fused_enabled
+        and x.is_cuda
+        and not x.requires_grad  # the kernel has no backward
+        and weight.W_q.device == x.device
+        and x.dtype in FUSED_DTYPES
+        and x.shape[-1] == weight.shape[1]  # a wrong shape gets torch's own error, not the fallback warning
+        and 0 < rows <= MAX_GEMV_ROWS
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry and tiling
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where grid row ``i`` of column ``j`` lives in ``W_q``: packed row ``i % packed_rows``, bit
+    ``top_shift - (i // packed_rows) * nbits``; its output row is ``i * rows_per_group + j // in``."""
+
+    nbits: int
+    group_size: int
+    rows_per_group: int  # R = out / g
+    packed_rows: int  # h: rows of W_q
+    codes_per_word: int  # 8 / nbits, or 10 for 3-bit int32 words
+    top_shift: int  # bit offset of the first code in a word
+
+    @classmethod
+    def of(cls, spec: QuantSpec, shape: tuple[int, int]) -> Geometry:
+        per_word = 10 if spec.nbits == 3 else 8 // spec.nbits
+        top = 27 if spec.nbits == 3 else 8 - spec.nbits
+        return cls(spec.nbits, spec.group_size, shape[0] // spec.group_size, spec.packed_rows, per_word, top)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch's tiling: ``p_block`` packed rows (x codes per word grid rows) and ``block_c`` input
+    columns per loop step in a program; ``split`` programs share the input dimension (partial sums)."""
+
+    block_c: int
+    p_block: int
+    split: int = 1
+    num_warps: int = 4
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(spec: QuantSpec, shape: tuple[int, int], rows: int, device: torch.device) -> GemvConfig:
+    """Bound registers to ``_SLOTS`` accumulators per column and, on CUDA, split the input dimension
+    until there are ~4 programs per SM (attention k/v have only ``out / g = 16`` row groups)."""
+    geo = Geometry.of(spec, shape)
+    p_block = max(1, min(_SLOTS // _pow2(geo.codes_per_word), _pow2(geo.packed_rows)))
+    block_c = min(256, _pow2(shape[1]))
+    split = 1
+    if device.type == "cuda":
+        programs = rows * geo.rows_per_group * math.ceil(geo.packed_rows / p_block)
+        split = max(1, min(math.ceil(4 * _sm_count(device) / programs), shape[1] // (4 * block_c)))
+    return GemvConfig(block_c=block_c, p_block=p_block, split=split)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a launch needs besides the tensors; cached per (spec, shape, rows, device)."""
+
+    grid: tuple[int]
+    split: int
+    ints: tuple[int, ...]  # the kernel's runtime integer arguments, in order
+    constants: dict[str, int | bool]  # constexprs and launch options
+
+
+def make_plan(spec: QuantSpec, shape: tuple[int, int], rows: int, cfg: GemvConfig) -> _Plan:
+    """Grid and arguments for one tiling, computed once per shape so a decode step pays only the launch."""
+    out_f, in_f = shape
+    geo = Geometry.of(spec, shape)
+    m = spec.num_groups(shape)
+    if geo.packed_rows * m >= 2**31:
+        raise ValueError(f"weight {list(shape)} too large for the kernel's 32-bit offsets")
+    chunk = math.ceil(in_f / cfg.split / cfg.block_c) * cfg.block_c
+    split = math.ceil(in_f / chunk)
+    n_pblocks = math.ceil(geo.packed_rows / cfg.p_block)
+    scale_cols = m // spec.scale_group_size
+    constants = dict(
+        NBITS=geo.nbits,
+        GROUP=geo.group_size,
+        PACKED_ROWS=geo.packed_rows,
+        PER_WORD=geo.codes_per_word,
+        PER_WORD_PAD=_pow2(geo.codes_per_word),
+        TOP_SHIFT=geo.top_shift,
+        P_BLOCK=cfg.p_block,
+        N_PBLOCKS=n_pblocks,
+        BLOCK_C=cfg.block_c,
+        WRAP_ONCE=cfg.block_c <= scale_cols,
+        num_warps=cfg.num_warps,
+        enable_fp_fusion=True,  # fp32 multiply-adds into the accumulator; no fp16 multiply feeds an add
+    )
+    grid = (rows * n_pblocks * geo.rows_per_group * split,)
+    return _Plan(grid, split, (rows, in_f, out_f, m, scale_cols, geo.rows_per_group, chunk), constants)
+
+
+@functools.lru_cache(maxsize=512)
+def _default_plan(spec: QuantSpec, shape: tuple[int, int], rows: int, device: torch.device) -> _Plan:
+    return make_plan(spec, shape, rows, default_config(spec, shape, rows, device))
+
+
+# --------------------------------------------------------------------------------------------------
+# the kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def _gemv_kernel(
+    x_ptr,  # [N, in] activations
+    wq_ptr,  # [h, M] packed codes (uint8, int32 for 3-bit)
+    sq_ptr,  # [gs, M/gs] uint8 step codes; flat index j
+    ss_ptr,  # [M/gs] fp16 step-code scale; index j % (M/gs)
+    sz_ptr,  # [M/gs] fp16 step-code zero
+    zq_ptr,  # [M] uint8 zero-point codes
+    zs_ptr,  # [] fp16 zero-code scale
+    zz_ptr,  # [] fp16 zero-code zero
+    y_ptr,  # [split, N, out] partial sums (or [N, out] in x's dtype when split == 1)
+    n_rows,
+    in_features,
+    out_features,
+    num_groups,  # M
+    scale_cols,  # M / gs
+    rows_per_group,  # R
+    chunk,  # input columns per split, a multiple of BLOCK_C
+    NBITS: tl.constexpr,
+    GROUP: tl.constexpr,  # g
+    PACKED_ROWS: tl.constexpr,  # h
+    PER_WORD: tl.constexpr,  # codes per packed word
+    PER_WORD_PAD: tl.constexpr,  # next power of two
+    TOP_SHIFT: tl.constexpr,
+    P_BLOCK: tl.constexpr,
+    N_PBLOCKS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    WRAP_ONCE: tl.constexpr,  # BLOCK_C <= M/gs: a step-meta index wraps at most once per block
+):
+    # program -> (x row n, packed-row block pb, row group r0, input split s); n fastest so programs
+    # sharing packed bytes run together and re-reads for n > 0 come from L2
+    pid = tl.program_id(0)
+    n = pid % n_rows
+    t = pid // n_rows
+    pb = t % N_PBLOCKS
+    t = t // N_PBLOCKS
+    r0 = t % rows_per_group
+    s = t // rows_per_group
+
+    k = tl.arange(0, PER_WORD_PAD)  # code slot within a word
+    p = pb * P_BLOCK + tl.arange(0, P_BLOCK)  # packed row
+    shift = tl.maximum(TOP_SHIFT - k * NBITS, 0)[:, None, None]
+    p_ok = (p < PACKED_ROWS)[:, None]
+    zero_scale = tl.load(zs_ptr)
+    zero_zero = tl.load(zz_ptr)
+
+    c_start = s * chunk
+    c_stop = tl.minimum(c_start + chunk, in_features)
+    col0 = r0 * in_features  # grid column of (r0, c = 0)
+    acc = tl.zeros([PER_WORD_PAD, P_BLOCK, BLOCK_C], dtype=tl.float32)
+    for c0 in range(c_start, c_stop, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < c_stop
+        j = col0 + c
+        if WRAP_ONCE:
+            sj = (col0 + c0) % scale_cols + tl.arange(0, BLOCK_C)
+            sj = tl.where(sj >= scale_cols, sj - scale_cols, sj)
+        else:
+            sj = j % scale_cols
+        # per-column step and zero, fp16 op for op as QuantizedWeight.step_and_zero
+        step = (tl.load(sq_ptr + j, mask=c_ok, other=0).to(tl.float16) - tl.load(sz_ptr + sj, mask=c_ok, other=0.0)) * (
+            tl.load(ss_ptr + sj, mask=c_ok, other=0.0)
+        )
+        zero = (tl.load(zq_ptr + j, mask=c_ok, other=0).to(tl.float16) - zero_zero) * zero_scale
+        xv = tl.load(x_ptr + n * in_features + c, mask=c_ok, other=0.0).to(tl.float32)
+        # each packed word of the block is loaded once and yields PER_WORD grid rows
+        words = tl.load(wq_ptr + p[:, None] * num_groups + j[None, :], mask=p_ok & c_ok[None, :], other=0)
+        # code -> fp16 without int->float conversion: 0x6400 | q is the fp16 bit pattern of 1024 + q
+        codes = ((words.to(tl.int32)[None, :, :] >> shift) & ((1 << NBITS) - 1)) | 0x6400
+        q = codes.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+        w = (q - zero[None, None, :]) * step[None, None, :]
+        acc += w.to(tl.float32) * xv[None, None, :]
+
+    out = tl.sum(acc, axis=2)  # [PER_WORD_PAD, P_BLOCK]
+    i = k[:, None] * PACKED_ROWS + p[None, :]  # grid row
+    ok = (k[:, None] < PER_WORD) & (p < PACKED_ROWS)[None, :] & (i < GROUP)
+    dst = y_ptr + (s * n_rows + n) * out_features + i * rows_per_group + r0
+    tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+_KERNEL = triton.jit(_gemv_kernel) if HAS_TRITON else None  # interpreted iff TRITON_INTERPRET was set first
+
+
+def triton_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | None = None) -> torch.Tensor:
+    """The fused kernel, unconditionally: CUDA tensors, or CPU tensors if ``TRITON_INTERPRET=1`` was set
+    before triton was first imported (Triton's interpreter).
+
+    fp32 accumulation, output in ``x.dtype``. Meant for a few rows of ``x``: each row is its own set
+    of programs, so ``W`` is read from DRAM once and again from L2 per extra row.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features, weight {list(weight.shape)} expects {in_f}")
+    x2 = x.reshape(-1, in_f).contiguous()
+    rows = x2.shape[0]
+    if rows == 0:
+        return x.new_empty(*x.shape[:-1], out_f)
+    if config is None:
+        plan = _default_plan(weight.spec, tuple(weight.shape), rows, x.device)
+    else:
+        plan = make_plan(weight.spec, tuple(weight.shape), rows, config)
+    y = torch.empty(plan.split, rows, out_f, dtype=x.dtype if plan.split == 1 else torch.float32, device=x.device)
+    tensors = (weight.W_q, weight.scale_q, weight.scale_scale, weight.scale_zero, weight.zero_q)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # triton uses the current device
+        _KERNEL[plan.grid](
+            x2,
+            *(t.contiguous() for t in tensors),
+            weight.zero_scale,
+            weight.zero_zero,
+            y,
+            *plan.ints,
+            **plan.constants,
+        )
+    y = y[0] if plan.split == 1 else y.sum(0).to(x.dtype)
+    return y.reshape(*x.shape[:-1], out_f)

@@ -30,7 +30,7 @@ class OffloadConfig:
     device: str = "cpu"
     dtype: torch.dtype | None = None  # default: float16 on CUDA, float32 on CPU
     experts_on_device: int | tuple[int, ...] = 2
-    policy: str = "lru"
+    policy: str = "lfu_decay"  # beats LRU on the real Mixtral trace (docs/cache_policies.md)
     spare_slots: int = 2
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     dense_on_cpu: bool = True  # CPU only: keep dequantized copies of resident weights (no fused CPU kernel)
