@@ -1,0 +1,146 @@
+"""Loading a >1 GB checkpoint stays inside the planned host memory (measured in a fresh subprocess).
+
+The checkpoint has the real layout (trunk shard, one file per expert, index, config) with random
+bytes for codes: a memory test needs the right shapes, not a trained model. On CPU both the device
+slots and the host buffers live in RAM, so the bound is: process baseline + all expert buffers +
+the mapped trunk shard + fp32 copies of the dense trunk + one expert shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import MixtralConfig
+
+from colab_helpers.checkpoint import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    QuantConfig,
+    expected_expert_tensors,
+    expected_trunk_tensors,
+    expert_prefix,
+    shard_name,
+)
+from colab_helpers.planner import MB, Budget, ModelSizes, plan_for_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+K = 2  # experts per layer in "device" slots
+TOLERANCE = 64 * MB  # allocator and interpreter noise on top of the bound
+
+# hidden 1024 / intermediate 3584 meets the grouping rules: out % g == 0 and (out*in/g) % gs == 0
+CONFIG = dict(
+    hidden_size=1024,
+    intermediate_size=3584,
+    num_hidden_layers=28,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
+
+
+def _random(dtype: torch.dtype, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    return torch.rand(shape, generator=gen).to(dtype)
+
+
+def write_checkpoint(root: Path) -> int:
+    """A checkpoint in the offloading layout with random contents; returns its size in bytes."""
+    config, quant, gen = MixtralConfig(**CONFIG), QuantConfig(), torch.Generator().manual_seed(0)
+    n_files = 1 + config.num_hidden_layers * config.num_local_experts
+    trunk = {k: _random(d, s, gen) for k, (d, s) in expected_trunk_tensors(config, quant).items()}
+    save_file(trunk, root / shard_name(1, n_files))
+    weight_map = dict.fromkeys(trunk, shard_name(1, n_files))
+    expert = {k: _random(d, s, gen) for k, (d, s) in expected_expert_tensors(config, quant).items()}
+    for layer in range(config.num_hidden_layers):
+        for e in range(config.num_local_experts):
+            name = shard_name(2 + layer * config.num_local_experts + e, n_files)
+            save_file(expert, root / name)  # same bytes in every file: distinct pages all the same
+            weight_map |= {expert_prefix(layer, e) + k: name for k in expert}
+    (root / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (root / CONFIG_FILE).write_text(json.dumps({"model_type": "mixtral", **CONFIG}))
+    return sum(p.stat().st_size for p in root.iterdir())
+
+
+CHILD = r"""
+import json, resource, sys, threading, time
+import psutil
+from colab_helpers.model import load_model
+
+path, k = sys.argv[1], int(sys.argv[2])
+peak = {"RssAnon": 0, "RssFile": 0}
+done = threading.Event()
+
+def sample():
+    while not done.is_set():
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in peak:
+                    peak[key] = max(peak[key], int(line.split()[1]) * 1024)
+        time.sleep(0.005)
+
+baseline = psutil.Process().memory_info().rss
+thread = threading.Thread(target=sample, daemon=True)
+thread.start()
+start = time.perf_counter()
+model = load_model(path, device="cpu", experts_on_device=k, progress=False)
+seconds = time.perf_counter() - start
+done.set()
+thread.join()
+cache = model.expert_cache
+print(json.dumps({
+    "baseline": baseline,
+    "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "peak_anon": peak["RssAnon"],
+    "peak_file": peak["RssFile"],
+    "buffers": cache.device_bytes + cache.host_bytes,
+    "seconds": seconds,
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, int]:
+    root = tmp_path_factory.mktemp("ckpt-1gb")
+    return root, write_checkpoint(root)
+
+
+def _load_in_subprocess(path: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(K)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_load_peak_rss_within_plan(checkpoint):
+    path, size = checkpoint
+    assert size >= 1_000_000_000
+    budget = Budget.given(None, 1000)  # loading only: no forward pass, so no dense fp32 copies yet
+    plan = plan_for_checkpoint(path, device="cpu", context=1, experts_on_device=K, budget=budget, dense_on_cpu=False)
+    s: ModelSizes = plan.sizes
+    m = _load_in_subprocess(path)
+    print(f"\ncheckpoint {size / 1e9:.2f} GB; measured {json.dumps(m)}")
+    print(plan.report())
+
+    assert m["buffers"] == (s.total_experts + plan.spare_slots) * s.slot_bytes  # the plan's exact buffer bytes
+    bound = m["baseline"] + m["buffers"] + s.trunk_bytes + 2 * s.dense_trunk_bytes + s.expert_bytes + TOLERANCE
+    assert m["peak"] <= bound, (
+        f"peak RSS {m['peak'] / 1e9:.3f} GB > baseline {m['baseline'] / 1e9:.3f} + buffers {m['buffers'] / 1e9:.3f} "
+        f"+ trunk shard {s.trunk_bytes / 1e9:.3f} + fp32 dense trunk {2 * s.dense_trunk_bytes / 1e9:.3f} "
+        f"+ one expert shard {s.expert_bytes / 1e9:.3f} GB (+{TOLERANCE / 1e6:.0f} MB)"
+    )
+    assert m["peak"] <= plan.ram_peak, f"peak RSS {m['peak'] / 1e9:.3f} GB above the plan's {plan.ram_peak / 1e9:.3f}"
+    assert m["baseline"] <= plan.margins.python_rss  # the measured import cost the planner assumes still holds

@@ -1,0 +1,236 @@
+"""The memory planner: exact sizes of the real model, the free-T4 plan, refusals with reasons, the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from colab_helpers import planner
+from colab_helpers.checkpoint import (
+    INDEX_FILE,
+    QUANT_CONFIG_KEY,
+    QuantConfig,
+    expected_expert_tensors,
+    expected_trunk_tensors,
+)
+from colab_helpers.planner import (
+    GB,
+    Budget,
+    Margins,
+    MemoryPlanError,
+    ModelSizes,
+    check_fits,
+    cli_main,
+    plan_for_checkpoint,
+    plan_memory,
+    stock_config,
+)
+
+T4 = Budget.given(15, 12.7)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return stock_config()
+
+
+def test_stock_config_is_mixtral_8x7b(config):
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 14336, 32)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.num_local_experts) == (32, 8, 8)
+    assert (config.num_experts_per_tok, config.vocab_size) == (2, 32000)
+
+
+def test_sizes_of_the_real_checkpoint(config):
+    """The byte counts CHECKPOINT_FORMAT.md lists for the public 2-bit/4-bit repo."""
+    s = ModelSizes.of(config, QuantConfig())
+    assert s.expert_bytes == 66_404_364
+    assert s.attention_layer_bytes == 22_292_496
+    assert s.trunk_bytes == 1_240_277_504
+    assert s.trunk_bytes + 256 * s.expert_bytes == 18_239_794_688  # whole model
+    assert 0 <= s.slot_bytes - s.expert_bytes < 21 * 64  # 21 tensors, each padded to 64 bytes
+    assert s.kv_bytes_per_token() == 2 * 32 * 8 * 128 * 2 == 131_072
+
+
+def test_free_t4_gets_at_least_five_experts_per_layer(config):
+    plan = plan_memory(config, QuantConfig(), T4, "cuda", context=4096)
+    assert plan.fits, plan.report()
+    assert min(plan.per_layer) >= 5
+    assert max(plan.per_layer) - min(plan.per_layer) <= 1
+    assert plan.vram_peak <= 15 * GB and plan.ram_peak <= 12.7 * GB
+    assert plan.spare_slots == 2 and plan.host_experts == 256 - sum(plan.per_layer)
+    assert plan.slots * plan.sizes.slot_bytes == next(r.vram for r in plan.rows if r.item.startswith("expert slots"))
+    report = plan.report()
+    assert "arithmetic:" in report and "FITS" in report and "66,404,364" in report
+
+
+def test_more_vram_never_means_fewer_experts(config):
+    ks = [sum(plan_memory(config, QuantConfig(), Budget.given(v, 40), "cuda").per_layer) for v in (8, 12, 15, 24)]
+    assert ks == sorted(ks)
+    full = plan_memory(config, QuantConfig(), Budget.given(80, 40), "cuda")
+    assert full.per_layer == (8,) * 32 and full.spare_slots == 0 and full.host_experts == 0
+    assert full.pinned_alloc_bytes == 0
+
+
+def test_six_and_six_does_not_fit_and_says_what_would(config):
+    plan = plan_memory(config, QuantConfig(), Budget.given(6, 6), "cuda")
+    assert not plan.fits
+    assert any(r.startswith("host RAM") for r in plan.reasons)
+    text = " ".join(plan.suggestions)
+    assert "bigger GPU" in text and "more host RAM" in text and "3-bit experts are larger" in text
+    with pytest.raises(MemoryPlanError, match="host RAM"):
+        check_fits(plan)
+
+
+def test_check_fits_passes_a_plan_that_fits(config):
+    plan = plan_memory(config, QuantConfig(), T4, "cuda")
+    assert check_fits(plan) is plan
+
+
+def test_long_context_suggests_a_shorter_one(config):
+    plan = plan_memory(config, QuantConfig(), T4, "cuda", context=32768)
+    assert not plan.fits
+    assert any("--context" in s for s in plan.suggestions)
+
+
+def test_pinned_rounding_is_counted_and_explained(config):
+    """torch pins one tensor in a power-of-two block: 130 host experts (8.6 GB) take 17.2 GB of RAM."""
+    plan = plan_memory(config, QuantConfig(), Budget.given(12, 12.7), "cuda")
+    assert plan.host_experts == 130 and plan.pinned_host_bytes == 130 * plan.sizes.slot_bytes
+    assert plan.pinned_alloc_bytes == 2**34
+    assert not plan.fits
+    assert any("power-of-two" in s for s in plan.suggestions)
+    no_round = plan_memory(config, QuantConfig(), Budget.given(12, 12.7), "cuda", margins=Margins(pinned_pow2=False))
+    assert no_round.fits and no_round.pinned_alloc_bytes == no_round.pinned_host_bytes
+
+
+def test_fixed_k_that_does_not_fit_points_to_the_planners_choice(config):
+    plan = plan_memory(config, QuantConfig(), Budget.given(15, 14), "cuda", experts_on_device=3)
+    assert not plan.fits and plan.pinned_alloc_bytes == 2**34
+    assert plan.suggestions[0].startswith("let the planner choose")
+
+
+def test_fixed_experts_beyond_vram_are_refused(config):
+    plan = plan_memory(config, QuantConfig(), T4, "cuda", experts_on_device=8)
+    assert not plan.fits and plan.reasons[0].startswith("VRAM")
+
+
+def test_per_layer_list_is_accepted_and_returned(config):
+    ks = (6,) * 10 + (5,) * 22
+    plan = plan_memory(config, QuantConfig(), T4, "cuda", experts_on_device=ks)
+    assert plan.experts_on_device == ks
+    assert plan_memory(config, QuantConfig(), T4, "cuda", experts_on_device=5).experts_on_device == 5
+    with pytest.raises(ValueError):
+        plan_memory(config, QuantConfig(), T4, "cuda", experts_on_device=(5,) * 31)
+
+
+def test_three_bit_experts_are_bigger(config):
+    two = ModelSizes.of(config, QuantConfig.for_bits(4, 2))
+    three = ModelSizes.of(config, QuantConfig.for_bits(4, 3))
+    assert three.expert_bytes > two.expert_bytes
+    p2 = plan_memory(config, QuantConfig.for_bits(4, 2), Budget.given(24, 20), "cuda")
+    p3 = plan_memory(config, QuantConfig.for_bits(4, 3), Budget.given(24, 20), "cuda")
+    assert sum(p3.per_layer) < sum(p2.per_layer)
+
+
+def test_cpu_plan_keeps_everything_in_ram(config):
+    plan = plan_memory(config, QuantConfig(), Budget.given(None, 64), "cpu", context=512, dense_on_cpu=False)
+    assert plan.vram_peak == 0 and plan.pinned_host_bytes == 0
+    buffers = next(r.ram for r in plan.rows if r.item.startswith("expert buffers"))
+    assert buffers == (256 + 2) * plan.sizes.slot_bytes
+    assert plan.fits
+
+
+def test_cpu_dense_copies_are_counted(config):
+    """OffloadConfig.dense_on_cpu keeps fp32 weights of attention and of every slot: 4 B per weight."""
+    plan = plan_memory(config, QuantConfig(), Budget.given(None, 64), "cpu", context=512)
+    dense = {r.item: r.ram for r in plan.rows if "dense_on_cpu" in r.item}
+    assert sum(dense.values()) == 4 * (32 * plan.sizes.attention_params + plan.slots * plan.sizes.expert_params)
+    assert not plan.fits
+
+
+def test_gpu_plan_needs_vram(config):
+    with pytest.raises(ValueError, match="VRAM"):
+        plan_memory(config, QuantConfig(), Budget.given(None, 12), "cuda")
+
+
+def test_measure_budget_uses_mem_get_info_and_psutil(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (14_500_000_000, 15_000_000_000))
+    b = planner.measure_budget("cuda")
+    assert b.vram == 14_500_000_000 and b.measured
+    assert b.ram >= b.rss_now > 0
+    assert planner.measure_budget("cpu").vram is None
+
+
+def test_margins_are_documented():
+    doc = (planner.STOCK_CONFIG_FILE.parents[2] / "docs" / "memory_plan.md").read_text()
+    m = Margins()
+    for number in ("0.53", f"{m.cuda_growth / GB:.1f}", f"{m.cuda_host_rss / GB:.1f}", "PowerOf2Ceil"):
+        assert number in doc
+
+
+# ---- plan_for_checkpoint and the CLI -------------------------------------------------------------
+
+
+def _index_only_checkpoint(path, config, quant):
+    """config.json + index: all ``Checkpoint.open(verify=False)`` reads."""
+    cfg = {k: v for k, v in config.to_dict().items() if not isinstance(v, dict)} | {"model_type": "mixtral"}
+    cfg[QUANT_CONFIG_KEY] = quant.to_dict()
+    (path / "config.json").write_text(json.dumps(cfg))
+    weight_map = {k: "model-00001.safetensors" for k in expected_trunk_tensors(config, quant)}
+    for layer in range(config.num_hidden_layers):
+        for e in range(config.num_local_experts):
+            prefix = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
+            weight_map |= {
+                prefix + k: f"expert-{layer}-{e}.safetensors" for k in expected_expert_tensors(config, quant)
+            }
+    (path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_plan_for_checkpoint_reads_bits_from_the_folder(tmp_path, config):
+    quant = QuantConfig.for_bits(4, 3)
+    _index_only_checkpoint(tmp_path, config, quant)
+    plan = plan_for_checkpoint(tmp_path, device="cuda", budget=Budget.given(24, 20))
+    assert plan.sizes.expert_bits == 3 and plan.sizes == ModelSizes.of(config, quant)
+    assert plan.fits
+
+
+def test_cli_t4_fits_with_json(capsys):
+    assert cli_main(["--vram-gb", "15", "--ram-gb", "12.7", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    data = json.loads(out[-1])
+    assert data["fits"] is True
+    ks = data["experts_on_device"]
+    assert min(ks if isinstance(ks, list) else [ks]) >= 5
+    assert data["vram_peak_gb"] <= 15 and data["ram_peak_gb"] <= 12.7
+    assert any("arithmetic" in line for line in out)
+
+
+def test_cli_six_six_exits_2_with_reason(capsys):
+    assert cli_main(["--vram-gb", "6", "--ram-gb", "6", "--json"]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    data = json.loads(out[-1])
+    assert data["fits"] is False and data["reasons"]
+    assert "DOES NOT FIT" in "\n".join(out)
+
+
+def test_cli_measures_this_machine(capsys):
+    code = cli_main(["--json", "--context", "256"])
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == (0 if data["fits"] else 2)
+    assert data["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_cli_through_python_m(capsys):
+    from colab_helpers.cli import main
+
+    assert main(["plan", "--vram-gb", "15", "--ram-gb", "12.7"]) == 0
+    assert "FITS" in capsys.readouterr().out
+
+
+def test_budget_given_is_decimal_gb():
+    b = Budget.given(15, 12.7)
+    assert b.vram == 15 * GB and b.ram == int(12.7 * GB) and not b.measured
+    assert replace(b, vram=None).describe().startswith("no GPU")
