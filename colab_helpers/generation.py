@@ -7,6 +7,7 @@ Colab's stop button ends the answer cleanly: what was generated is kept and the 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -142,14 +143,16 @@ def generate_stream(
     start = time.perf_counter()
     error = None
     try:
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            streamer=streamer,
-            past_key_values=past_key_values,
-            return_dict_in_generate=True,
-            **sampling.generate_kwargs(),
-        )
+        with warnings.catch_warnings():  # transformers 5.2x renames past_key_values -> cache; both work in 5.x
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            out = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                streamer=streamer,
+                past_key_values=past_key_values,
+                return_dict_in_generate=True,
+                **sampling.generate_kwargs(),
+            )
         new_ids = out.sequences[0, input_ids.shape[-1] :].tolist()
         past_key_values = out.past_key_values
         eos_ids = set(eos if isinstance(eos, list) else [eos])

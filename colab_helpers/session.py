@@ -63,7 +63,7 @@ class ChatSession:
             self._cache = DynamicCache(config=self.model.config)
             common = 0
         elif common < len(self._cached_ids):
-            self._cache.crop(common)
+            _truncate(self._cache, common)
         self._cached_ids = ids[:common]
         result = generate_stream(
             self.model, self.tokenizer, torch.tensor([ids]), sampling, on_text, past_key_values=self._cache
@@ -72,7 +72,7 @@ class ChatSession:
             self.reset_cache()
         else:
             valid = len(ids) + len(result.token_ids) - 1 if result.token_ids else common
-            self._cache.crop(valid)
+            _truncate(self._cache, valid)
             self._cached_ids = (ids + result.token_ids)[:valid]
         self.turns.append(ChatTurn(message, result.text, result.stats.stop_reason))
         self.last_result = result
@@ -126,6 +126,14 @@ class ChatSession:
             f"prompt is {len(ids)} tokens but the context budget leaves {max(budget, 0)} for it "
             f"({self.max_context} context - {max_new} new tokens): shorten it or lower max new tokens"
         )
+
+
+def _truncate(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` positions of every layer (layers may differ after an interrupt)."""
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
