@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +84,33 @@ def _numel(shape: Sequence[int]) -> int:
 # --------------------------------------------------------------------------------------------------
 # copies
 # --------------------------------------------------------------------------------------------------
+
+
+def host_buffer(rows: int, nbytes: int, pin: bool) -> torch.Tensor:
+    """A ``[rows, nbytes]`` host store, page-locked when ``pin`` so copies to the GPU are async DMA.
+
+    torch's ``pin_memory=True`` rounds each allocation up to a power of two (a 5.6 GB store would
+    take 8.6 GB); registering an ordinary allocation with ``cudaHostRegister`` pins exactly its size.
+    """
+    buf = torch.empty(rows, nbytes, dtype=torch.uint8)
+    if not pin or buf.numel() == 0:
+        return buf
+    try:
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), 0)) == 0:
+            weakref.finalize(buf, _unregister, cudart, buf.data_ptr())
+            return buf
+    except (AttributeError, RuntimeError):
+        pass
+    print("colab_helpers: cudaHostRegister unavailable, falling back to pin_memory (rounds up to 2^n bytes)")
+    return torch.empty(rows, nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def _unregister(cudart, ptr: int) -> None:
+    try:
+        cudart.cudaHostUnregister(ptr)
+    except Exception:  # interpreter shutdown: CUDA may already be gone
+        pass
 
 
 class CopyEngine:
@@ -251,8 +279,7 @@ class ExpertCache:
         self.engine = CopyEngine(self.device)
         n_slots = sum(self.capacity) + self.spare
         self.device_buf = torch.empty(n_slots, layout.nbytes, dtype=torch.uint8, device=self.device)
-        pin = self.engine.cuda
-        self.host_buf = torch.empty(n_host, layout.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.host_buf = host_buffer(n_host, layout.nbytes, pin=self.engine.cuda)
         self._slot_weights = [layout.weights(self.device_buf[s]) for s in range(n_slots)]
         self.slot_of: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.host_of: list[dict[int, int]] = [{} for _ in range(num_layers)]

@@ -35,6 +35,8 @@ class OffloadConfig:
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     dense_on_cpu: bool = True  # CPU only: keep dequantized copies of resident weights (no fused CPU kernel)
     verify: bool = True  # check every shard's header before reading
+    context: int = 4096  # tokens of KV cache the memory check reserves
+    check_memory: bool = True  # refuse (MemoryPlanError, with the plan) when the model will not fit
     progress: bool = True
 
     @property
@@ -68,6 +70,22 @@ def load_model(
     ks = experts_on_device if isinstance(experts_on_device, int) else tuple(experts_on_device)
     cfg = config or OffloadConfig(device=str(dev), experts_on_device=ks, **overrides)
     ckpt = Checkpoint.open(Path(path), verify=cfg.verify)
+    if cfg.check_memory:
+        from .planner import check_fits, measure_budget, plan_memory
+
+        context = min(cfg.context, ckpt.config.max_position_embeddings)
+        plan = plan_memory(
+            ckpt.config,
+            ckpt.quant,
+            measure_budget(dev),
+            dev,
+            context,
+            experts_on_device=cfg.experts_on_device,
+            spare_slots=cfg.spare_slots,
+            dense_on_cpu=cfg.dense_on_cpu,
+            suggest=False,
+        )
+        check_fits(plan)  # refuse before allocating anything, with the numbers
     model = assemble_model(ckpt.config, ckpt.quant, ckpt.load_trunk(), ckpt.iter_experts(), cfg)
     model.checkpoint_path = str(path)
     return model
@@ -94,17 +112,6 @@ def assemble_model(
         model = MixtralForCausalLM(mcfg)
     model.eval().requires_grad_(False)
 
-    layout = ExpertLayout.for_model(mcfg, quant)
-    cache = ExpertCache(
-        layout,
-        mcfg.num_hidden_layers,
-        mcfg.num_local_experts,
-        cfg.experts_on_device,
-        device=dev,
-        policy=cfg.policy,
-        spare_slots=cfg.spare_slots,
-        dense_dtype=dtype if cfg.dense_on_cpu else None,
-    )
     blocks = []
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}."
@@ -114,7 +121,7 @@ def assemble_model(
             setattr(layer.self_attn, proj, QuantLinear(qw, dense_on_cpu=cfg.dense_on_cpu))
         gate = MixtralTopKRouter(mcfg)
         gate.weight = torch.nn.Parameter(trunk.pop(p + "mlp.gate.weight").to(dev, dtype), requires_grad=False)
-        block = OffloadedMoE(gate, i, cache, cfg.prefetch, mcfg.num_experts_per_tok)
+        block = OffloadedMoE(gate, i, None, cfg.prefetch, mcfg.num_experts_per_tok)
         layer.mlp = block
         blocks.append(block)
     for i, block in enumerate(blocks):
@@ -122,13 +129,25 @@ def assemble_model(
 
     # the rest of the trunk: embeddings, norms, lm_head (names match the skeleton's)
     _, unexpected = model.load_state_dict({k: v.to(dev, dtype) for k, v in trunk.items()}, strict=False, assign=True)
-    trunk.clear()
+    trunk.clear()  # the trunk shard's pages can go before the expert store is allocated
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if unexpected or [n for n in still_meta if "rotary_emb" not in n]:
         raise RuntimeError(f"trunk mismatch: unexpected {unexpected[:5]}, unset {still_meta[:5]}")
     model.model.rotary_emb = MixtralRotaryEmbedding(mcfg)
     model.to(dev)
 
+    cache = ExpertCache(
+        ExpertLayout.for_model(mcfg, quant),
+        mcfg.num_hidden_layers,
+        mcfg.num_local_experts,
+        cfg.experts_on_device,
+        device=dev,
+        policy=cfg.policy,
+        spare_slots=cfg.spare_slots,
+        dense_dtype=dtype if cfg.dense_on_cpu else None,
+    )
+    for block in blocks:
+        block.cache = cache
     total = mcfg.num_hidden_layers * mcfg.num_local_experts
     bar = tqdm(total=total, desc="loading experts", unit="expert", disable=not cfg.progress)
     for layer_idx, e, tensors in experts:

@@ -61,7 +61,7 @@ class Margins:
     cuda_growth: int = 300 * MB  # device memory the runtime takes after mem_get_info (lazy kernel loading)
     allocator_slack: float = 0.20  # share of transient tensors lost to fragmentation
     hidden_copies: int = 8  # live [T, H] tensors in one decoder layer at prefill (RMSNorm upcasts to fp32)
-    pinned_pow2: bool = True  # torch rounds each pinned allocation up to a power of two (one host_buf tensor)
+    pinned_pow2: bool = False  # True if pinning fell back to pin_memory=True (rounds up to a power of two)
 
 
 @dataclass(frozen=True)

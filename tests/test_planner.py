@@ -96,8 +96,8 @@ def test_long_context_suggests_a_shorter_one(config):
 
 
 def test_pinned_rounding_is_counted_and_explained(config):
-    """torch pins one tensor in a power-of-two block: 130 host experts (8.6 GB) take 17.2 GB of RAM."""
-    plan = plan_memory(config, QuantConfig(), Budget.given(12, 12.7), "cuda")
+    """If pinning falls back to pin_memory=True (power-of-two blocks), 130 host experts (8.6 GB) take 17.2 GB."""
+    plan = plan_memory(config, QuantConfig(), Budget.given(12, 12.7), "cuda", margins=Margins(pinned_pow2=True))
     assert plan.host_experts == 130 and plan.pinned_host_bytes == 130 * plan.sizes.slot_bytes
     assert plan.pinned_alloc_bytes == 2**34
     assert not plan.fits
@@ -107,7 +107,9 @@ def test_pinned_rounding_is_counted_and_explained(config):
 
 
 def test_fixed_k_that_does_not_fit_points_to_the_planners_choice(config):
-    plan = plan_memory(config, QuantConfig(), Budget.given(15, 14), "cuda", experts_on_device=3)
+    plan = plan_memory(
+        config, QuantConfig(), Budget.given(15, 14), "cuda", experts_on_device=3, margins=Margins(pinned_pow2=True)
+    )
     assert not plan.fits and plan.pinned_alloc_bytes == 2**34
     assert plan.suggestions[0].startswith("let the planner choose")
 
