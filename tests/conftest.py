@@ -60,3 +60,13 @@ def make_checkpoint(tmp_path_factory):
         return _CACHE[key]
 
     return make
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """``requires_cuda`` tests run only where a CUDA GPU is present (the device machine), skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "requires_cuda" in item.keywords:
+            item.add_marker(skip)
