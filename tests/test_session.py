@@ -162,3 +162,21 @@ def test_cli_generate_runs_offline_on_the_embedded_model() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
     assert "stats:" in out.stderr and "tok/s" in out.stderr and "hit rate" in out.stderr
+
+
+def test_text_iterator_streamer_works_with_the_offloaded_model(model, tokenizer) -> None:
+    """transformers' own threaded streamer (what most tutorials use) sees the same text."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    ids = tokenizer("The Zen of Python, by", return_tensors="pt").input_ids
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    worker = Thread(
+        target=model.generate, kwargs={"input_ids": ids, "max_new_tokens": 12, "streamer": streamer, "do_sample": False}
+    )
+    worker.start()
+    text = "".join(streamer)
+    worker.join()
+    direct = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+    assert text == tokenizer.decode(direct, skip_special_tokens=True) and text
