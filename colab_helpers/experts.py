@@ -17,6 +17,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import MixtralConfig
@@ -177,41 +178,38 @@ def deferred_interrupts() -> Iterator[None]:
 
 
 @dataclass
-class CacheStats:
-    """Per-layer counters. Hits/misses count demand fetches; prefetch counters count guesses."""
+class RoutingCounters:
+    """Per-layer hit and prefetch counters, shared by the live cache and trace replay.
+
+    Hits/misses count demand fetches; ``predicted``/``correct``/``needed`` score prefetch guesses.
+    """
 
     num_layers: int
     hits: list[int] = field(default_factory=list)
     misses: list[int] = field(default_factory=list)
-    h2d_bytes: list[int] = field(default_factory=list)
-    d2h_bytes: list[int] = field(default_factory=list)
     prefetch_loads: list[int] = field(default_factory=list)
     predicted: list[int] = field(default_factory=list)  # experts guessed for a layer
     correct: list[int] = field(default_factory=list)  # guesses the layer then used
     needed: list[int] = field(default_factory=list)  # experts the layer used while a guess existed
-    wasted_bytes: list[int] = field(default_factory=list)  # prefetched bytes the layer did not use
+
+    COUNTERS: ClassVar[tuple[str, ...]] = ("hits", "misses", "prefetch_loads", "predicted", "correct", "needed")
 
     def __post_init__(self) -> None:
-        self.reset()
+        for name in self.COUNTERS:
+            if not getattr(self, name):
+                setattr(self, name, [0] * self.num_layers)
 
     def reset(self) -> None:
-        for name in (
-            "hits",
-            "misses",
-            "h2d_bytes",
-            "d2h_bytes",
-            "prefetch_loads",
-            "predicted",
-            "correct",
-            "needed",
-            "wasted_bytes",
-        ):
+        for name in self.COUNTERS:
             setattr(self, name, [0] * self.num_layers)
 
     @property
+    def accesses(self) -> int:
+        return sum(self.hits) + sum(self.misses)
+
+    @property
     def hit_rate(self) -> float:
-        total = sum(self.hits) + sum(self.misses)
-        return sum(self.hits) / total if total else 0.0
+        return sum(self.hits) / self.accesses if self.accesses else 0.0
 
     @property
     def precision(self) -> float:
@@ -220,6 +218,17 @@ class CacheStats:
     @property
     def recall(self) -> float:
         return sum(self.correct) / sum(self.needed) if sum(self.needed) else 0.0
+
+
+@dataclass
+class CacheStats(RoutingCounters):
+    """The live cache's counters: routing counters plus bytes moved each way."""
+
+    h2d_bytes: list[int] = field(default_factory=list)
+    d2h_bytes: list[int] = field(default_factory=list)
+    wasted_bytes: list[int] = field(default_factory=list)  # prefetched bytes the layer did not use
+
+    COUNTERS: ClassVar[tuple[str, ...]] = (*RoutingCounters.COUNTERS, "h2d_bytes", "d2h_bytes", "wasted_bytes")
 
     def summary(self) -> dict[str, float]:
         return {

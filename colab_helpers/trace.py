@@ -21,10 +21,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
+from .experts import RoutingCounters
 from .policies import POLICIES, EvictionPolicy, LFUDecayPolicy, make_policy
 
 DECODE_SUFFIX = "_decode_experts"
@@ -184,47 +185,21 @@ class ReplayOptions:
 
 
 @dataclass
-class ReplayStats:
+class ReplayStats(RoutingCounters):
     """Counters shaped like the live ``CacheStats`` (per layer), plus the number of counted steps."""
 
-    num_layers: int
     tokens: int = 0
-    hits: list[int] = field(default_factory=list)
-    misses: list[int] = field(default_factory=list)
-    prefetch_loads: list[int] = field(default_factory=list)
-    predicted: list[int] = field(default_factory=list)
-    correct: list[int] = field(default_factory=list)
-    needed: list[int] = field(default_factory=list)
     wasted_loads: list[int] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        for name in ("hits", "misses", "prefetch_loads", "predicted", "correct", "needed", "wasted_loads"):
-            if not getattr(self, name):
-                setattr(self, name, [0] * self.num_layers)
+    COUNTERS: ClassVar[tuple[str, ...]] = (*RoutingCounters.COUNTERS, "wasted_loads")
 
     def __add__(self, other: ReplayStats) -> ReplayStats:
         if other.num_layers != self.num_layers:
             raise ValueError("cannot add replay stats of different layer counts")
-        out = ReplayStats(self.num_layers, self.tokens + other.tokens)
-        for name in ("hits", "misses", "prefetch_loads", "predicted", "correct", "needed", "wasted_loads"):
+        out = ReplayStats(self.num_layers, tokens=self.tokens + other.tokens)
+        for name in self.COUNTERS:
             setattr(out, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name), strict=True)])
         return out
-
-    @property
-    def accesses(self) -> int:
-        return sum(self.hits) + sum(self.misses)
-
-    @property
-    def hit_rate(self) -> float:
-        return sum(self.hits) / self.accesses if self.accesses else 0.0
-
-    @property
-    def precision(self) -> float:
-        return sum(self.correct) / sum(self.predicted) if sum(self.predicted) else 0.0
-
-    @property
-    def recall(self) -> float:
-        return sum(self.correct) / sum(self.needed) if sum(self.needed) else 0.0
 
     def per_token(self) -> tuple[float, float]:
         """(demand misses, prefetch loads) per counted step: the inputs of ``TimingModel.project``."""
