@@ -74,3 +74,23 @@ def test_sampling_is_reproducible_and_matches_the_reference(pair) -> None:
     torch.manual_seed(5)
     b = model.generate(PROMPT, **kw)
     assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def embedded_reference():
+    from colab_helpers.tiny import tiny_model_path
+
+    path = tiny_model_path()
+    ref = dequantized_reference(path)
+    with torch.no_grad():
+        logits = ref(PROMPT).logits
+    return path, logits, ref.generate(PROMPT, max_new_tokens=16, do_sample=False)
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_embedded_model_parity_for_every_cache_size(embedded_reference, k: int) -> None:
+    path, ref_logits, ref_greedy = embedded_reference
+    model = load_model(path, experts_on_device=k, progress=False)
+    with torch.no_grad():
+        assert rel_err(model(PROMPT).logits, ref_logits) < 1e-3
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=16, do_sample=False), ref_greedy)
