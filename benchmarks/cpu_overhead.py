@@ -37,12 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     path = tiny_model_path()
     tok = load_tokenizer(path)
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "Recite the Zen of Python."}], add_generation_prompt=True, return_tensors="pt",
+        [{"role": "user", "content": "Recite the Zen of Python."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
         return_dict=True,
     )["input_ids"]
     resident = dequantized_reference(path)
     offloaded = load_model(
-        path, experts_on_device=args.experts_on_device, progress=False,
+        path,
+        experts_on_device=args.experts_on_device,
+        progress=False,
         prefetch=PrefetchConfig(enabled=args.prefetch),
     )
     for m in (resident, offloaded):  # warm-up
@@ -58,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     s = offloaded.expert_cache.stats.summary()
     cfg = offloaded.config
-    print(f"# embedded model: {cfg.num_hidden_layers} layers x {cfg.num_local_experts} experts, top-"
-          f"{cfg.num_experts_per_tok}; {torch.get_num_threads()} threads; best of {args.repeats} x {args.tokens} tokens")
+    print(
+        f"# embedded model: {cfg.num_hidden_layers} layers x {cfg.num_local_experts} experts, top-"
+        f"{cfg.num_experts_per_tok}; {torch.get_num_threads()} threads; best of {args.repeats} x {args.tokens} tokens"
+    )
     print("| variant | experts/layer in fast memory | tokens/s | cache hit rate |")
     print("| --- | --- | --- | --- |")
     print(f"| resident (plain transformers) | {cfg.num_local_experts} | {best['resident']:.1f} | 1.000 |")

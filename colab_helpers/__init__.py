@@ -27,6 +27,8 @@ _EXPORTS = {
     "ChatSession": "session",
     "tiny_model_path": "tiny",
     "download": "hub",
+    "ChatUI": "chat",
+    "chat": "chat",
 }
 
 

@@ -41,6 +41,20 @@ def _widgets():
     return ipywidgets
 
 
+def _vram_gb(model: Any) -> float | None:
+    """GB in use on the model's GPU right now (None on a CPU)."""
+    import torch
+
+    try:
+        device = next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return None
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 1e9
+
+
 def stats_line(stats: GenerationStats | None) -> str:
     """The short line under the chat: speed, cache hit rate, prefetch precision, VRAM, why it stopped."""
     if stats is None:
@@ -98,7 +112,7 @@ class ChatUI:
         self._pending: str | None = None  # the answer being streamed
         self._pending_user: str | None = None
         self._pieces = 0
-        self._last_refresh = 0.0
+        self._started = self._last_refresh = 0.0
         self._notes: dict[int, str] = {}  # transcript index -> note ("stopped", "error")
 
         s = session.sampling
@@ -180,7 +194,7 @@ class ChatUI:
         self.busy = True
         self._set_enabled(False)
         self._pending_user, self._pending, self._pieces = (message or "").strip(), "", 0
-        self._last_refresh = time.perf_counter()
+        self._started = self._last_refresh = time.perf_counter()
         self._set_status("generating…")
         self._render(cursor=True)
         try:
@@ -245,12 +259,15 @@ class ChatUI:
             self._live_stats()
 
     def _live_stats(self) -> None:
-        cache = getattr(self.session.model, "expert_cache", None)
-        hit = getattr(getattr(cache, "stats", None), "hit_rate", None)
-        line = f"generating… {self._pieces} pieces"
-        if hit is not None:
-            line += f" · cache hit rate {hit:.0%}"
-        self.stats_html.value = f'<span style="font-family:monospace">{html.escape(line)}</span>'
+        """Speed, cache hit rate, prefetch precision and VRAM so far in this answer (text pieces ≈ tokens)."""
+        elapsed = time.perf_counter() - self._started
+        parts = [f"generating… {self._pieces} pieces", f"~{self._pieces / max(elapsed, 1e-6):.1f} tok/s"]
+        stats = getattr(getattr(self.session.model, "expert_cache", None), "stats", None)
+        if stats is not None:
+            parts += [f"cache hit rate {stats.hit_rate:.0%}", f"prefetch precision {stats.precision:.0%}"]
+        vram = _vram_gb(self.session.model)
+        parts.append("VRAM -" if vram is None else f"VRAM {vram:.2f} GB")
+        self.stats_html.value = f'<span style="font-family:monospace">{html.escape(" · ".join(parts))}</span>'
 
     def _render(self, cursor: bool = False) -> None:
         self.transcript_html.value = render_transcript(self.transcript, self._notes, cursor)

@@ -132,10 +132,17 @@ class ModelChoice:
     def line(self) -> str:
         if self.tiny:
             return (
-                f"MODEL: the embedded TINY model (4 layers, 8 experts, toy answers), not Mixtral-8x7B, on {self.device}"
-                f" because {self.reason}. On a Colab T4 with a network the same cells run the real model."
+                f"MODEL: the embedded TINY model ({_shape(self.path)}; toy answers), NOT Mixtral-8x7B, on "
+                f"{self.device}, because {self.reason}. On a Colab T4 with a network the same cells run the real model."
             )
         return f"MODEL: {self.name} on {self.device} ({self.reason})"
+
+
+def _shape(path: Path) -> str:
+    import json
+
+    c = json.loads((path / "config.json").read_text())
+    return f"{c['num_hidden_layers']} layers x {c['num_local_experts']} experts, hidden {c['hidden_size']}"
 
 
 def choose_model(
@@ -207,15 +214,14 @@ def plan_html(plan) -> str:
         f"<tr><td>available</td><td style='text-align:right'>{gb(b.vram or 0) if cuda else '-'}</td>"
         f"<td style='text-align:right'>{gb(b.ram)}</td><td>{html.escape(b.describe())}</td></tr>"
     )
-    verdict = plan.report().splitlines()
-    tail = verdict[verdict.index("") + 1 :] if "" in verdict else []
-    tail = [line for line in tail if line.strip()]
+    report = plan.report().splitlines()
+    start = next((i for i, line in enumerate(report) if line.startswith("arithmetic")), len(report))
+    verdict = "\n".join(line for line in report[start:] if line.strip())
+    head = html.escape(report[0])
     return (
-        "<table><tr><th>component</th><th>VRAM GB</th><th>RAM GB</th><th>source</th></tr>"
+        f"<p>{head}</p><table><tr><th>component</th><th>VRAM GB</th><th>RAM GB</th><th>source</th></tr>"
         + "".join(rows)
-        + "</table><pre>"
-        + html.escape("\n".join(tail[-12:]))
-        + "</pre>"
+        + f"</table><pre>{html.escape(verdict)}</pre>"
     )
 
 
@@ -309,7 +315,7 @@ def plan_by_category(plan) -> dict[str, tuple[float, float]]:
     """``{category: (VRAM GB, RAM GB)}`` of a plan, in a stable order."""
     out: dict[str, list[float]] = {}
     for r in plan.rows:
-        v = out.setdefault(_category(r.item), [0.0, 0.0])
+        v = out.setdefault("while loading only" if r.load_only else _category(r.item), [0.0, 0.0])
         v[0] += r.vram / GB
         v[1] += r.ram / GB
     return {k: (v[0], v[1]) for k, v in out.items()}
@@ -359,6 +365,7 @@ def plot_sweep(plans: Sequence, ax=None):
     ax.axhline(b.ram / GB, color="C1", ls="--", lw=1, label=f"RAM budget {b.ram / GB:.1f} GB")
     for p, k in zip(plans, ks, strict=True):
         ax.annotate("fits" if p.fits else "no", (k, p.vram_peak / GB), textcoords="offset points", xytext=(0, 6))
+    ax.set_xticks(ks)
     ax.set_xlabel("experts per layer kept on the GPU (of 8)")
     ax.set_ylabel("GB")
     ax.legend(fontsize=8)
@@ -431,15 +438,14 @@ def plot_quant_errors(results: Sequence[QuantResult], ax=None):
         _, ax = plt.subplots(figsize=(6.5, 4))
     for opt, marker in ((False, "s--"), (True, "o-")):
         rs = [r for r in results if r.optimized == opt]
-        if not rs:
-            continue
-        ax.plot(
-            [r.bits_per_weight for r in rs], [r.output_error for r in rs], marker, label="HQQ" if opt else "min-max"
-        )
-        for r in rs:
-            label = f"{r.bits}-bit, g={r.group_size}"
+        if rs:
+            label = "HQQ" if opt else "min-max"
+            ax.plot([r.bits_per_weight for r in rs], [r.output_error for r in rs], marker, label=label)
+    for r in results:
+        if r.optimized == results[0].optimized:  # one label per bit width
+            text = f"{r.bits}-bit, g={r.group_size}"
             ax.annotate(
-                label, (r.bits_per_weight, r.output_error), fontsize=8, textcoords="offset points", xytext=(4, 4)
+                text, (r.bits_per_weight, r.output_error), fontsize=8, textcoords="offset points", xytext=(4, 4)
             )
     ax.set_xlabel("stored bits per weight (codes + 8-bit scales and zeros)")
     ax.set_ylabel("relative output error ||XW - XWq|| / ||XW||")
@@ -459,14 +465,14 @@ def group_ids(shape: tuple[int, int], group_size: int) -> np.ndarray:
     return (np.arange(out_f * in_f) % m).reshape(out_f, in_f)
 
 
-def plot_groups(shape: tuple[int, int] = (16, 8), group_size: int = 4, ax=None):
+def plot_groups(shape: tuple[int, int] = (12, 4), group_size: int = 4, ax=None):
     """A small weight coloured by group id, with the id written in each cell."""
     import matplotlib.pyplot as plt
 
     ids = group_ids(shape, group_size)
     if ax is None:
-        _, ax = plt.subplots(figsize=(4, 6))
-    ax.imshow(ids, cmap="tab20", aspect="auto")
+        _, ax = plt.subplots(figsize=(3.5, 5))
+    ax.imshow(ids % 20, cmap="tab20", aspect="auto", vmin=0, vmax=19)
     for (r, c), g in np.ndenumerate(ids):
         ax.text(c, r, str(g), ha="center", va="center", fontsize=7)
     ax.set_xlabel("input column")
@@ -558,6 +564,7 @@ def plot_hit_rates(ks: Sequence[int], sweep: dict[str, list[float]], num_experts
     for name, rates in sweep.items():
         ax.plot(ks, rates, "o-" if name != "belady" else "k:", label=name if name != "belady" else "belady (ceiling)")
     ax.plot(ks, [k / num_experts for k in ks], color="gray", lw=1, ls="--", label="uniformly random routing")
+    ax.set_xticks(list(ks))
     ax.set_xlabel(f"experts per layer on the GPU (of {num_experts}, top-{top_k} routing)")
     ax.set_ylabel("cache hit rate")
     ax.set_ylim(0, 1)
@@ -587,23 +594,45 @@ def benchmark(
     ks: Iterable[int],
     prompt: str = "Recite the Zen of Python.",
     max_new_tokens: int = 32,
+    progress: bool = False,
+    cpu_threads: int | None = 1,
 ) -> list[BenchRow]:
     """Decode speed and cache behaviour for each experts-per-layer value, prefetch on and off.
 
     One load per value (prefetch is switched on the loaded blocks); the same greedy prompt every time,
-    after one untimed warm-up answer so first-call costs are not counted.
+    after one untimed warm-up answer so first-call costs are not counted. A CPU run uses ``cpu_threads``
+    torch threads (restored afterwards): small matrices gain nothing from more, and on a busy machine
+    extra threads mostly wait on each other.
     """
+    threads = torch.get_num_threads()
+    if device == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    try:
+        return _benchmark(path, device, ks, prompt, max_new_tokens, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _benchmark(
+    path, device: str, ks: Iterable[int], prompt: str, max_new_tokens: int, progress: bool
+) -> list[BenchRow]:
+    import gc
     from dataclasses import replace
 
     from .generation import SamplingConfig
     from .model import load_model, load_tokenizer
+    from .planner import MemoryPlanError
     from .session import ChatSession
 
     tok = load_tokenizer(path)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     rows = []
     for k in ks:
-        model = load_model(path, device=device, experts_on_device=k, progress=False)
+        try:
+            model = load_model(path, device=device, experts_on_device=k, progress=progress)
+        except MemoryPlanError as err:
+            print(f"k={k}: does not fit this machine, skipped ({str(err).splitlines()[0]})")
+            continue
         ChatSession(model, tok, SamplingConfig(max_new_tokens=4)).send(prompt)  # warm-up
         for enabled in (True, False):
             for layer in model.model.layers:
@@ -621,6 +650,9 @@ def benchmark(
                 )
             )
         del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -644,6 +676,9 @@ def plot_benchmark(rows: Sequence[BenchRow]):
         label = "prefetch on" if enabled else "prefetch off"
         a.plot([r.experts_on_device for r in rs], [r.tokens_per_s for r in rs], style, label=label)
         b.plot([r.experts_on_device for r in rs], [r.hit_rate for r in rs], style, label=label)
+    ks = sorted({r.experts_on_device for r in rows})
+    a.set_xticks(ks)
+    b.set_xticks(ks)
     a.set_xlabel("experts per layer on the device")
     a.set_ylabel("decode tokens/s")
     b.set_xlabel("experts per layer on the device")

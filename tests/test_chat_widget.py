@@ -1,0 +1,273 @@
+"""The chat widget driven from code on the embedded model: what a user clicking in Colab would see.
+
+nbval has no widget frontend, so the buttons' handlers are called directly and the assertions are on
+Python state (``transcript``, ``status``, the session and its KV cache) and on the HTML the widget holds.
+``IPYWIDGETS7_PATH`` (a folder made with ``pip install --no-deps --target DIR ipywidgets==7.7.1
+ipython_genutils``) additionally runs the same flow under Colab's ipywidgets 7.7.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ipywidgets")
+
+from colab_helpers import chat as chat_module  # noqa: E402
+from colab_helpers.chat import ChatUI, chat, render_transcript  # noqa: E402
+from colab_helpers.generation import SamplingConfig  # noqa: E402
+from colab_helpers.model import load_model, load_tokenizer  # noqa: E402
+from colab_helpers.session import ChatSession  # noqa: E402
+from colab_helpers.tiny import tiny_model_path  # noqa: E402
+
+GREEDY = SamplingConfig(max_new_tokens=24)
+IPYWIDGETS_7_API = {"Button", "FloatSlider", "HBox", "HTML", "IntSlider", "Layout", "Textarea", "VBox"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matrices are too small to split; one thread also avoids oversubscribed shared runners."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(tiny_model_path(), experts_on_device=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(tiny_model_path())
+
+
+@pytest.fixture
+def session(model, tokenizer) -> ChatSession:
+    return ChatSession(model, tokenizer, GREEDY)
+
+
+def _watch(ui: ChatUI) -> list[tuple[str, bool]]:
+    """Every value the transcript HTML takes, with whether Send was disabled at that moment."""
+    seen: list[tuple[str, bool]] = []
+    ui.transcript_html.observe(lambda change: seen.append((change["new"], ui.send_button.disabled)), names="value")
+    return seen
+
+
+def test_send_streams_the_answer_into_the_transcript(session) -> None:
+    ui = ChatUI(session, refresh_every=2, refresh_seconds=60)
+    seen = _watch(ui)
+    live: list[str] = []
+    ui.stats_html.observe(lambda change: live.append(change["new"]), names="value")
+    ui.prompt.value = "What is 2 + 3?"
+    ui.send_button.click()
+    result = ui.last_result
+    assert result is not None and result.text
+    assert ui.transcript == [("user", "What is 2 + 3?"), ("assistant", result.text)]
+    streaming = [value for value, disabled in seen if "▌" in value]
+    assert len(streaming) >= 3, "the transcript was not refreshed while tokens arrived"
+    assert all(disabled for value, disabled in seen if "▌" in value), "Send stayed clickable during generation"
+    assert not ui.send_button.disabled and not ui.clear_button.disabled and not ui.prompt.disabled and not ui.busy
+    assert ui.prompt.value == ""
+    assert "▌" not in ui.transcript_html.value and "What is 2 + 3?" in ui.transcript_html.value
+    assert any("generating" in v and "tok/s" in v and "cache hit rate" in v and "VRAM" in v for v in live)
+    stats = ui.stats_html.value
+    assert "tok/s" in stats and "cache hit rate" in stats and "prefetch precision" in stats and "VRAM" in stats
+
+
+def test_interrupt_mid_stream_keeps_the_partial_answer_and_the_next_turn_works(session, model, tokenizer) -> None:
+    ui = ChatUI(session)
+    on_text = ui._on_text
+    pieces: list[str] = []
+
+    def stop_after_three(piece: str) -> None:  # what Colab's stop button does: KeyboardInterrupt mid-generate
+        on_text(piece)
+        pieces.append(piece)
+        assert ui.send_button.disabled and ui.busy
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    ui._on_text = stop_after_three
+    stopped = ui.send("Recite the Zen of Python.")
+    assert stopped is not None and stopped.stats.stop_reason == "interrupted"
+    assert stopped.text and stopped.text == "".join(pieces)
+    assert ui.transcript == [("user", "Recite the Zen of Python."), ("assistant", stopped.text)]
+    assert session.turns[-1].assistant == stopped.text
+    assert "stopped" in ui.status and "[stopped]" in ui.transcript_html.value
+    assert not ui.busy and not ui.send_button.disabled and not ui.clear_button.disabled and not ui.prompt.disabled
+    assert session.cached_tokens == session._cache.get_seq_length() > 0
+    model.expert_cache.check_invariants()
+
+    ui._on_text = on_text
+    follow = ui.send("What is 2 + 3?")
+    assert follow is not None and follow.stats.stop_reason in ("eos", "length") and follow.text
+    assert [role for role, _ in ui.transcript] == ["user", "assistant", "user", "assistant"]
+    # the reused KV cache gives what a fresh session with the same history computes from scratch
+    fresh = ChatSession(model, tokenizer, GREEDY)
+    fresh.turns = list(session.turns[:1])
+    assert fresh.send("What is 2 + 3?").text == follow.text
+    assert session.cached_tokens == session._cache.get_seq_length()
+
+
+def test_interrupt_before_generation_changes_nothing(session, monkeypatch) -> None:
+    ui = ChatUI(session)
+    ui.send("What is 2 + 3?")
+    before = list(ui.transcript)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session, "send", interrupted)
+    assert ui.send("What is the capital of France?") is None
+    assert ui.transcript == before and "unchanged" in ui.status
+    assert not ui.busy and not ui.send_button.disabled
+
+
+def test_bad_prompts_show_a_message_and_break_nothing(model, tokenizer) -> None:
+    session = ChatSession(model, tokenizer, GREEDY, max_context=64)
+    ui = ChatUI(session)
+    first = ui.send("What is 2 + 3?")
+    before, cached = list(ui.transcript), session.cached_tokens
+
+    ui.prompt.value = "   "
+    ui.send_button.click()
+    assert "empty message" in ui.status and ui.transcript == before
+
+    ui.prompt.value = "word " * 200
+    ui.send_button.click()
+    assert "prompt is" in ui.status and "shorten it" in ui.status
+    assert ui.prompt.value == "word " * 200, "the text to fix must stay in the box"
+    assert ui.transcript == before and session.cached_tokens == cached
+    assert not ui.busy and not ui.send_button.disabled and not ui.prompt.disabled
+    assert "prompt is" not in ui.transcript_html.value and first.text in ui.transcript_html.value
+
+    again = ui.send("What is 3 + 4?")
+    assert again is not None and again.text and len(ui.transcript) == 4 and ui.status == ""
+
+
+def test_clear_forgets_the_conversation_and_keeps_the_sliders(session) -> None:
+    ui = ChatUI(session)
+    ui.max_new_tokens.value = 7
+    ui.send("What is 2 + 3?")
+    assert session.cached_tokens > 0
+    ui.clear_button.click()
+    assert ui.transcript == [] and session.turns == [] and session.cached_tokens == 0
+    assert "cleared" in ui.status and "No messages yet" in ui.transcript_html.value and ui.stats_html.value == ""
+    assert ui.max_new_tokens.value == 7 and session.sampling.max_new_tokens == 7
+    assert ui.send("What is the capital of France?").text
+
+
+def test_sliders_reach_the_sampling_config(session, monkeypatch) -> None:
+    import colab_helpers.session as session_module
+
+    ui = ChatUI(session)
+    ui.max_new_tokens.value = 3
+    ui.temperature.value = 0.7
+    ui.top_p.value = 0.9
+    assert (session.sampling.max_new_tokens, session.sampling.temperature, session.sampling.top_p) == (3, 0.7, 0.9)
+    assert ui.sampling is session.sampling
+
+    used: list[SamplingConfig] = []
+    real = session_module.generate_stream
+
+    def spy(model, tokenizer, ids, sampling, *args, **kwargs):
+        used.append(sampling)
+        return real(model, tokenizer, ids, sampling, *args, **kwargs)
+
+    monkeypatch.setattr(session_module, "generate_stream", spy)
+    result = ui.send("Recite the Zen of Python.")
+    assert used[-1].max_new_tokens == 3 and used[-1].temperature == 0.7 and used[-1].top_p == 0.9
+    assert used[-1].generate_kwargs()["do_sample"] is True
+    assert result.stats.new_tokens <= 3
+    if result.stats.stop_reason == "length":
+        assert "[max new tokens reached]" in ui.transcript_html.value
+
+
+def test_transcript_html_is_escaped() -> None:
+    html = render_transcript([("user", "<script>alert(1)</script> & <b>x</b>"), ("assistant", "a < b > c")])
+    assert "<script>" not in html and "<b>x</b>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;b&gt;x&lt;/b&gt;" in html and "a &lt; b &gt; c" in html
+
+
+def test_plain_chat_prints_the_streamed_answer(session) -> None:
+    out = io.StringIO()
+    result = chat("What is 2 + 3?", session, max_new_tokens=12, out=out)
+    text = out.getvalue()
+    assert result is not None and text.startswith(result.text) and "tok/s" in text
+    assert session.sampling.max_new_tokens == GREEDY.max_new_tokens, "a per-call override must not stick"
+    out = io.StringIO()
+    assert chat("  ", session, out=out) is None and "not sent: empty message" in out.getvalue()
+    assert len(session.turns) == 1
+
+
+def test_chat_module_uses_only_the_ipywidgets_api_shared_by_7_7_and_8() -> None:
+    tree = ast.parse(Path(chat_module.__file__).read_text())
+    used = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "w"
+    }
+    assert used and used <= IPYWIDGETS_7_API, f"widgets outside the 7.7/8 common set: {used - IPYWIDGETS_7_API}"
+    attributes = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert "on_submit" not in attributes, "Text.on_submit is deprecated in 7.7 and gone in 8"
+    top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not any("ipywidgets" in ast.unparse(n) for n in top_level), "ipywidgets must be imported lazily"
+
+
+def test_importing_the_chat_module_does_not_import_ipywidgets() -> None:
+    code = "import sys, colab_helpers.chat; print('ipywidgets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+IPYWIDGETS7_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import ipywidgets
+    assert ipywidgets.__version__.startswith("7."), ipywidgets.__version__
+    from colab_helpers.chat import ChatUI
+    from colab_helpers.generation import SamplingConfig
+    from colab_helpers.model import load_model, load_tokenizer
+    from colab_helpers.session import ChatSession
+    from colab_helpers.tiny import tiny_model_path
+
+    torch.set_num_threads(1)
+    path = tiny_model_path()
+    session = ChatSession(load_model(path, experts_on_device=2, progress=False), load_tokenizer(path),
+                          SamplingConfig(max_new_tokens=16))
+    ui = ChatUI(session, refresh_every=2)
+    ui.max_new_tokens.value = 12
+    ui.prompt.value = "What is 2 + 3?"
+    ui.send_button.click()
+    assert ui.transcript[-1][0] == "assistant" and ui.transcript[-1][1], ui.transcript
+    assert session.sampling.max_new_tokens == 12 and ui.renders > 3
+    ui.send("   ")
+    assert "empty" in ui.status
+    ui.clear_button.click()
+    assert ui.transcript == []
+    print("ok", ipywidgets.__version__)
+    """
+)
+
+
+@pytest.mark.skipif(not os.environ.get("IPYWIDGETS7_PATH"), reason="set IPYWIDGETS7_PATH to an ipywidgets 7.7 install")
+def test_the_widget_works_with_colab_ipywidgets_7() -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.environ["IPYWIDGETS7_PATH"], os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", IPYWIDGETS7_SCRIPT], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().startswith("ok 7.")
