@@ -121,7 +121,7 @@ def assemble_model(
             setattr(layer.self_attn, proj, QuantLinear(qw, dense_on_cpu=cfg.dense_on_cpu))
         gate = MixtralTopKRouter(mcfg)
         gate.weight = torch.nn.Parameter(trunk.pop(p + "mlp.gate.weight").to(dev, dtype), requires_grad=False)
-        block = OffloadedMoE(gate, i, None, cfg.prefetch, mcfg.num_experts_per_tok)
+        block = OffloadedMoE(gate, i, None, cfg.prefetch)  # the cache is attached below
         layer.mlp = block
         blocks.append(block)
     for i, block in enumerate(blocks):

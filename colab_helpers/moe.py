@@ -42,13 +42,12 @@ def _router_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class OffloadedMoE(nn.Module):
     """Routing plus offloaded experts for one layer; ``gate`` is transformers' own router module."""
 
-    def __init__(self, gate: nn.Module, layer: int, cache: ExpertCache, prefetch: PrefetchConfig, top_k: int) -> None:
+    def __init__(self, gate: nn.Module, layer: int, cache: ExpertCache | None, prefetch: PrefetchConfig) -> None:
         super().__init__()
         self.gate = gate
         self.layer = layer
         self.cache = cache
         self.prefetch = prefetch
-        self.top_k = top_k
         self.next_gates: list[nn.Module] = []  # routers of the following layers (set by ``link``)
         self._following: list[OffloadedMoE] = []
         self._pending_guess: set[int] | None = None
