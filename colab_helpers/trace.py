@@ -70,7 +70,7 @@ class RoutingRecorder:
         if not all(hasattr(b, "observers") and hasattr(b, "layer") for b in self.blocks):
             raise TypeError("RoutingRecorder needs a model loaded with colab_helpers.load_model (OffloadedMoE layers)")
         self.layers = [b.layer for b in self.blocks]
-        self.top_k = self.blocks[0].top_k
+        self.top_k = model.config.num_experts_per_tok
         cache = getattr(self.blocks[0], "cache", None)
         self.num_experts = cache.num_experts if cache is not None else None
         self.sequences: dict[str, list[_Recorded]] = {name: []}
