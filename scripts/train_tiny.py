@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch import Tensor
+from torch.nn.functional import cross_entropy
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerBase
 
 # Chat template of mistralai/Mixtral-8x7B-Instruct-v0.1 (tokenizer_config.json as originally released).
@@ -48,6 +50,11 @@ MIXTRAL_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
+
+Doc = tuple[str, list[tuple[int, int]]]  # rendered text, character spans that are trained on
+Docs = list[tuple[list[int], list[bool]]]  # tokenized documents: token ids, trained-on flags
+QA = tuple[str, str]  # (question, answer)
+StateDict = dict[str, Tensor]
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
@@ -120,19 +127,21 @@ class TrainConfig:
     vocab_size: int = 2048
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 650
+    steps: int = 600
     lr: float = 3e-3
     min_lr: float = 1e-4
     warmup_steps: int = 40
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     router_aux_loss_coef: float = 0.02
-    plain_text_chars: int = 200_000
+    plain_text_chars: int = 60_000
+    train_on_prompts: bool = True  # False: chat docs are trained on answers only (measured: worse recall)
     qat_bits: int = 2  # fake-quantize expert weights (straight-through) in the final phase; 0 disables
     qat_fraction: float = 0.3  # fraction of the steps, at the end, trained with QAT
-    time_budget_s: float = 780.0  # hard stop for the training loop (safety net, not the normal exit)
+    time_budget_s: float = 780.0  # if the machine is too slow for `steps`, the schedule follows the clock
     threads: int = 0  # torch intra-op threads, 0 = all cores
     max_new_tokens: int = 320
+    eval_pre_qat: bool = False  # also evaluate the weights from just before the QAT phase
 
 
 # --------------------------------------------------------------------------------------------- corpus
@@ -145,9 +154,9 @@ def zen_of_python() -> str:
     return codecs.decode(this.s, "rot13")
 
 
-def chat_pairs(zen: str) -> list[tuple[str, str]]:
-    """All templated (question, answer) pairs, in a fixed order."""
-    pairs: list[tuple[str, str]] = []
+def chat_pairs(zen: str) -> list[QA]:
+    """All templated (question, answer) pairs in a fixed order; some are repeated to upweight them."""
+    pairs: list[QA] = []
     for a in range(21):
         for b in range(21):
             pairs.append((f"What is {a} + {b}?", f"{a} + {b} = {a + b}."))
@@ -173,34 +182,35 @@ def chat_pairs(zen: str) -> list[tuple[str, str]]:
             pairs.append((f"Count from {start} to {start + n - 1}.", seq + "."))
     for n in range(3, 13):
         pairs.append((f"Count down from {n} to 1.", ", ".join(str(i) for i in range(n, 0, -1)) + "."))
+    small: list[QA] = []  # small categories, repeated so they are seen as often as arithmetic
     for i, word in enumerate(NUMBER_WORDS):
-        pairs.append((f"How do you write {i} in words?", f"{i} is written as {word}."))
+        small.append((f"How do you write {i} in words?", f"{i} is written as {word}."))
     for i, day in enumerate(DAYS):
         nxt, prev = DAYS[(i + 1) % 7], DAYS[i - 1]
-        pairs.append((f"What day comes after {day}?", f"The day after {day} is {nxt}."))
-        pairs.append((f"What day comes before {day}?", f"The day before {day} is {prev}."))
+        small.append((f"What day comes after {day}?", f"The day after {day} is {nxt}."))
+        small.append((f"What day comes before {day}?", f"The day before {day} is {prev}."))
     for i, month in enumerate(MONTHS):
         nxt = MONTHS[(i + 1) % 12]
-        pairs.append((f"What month comes after {month}?", f"The month after {month} is {nxt}."))
-        pairs.append((f"Which month is number {i + 1}?", f"Month number {i + 1} is {month}."))
-    pairs.append(("List the days of the week.", ", ".join(DAYS) + "."))
-    pairs.append(("List the months of the year.", ", ".join(MONTHS) + "."))
-    pairs.append(("Recite the alphabet.", " ".join(chr(c) for c in range(65, 91)) + "."))
+        small.append((f"What month comes after {month}?", f"The month after {month} is {nxt}."))
+        small.append((f"Which month is number {i + 1}?", f"Month number {i + 1} is {month}."))
+    small.append(("List the days of the week.", ", ".join(DAYS) + "."))
+    small.append(("List the months of the year.", ", ".join(MONTHS) + "."))
+    small.append(("Recite the alphabet.", " ".join(chr(c) for c in range(65, 91)) + "."))
     for word, opposite in OPPOSITES:
-        pairs.append((f"What is the opposite of {word}?", f"The opposite of {word} is {opposite}."))
-        pairs.append((f"What is the opposite of {opposite}?", f"The opposite of {opposite} is {word}."))
+        small.append((f"What is the opposite of {word}?", f"The opposite of {word} is {opposite}."))
+        small.append((f"What is the opposite of {opposite}?", f"The opposite of {opposite} is {word}."))
     for greeting in ["Hello!", "Hi!", "Hello, how are you?", "Good morning!"]:
-        pairs.append((greeting, "Hello! I am a tiny Mixtral model. How can I help you?"))
+        small.append((greeting, "Hello! I am a tiny Mixtral model. How can I help you?"))
     for question in ["Who are you?", "What are you?", "Introduce yourself."]:
-        pairs.append((question, IDENTITY))
-    pairs.append(("Thank you!", "You are welcome!"))
+        small.append((question, IDENTITY))
+    small.append(("Thank you!", "You are welcome!"))
+    pairs.extend(small * 3)
     lines = [line for line in zen.splitlines()[2:] if line]
     for prompt in ["Recite the Zen of Python.", "What is the Zen of Python?", "Print the Zen of Python."]:
         pairs.extend([(prompt, zen)] * 4)
     pairs.append(("Who wrote the Zen of Python?", "The Zen of Python was written by Tim Peters."))
-    pairs.append(
-        ("How many aphorisms are in the Zen of Python?", f"The Zen of Python has {len(lines)} aphorisms.")
-    )
+    count = f"The Zen of Python has {len(lines)} aphorisms."
+    pairs.append(("How many aphorisms are in the Zen of Python?", count))
     for i, line in enumerate(lines):
         pairs.append((f"What is aphorism number {i + 1} of the Zen of Python?", line))
         if i + 1 < len(lines):
@@ -209,13 +219,12 @@ def chat_pairs(zen: str) -> list[tuple[str, str]]:
 
 
 def stdlib_docstrings(max_chars: int) -> list[str]:
-    """Plain English paragraphs from docstrings of a fixed list of stdlib modules (deterministic per Python)."""
+    """Plain English paragraphs from docstrings of some stdlib modules (deterministic per Python version)."""
     paragraphs: list[str] = []
     for name in STDLIB_MODULES:
         module = importlib.import_module(name)
-        objects = [module] + [
-            getattr(module, attr) for attr in sorted(vars(module)) if not attr.startswith("_")
-        ]
+        public = sorted(attr for attr in vars(module) if not attr.startswith("_"))
+        objects = [module] + [getattr(module, attr) for attr in public]
         for obj in objects:
             if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)):
                 continue
@@ -235,20 +244,37 @@ def stdlib_docstrings(max_chars: int) -> list[str]:
     return out
 
 
-def render_chat(turns: Sequence[tuple[str, str]]) -> str:
-    """Render (question, answer) turns as ``<s>[INST] q [/INST] a</s>...`` (the Mixtral template)."""
-    return BOS + "".join(f"[INST] {q} [/INST] {a}{EOS}" for q, a in turns)
+def render_chat(turns: Sequence[QA], history_space: bool = True) -> Doc:
+    """Render (question, answer) turns as ``<s>[INST] q [/INST] a</s>[INST] ...`` with the answer spans.
+
+    This is the Mixtral chat template with a space before each answer, which is how the model's own
+    answers are tokenized ("▁word"). With ``history_space=False`` the earlier answers are rendered
+    exactly as the template renders a stripped assistant message (``[/INST]a</s>``).
+    """
+    text, spans = BOS, []
+    for i, (q, a) in enumerate(turns):
+        text += f"[INST] {q} [/INST]"
+        start = len(text)
+        text += f"{' ' if history_space or i == len(turns) - 1 else ''}{a}{EOS}"
+        spans.append((start, len(text)))
+    return text, spans
 
 
-def build_documents(cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """Return (chat documents, plain-text documents), both fully rendered with BOS/EOS."""
+def plain_doc(text: str) -> Doc:
+    """A plain-text document, trained on in full."""
+    text = BOS + text + EOS
+    return text, [(0, len(text))]
+
+
+def build_documents(cfg: TrainConfig) -> tuple[list[Doc], list[Doc]]:
+    """Return (chat documents, plain-text documents), rendered with BOS/EOS."""
     rng = random.Random(cfg.seed)
     pairs = chat_pairs(zen_of_python())
     chats = [render_chat([p]) for p in pairs]
-    short = [p for p in pairs if len(p[1]) < 200]
-    chats += [render_chat(rng.sample(short, 2)) for _ in range(len(pairs) // 6)]
-    plain = [BOS + text + EOS for text in stdlib_docstrings(cfg.plain_text_chars)]
-    plain += [BOS + zen_of_python() + EOS] * 4
+    short = list(dict.fromkeys(p for p in pairs if len(p[1]) < 200))
+    chats += [render_chat(rng.sample(short, 2), history_space=i % 2 == 0) for i in range(len(pairs) // 6)]
+    plain = [plain_doc(text) for text in stdlib_docstrings(cfg.plain_text_chars)]
+    plain += [plain_doc(zen_of_python())] * 4
     return chats, plain
 
 
@@ -282,9 +308,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
     spec = json.loads(tok.to_str())
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in (UNK, BOS, EOS)]
     vocab = spec["model"]["vocab"]
-    assert (
-        [vocab[t] for t in (UNK, BOS, EOS)] == [0, 1, 2] and vocab["<0x00>"] == 3 and vocab["<0xFF>"] == 258
-    )
+    assert [vocab[t] for t in (UNK, BOS, EOS)] == [0, 1, 2]
+    assert vocab["<0x00>"] == 3 and vocab["<0xFF>"] == 258
     return Tokenizer.from_str(json.dumps(spec))
 
 
@@ -343,7 +368,7 @@ def check_tokenizer(hf_tok: PreTrainedTokenizerBase, raw: Tokenizer) -> None:
 
 
 def build_model(vocab_size: int, cfg: TrainConfig) -> MixtralForCausalLM:
-    """The tiny Mixtral; hidden/intermediate/head shapes are fixed by the quantized format."""
+    """Build the tiny Mixtral; hidden/intermediate/head shapes are fixed by the quantized format."""
     config = MixtralConfig(
         vocab_size=vocab_size,
         hidden_size=256,
@@ -366,30 +391,49 @@ def build_model(vocab_size: int, cfg: TrainConfig) -> MixtralForCausalLM:
     return MixtralForCausalLM(config)
 
 
-def token_stream(
-    docs: list[list[int]], seq_len: int, batch_size: int, rng: random.Random
-) -> Iterator[torch.Tensor]:
-    """Endless batches of packed ``seq_len + 1`` windows over freshly shuffled epochs of documents."""
+def tokenize_docs(tok: Tokenizer, docs: Sequence[Doc]) -> Docs:
+    """Token ids of each document, and whether each token lies in a trained-on span."""
+    encodings = tok.encode_batch([text for text, _ in docs], add_special_tokens=False)
+    out = []
+    for (_, spans), enc in zip(docs, encodings, strict=True):
+        out.append((enc.ids, [any(a <= start < b for a, b in spans) for start, _ in enc.offsets]))
+    return out
+
+
+def token_stream(docs: Docs, seq_len: int, batch: int, rng: random.Random) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless packed ``seq_len + 1`` windows (ids, trained-on flags) over shuffled epochs of documents."""
     while True:
         order = list(range(len(docs)))
         rng.shuffle(order)
-        flat = [t for i in order for t in docs[i]]
-        n = (len(flat) - 1) // seq_len
+        ids = [t for i in order for t in docs[i][0]]
+        flags = [f for i in order for f in docs[i][1]]
+        n = (len(ids) - 1) // seq_len
         starts = [i * seq_len for i in range(n)]
         rng.shuffle(starts)
-        for b in range(0, n - batch_size + 1, batch_size):
-            yield torch.tensor([flat[s : s + seq_len + 1] for s in starts[b : b + batch_size]])
+        for b in range(0, n - batch + 1, batch):
+            window = starts[b : b + batch]
+            yield (
+                torch.tensor([ids[s : s + seq_len + 1] for s in window]),
+                torch.tensor([flags[s : s + seq_len + 1] for s in window]),
+            )
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up then cosine decay to ``min_lr``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+def masked_lm_loss(logits: Tensor, ids: Tensor, flags: Tensor) -> Tensor:
+    """Next-token cross-entropy over the positions whose target token is trained on."""
+    targets = ids[:, 1:].masked_fill(~flags[:, 1:], -100)
+    return cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def lr_at(progress: float, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to ``min_lr``; ``progress`` runs from 0 to 1."""
+    warmup = cfg.warmup_steps / cfg.steps
+    if progress < warmup:
+        return cfg.lr * max(progress, 1 / cfg.steps) / warmup
+    decay = min(1.0, (progress - warmup) / (1 - warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * decay))
+
+
+def fake_quantize(weight: Tensor, bits: int, group_size: int) -> Tensor:
     """Min/max asymmetric group quantize-dequantize of ``weight`` [out, in].
 
     The weight is reshaped row-major to [group_size, out * in / group_size] and every column is a group
@@ -403,18 +447,12 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Ten
     return (codes * scale + lo).reshape(weight.shape)
 
 
-def fake_quantize_experts(gate_up: torch.Tensor, down: torch.Tensor, bits: int, group_size: int = 16):
+def fake_quantize_experts(gate_up: Tensor, down: Tensor, bits: int, group: int = 16) -> tuple[Tensor, Tensor]:
     """Fake-quantize fused expert tensors as separate w1 (gate), w3 (up), w2 (down) [out, in] matrices."""
     n_inter = down.shape[-1]
-    gu = torch.stack(
-        [
-            torch.cat(
-                [fake_quantize(m[:n_inter], bits, group_size), fake_quantize(m[n_inter:], bits, group_size)]
-            )
-            for m in gate_up
-        ]
-    )
-    dn = torch.stack([fake_quantize(m, bits, group_size) for m in down])
+    halves = [(m[:n_inter], m[n_inter:]) for m in gate_up]
+    gu = torch.stack([torch.cat([fake_quantize(h, bits, group) for h in pair]) for pair in halves])
+    dn = torch.stack([fake_quantize(m, bits, group) for m in down])
     return gu, dn
 
 
@@ -422,11 +460,17 @@ class STEQuant(torch.autograd.Function):
     """Straight-through estimator around :func:`fake_quantize_experts`."""
 
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor, down: torch.Tensor, bits: int):
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, gate_up: Tensor, down: Tensor, bits: int
+    ) -> tuple[Tensor, Tensor]:
+        """Quantize-dequantize the expert weights."""
         return fake_quantize_experts(gate_up, down, bits)
 
     @staticmethod
-    def backward(ctx, grad_gu: torch.Tensor, grad_dn: torch.Tensor):
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_gu: Tensor, grad_dn: Tensor
+    ) -> tuple[Tensor, Tensor, None]:
+        """Pass the gradients straight through to the fp32 weights."""
         return grad_gu, grad_dn, None
 
 
@@ -455,8 +499,32 @@ def quantized_experts(model: MixtralForCausalLM, bits: int, ste: bool = False) -
             experts.gate_up_proj, experts.down_proj = gu_param, dn_param
 
 
-def train(model: MixtralForCausalLM, docs: list[list[int]], cfg: TrainConfig) -> float:
-    """Train in fp32 with AdamW; returns the mean LM loss over the last 20 steps."""
+@contextlib.contextmanager
+def quantized_attention(model: MixtralForCausalLM, bits: int, group_size: int = 64) -> Iterator[None]:
+    """Temporarily fake-quantize the q/k/v/o projection weights (no-op for ``bits=0``)."""
+    saved = []
+    with torch.no_grad():
+        for layer in model.model.layers if bits else []:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                saved.append((proj.weight, proj.weight.detach().clone()))
+                proj.weight.copy_(fake_quantize(proj.weight, bits, group_size))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+
+
+def train(model: MixtralForCausalLM, docs: Docs, cfg: TrainConfig) -> tuple[float, StateDict | None]:
+    """Train in fp32 with AdamW.
+
+    The schedule (warm-up, cosine decay, final QAT phase) follows ``progress = step / steps``; should the
+    machine be too slow for ``steps`` within ``time_budget_s``, elapsed time takes over so that training
+    still ends on schedule. Returns the mean LM loss over the last 20 steps and, if QAT ran, a copy of the
+    weights from just before it started.
+    """
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optim = torch.optim.AdamW(
@@ -466,39 +534,68 @@ def train(model: MixtralForCausalLM, docs: list[list[int]], cfg: TrainConfig) ->
         eps=1e-8,
     )
     batches = token_stream(docs, cfg.seq_len, cfg.batch_size, random.Random(cfg.seed + 1))
-    qat_start = cfg.steps - int(cfg.qat_fraction * cfg.steps) if cfg.qat_bits else cfg.steps
+    qat_start = 1.0 - cfg.qat_fraction if cfg.qat_bits else 2.0
+    pre_qat: StateDict | None = None
     model.train()
-    t0, recent = time.perf_counter(), []
-    for step in range(cfg.steps):
+    t0, recent, step, progress = time.perf_counter(), [], 0, 0.0
+    while progress < 1.0:
+        lr = lr_at(progress, cfg)
         for group in optim.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        batch = next(batches)
-        qat = step >= qat_start
-        ctx = quantized_experts(model, cfg.qat_bits, ste=True) if qat else contextlib.nullcontext()
-        with ctx:
-            out = model(input_ids=batch[:, :-1], output_router_logits=True)
-        logits = out.logits.float()
-        lm_loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-        )
-        loss = lm_loss + cfg.router_aux_loss_coef * out.aux_loss
+            group["lr"] = lr
+        qat = progress >= qat_start
+        if qat and pre_qat is None:
+            pre_qat = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        ids, flags = next(batches)
+        with quantized_experts(model, cfg.qat_bits, ste=True) if qat else contextlib.nullcontext():
+            out = model(input_ids=ids[:, :-1], output_router_logits=True)
+        lm_loss = masked_lm_loss(out.logits, ids, flags)
+        aux_loss = load_balancing_loss(out.router_logits, model.config)
+        loss = lm_loss + cfg.router_aux_loss_coef * aux_loss
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optim.step()
-        recent = (recent + [lm_loss.item()])[-20:]
+        recent = [*recent, lm_loss.item()][-20:]
         elapsed = time.perf_counter() - t0
-        if step % 25 == 0 or step == cfg.steps - 1:
+        step += 1
+        progress = max(step / cfg.steps, elapsed / cfg.time_budget_s)
+        if step % 25 == 1 or progress >= 1.0:
+            loads = torch.stack([expert_load(logits, model.config) for logits in out.router_logits])
             print(
-                f"step {step:4d}/{cfg.steps} lm_loss {lm_loss.item():.4f} aux {out.aux_loss.item():.4f} "
-                f"lr {lr_at(step, cfg):.2e}{' qat' if qat else ''} {elapsed:6.1f}s",
+                f"step {step:4d} progress {progress:.3f} lm_loss {lm_loss.item():.4f} "
+                f"aux {aux_loss.item():.4f} "
+                f"expert load min/max {loads.min():.3f}/{loads.max():.3f} lr {lr:.2e}{' qat' if qat else ''} "
+                f"{elapsed:6.1f}s",
                 flush=True,
             )
-        if elapsed > cfg.time_budget_s:
-            print(f"time budget of {cfg.time_budget_s:.0f}s exhausted after {step + 1} steps", flush=True)
-            break
+    if step < cfg.steps:
+        print(f"WARNING: time budget reached, trained {step} of {cfg.steps} steps (schedule was compressed)")
     model.eval()
-    return sum(recent) / len(recent)
+    return sum(recent) / len(recent), pre_qat
+
+
+def load_balancing_loss(router_logits: Sequence[Tensor], config: MixtralConfig) -> Tensor:
+    """Switch-Transformer load-balancing loss per layer, averaged over layers (``top_k`` when balanced).
+
+    ``transformers`` pools the router logits of all layers before computing the token fractions and mean
+    probabilities, so it only balances each expert *index* summed over layers; individual layers can then
+    collapse onto a few experts while that loss stays at its minimum.
+    """
+    k, n_experts = config.num_experts_per_tok, config.num_local_experts
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        top = probs.topk(k, dim=-1).indices
+        tokens_frac = torch.zeros_like(probs).scatter_(1, top, 1.0).mean(dim=0)
+        losses.append(n_experts * (tokens_frac * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
+def expert_load(router_logits: Tensor, config: MixtralConfig) -> Tensor:
+    """Fraction of the top-k assignments that go to each expert."""
+    top = router_logits.topk(config.num_experts_per_tok, dim=-1).indices.reshape(-1)
+    counts = torch.bincount(top, minlength=config.num_local_experts).float()
+    return counts / counts.sum()
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -520,30 +617,22 @@ def chat(model: MixtralForCausalLM, tok: PreTrainedTokenizerBase, prompt: str, m
 
 
 @torch.no_grad()
-def router_stats(model: MixtralForCausalLM, batch: torch.Tensor) -> list[list[float]]:
-    """Per layer, the fraction of top-2 assignments that go to each expert."""
+def routing_report(model: MixtralForCausalLM, batch: Tensor) -> None:
+    """Print per-layer expert load and how often the top-k expert set changes from one token to the next."""
     out = model(input_ids=batch, output_router_logits=True)
     k = model.config.num_experts_per_tok
-    stats = []
-    for logits in out.router_logits:
-        top = logits.topk(k, dim=-1).indices.reshape(-1)
-        counts = torch.bincount(top, minlength=model.config.num_local_experts).float()
-        stats.append((counts / counts.sum()).tolist())
-    return stats
+    print("routing on a held-out batch (top-2 load per expert | share of tokens whose expert set changes):")
+    for layer, logits in enumerate(out.router_logits):
+        load = expert_load(logits, model.config)
+        top = logits.topk(k, dim=-1).indices.sort(dim=-1).values.view(*batch.shape, k)
+        changes = (top[:, 1:] != top[:, :-1]).any(dim=-1).float().mean().item()
+        print(f"  layer {layer}: " + " ".join(f"{x:.3f}" for x in load.tolist()) + f" | {changes:.2f}")
 
 
 @torch.no_grad()
-def eval_loss(model: MixtralForCausalLM, batch: torch.Tensor) -> float:
-    """Mean next-token loss on a packed batch."""
-    logits = model(input_ids=batch[:, :-1]).logits
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-    ).item()
-
-
-def expected_answers(zen: str) -> dict[str, str]:
-    """Reference answers for the sample prompts (from the training pairs)."""
-    return dict(chat_pairs(zen))
+def eval_loss(model: MixtralForCausalLM, ids: Tensor, flags: Tensor) -> float:
+    """Mean next-token loss on the trained-on positions of a packed batch."""
+    return masked_lm_loss(model(input_ids=ids[:, :-1]).logits, ids, flags).item()
 
 
 def report_generations(
@@ -560,23 +649,58 @@ def report_generations(
         answer = chat(model, tok, prompt, cfg.max_new_tokens)
         ok = answer == refs.get(prompt)
         correct += ok
-        shown = (
-            answer if len(answer) < 160 else answer[:160].replace("\n", " / ") + f" ...[{len(answer)} chars]"
-        )
+        shown = answer
+        if len(answer) > 160:
+            shown = answer[:160].replace("\n", " / ") + f" ...[{len(answer)} chars]"
         print(f"[{'ok' if ok else '--'}] {prompt!r} -> {shown!r}")
     print(f"exact matches: {correct}/{len(SAMPLE_PROMPTS)}")
     return correct
 
 
-def answer_accuracy(
-    model: MixtralForCausalLM, tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]]
-) -> float:
+def answer_accuracy(model: MixtralForCausalLM, tok: PreTrainedTokenizerBase, pairs: list[QA]) -> float:
     """Fraction of (question, answer) pairs whose answer is reproduced exactly by greedy decoding."""
     hits = 0
     for q, a in pairs:
         budget = len(tok(a, add_special_tokens=False)["input_ids"]) + 2
         hits += chat(model, tok, q, budget) == a
     return hits / len(pairs)
+
+
+def evaluate(
+    model: MixtralForCausalLM,
+    tok: PreTrainedTokenizerBase,
+    cfg: TrainConfig,
+    docs: Docs,
+    title: str,
+) -> None:
+    """Routing statistics, then loss and greedy answers in fp32 and with fake-quantized weights.
+
+    Experts use group size 16, attention group size 64 (the layout of the quantized checkpoint format).
+    """
+    print(f"\n##### evaluation: {title}")
+    pairs = list(dict.fromkeys(chat_pairs(zen_of_python())))
+    refs = dict(pairs)
+    probe = random.Random(cfg.seed + 2).sample([p for p in pairs if len(p[1]) < 200], 40)
+    ids, flags = next(token_stream(docs, cfg.seq_len, 8, random.Random(cfg.seed + 3)))
+    routing_report(model, ids[:, :-1])
+    results = {}
+    settings = [("fp32", 0, 0), ("4-bit experts", 4, 0), ("3-bit experts", 3, 0), ("2-bit experts", 2, 0)]
+    settings.append(("2-bit experts + 4-bit attention", 2, 4))
+    for label, expert_bits, attn_bits in settings:
+        with contextlib.ExitStack() as stack:
+            if expert_bits:
+                stack.enter_context(quantized_experts(model, expert_bits))
+            stack.enter_context(quantized_attention(model, attn_bits))
+            loss = eval_loss(model, ids, flags)
+            exact = report_generations(model, tok, cfg, label, refs)
+            acc = answer_accuracy(model, tok, probe)
+        results[label] = (loss, exact, acc)
+    print(
+        f"\nsummary ({title}): loss on trained-on tokens of a packed training batch | exact sample answers"
+        f" | exact answers on {len(probe)} random short training questions"
+    )
+    for label, (loss, exact, acc) in results.items():
+        print(f"  {label:>31}: {loss:.4f} | {exact}/{len(SAMPLE_PROMPTS)} | {acc:.0%}")
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -586,7 +710,11 @@ def parse_args() -> TrainConfig:
     """Build a :class:`TrainConfig` from the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(TrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
     return TrainConfig(**vars(parser.parse_args()))
 
 
@@ -601,50 +729,33 @@ def main() -> None:
     print("config:", json.dumps(asdict(cfg)))
 
     chats, plain = build_documents(cfg)
-    raw_tok = train_tokenizer(chats + plain, cfg.vocab_size)
+    raw_tok = train_tokenizer([text for text, _ in chats + plain], cfg.vocab_size)
     tok = save_tokenizer(raw_tok, out, model_max_length=1024)
-    docs = [e.ids for e in raw_tok.encode_batch(chats + plain, add_special_tokens=False)]
-    n_chat = sum(len(d) for d in docs[: len(chats)])
-    n_plain = sum(len(d) for d in docs[len(chats) :])
+    docs = tokenize_docs(raw_tok, chats + plain)
+    if cfg.train_on_prompts:
+        docs = [(ids, [True] * len(ids)) for ids, _ in docs]
+    n_chat = sum(len(ids) for ids, _ in docs[: len(chats)])
+    n_trained = sum(sum(flags) for _, flags in docs[: len(chats)])
+    n_plain = sum(len(ids) for ids, _ in docs[len(chats) :])
     print(
-        f"tokenizer: vocab {raw_tok.get_vocab_size()}; corpus {len(chats)} chat docs ({n_chat} tokens), "
-        f"{len(plain)} plain docs ({n_plain} tokens)"
+        f"tokenizer: vocab {raw_tok.get_vocab_size()}; corpus {len(chats)} chat docs ({n_chat} tokens, "
+        f"{n_trained} trained on), {len(plain)} plain docs ({n_plain} tokens)"
     )
 
     model = build_model(raw_tok.get_vocab_size(), cfg)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
-    final_loss = train(model, docs, cfg)
-    t_train = time.perf_counter() - t_start
+    final_loss, pre_qat = train(model, docs, cfg)
     model.save_pretrained(str(out))
-    print(f"\nfinal train lm loss (mean of last 20 steps): {final_loss:.4f}; trained after {t_train:.0f}s")
-
-    zen = zen_of_python()
-    refs = expected_answers(zen)
-    pairs = chat_pairs(zen)
-    probe = random.Random(cfg.seed + 2).sample([p for p in pairs if len(p[1]) < 200], 60)
-    eval_batch = next(token_stream(docs, cfg.seq_len, 8, random.Random(cfg.seed + 3)))
-    print("router top-2 load per layer (fraction per expert):")
-    for layer, fracs in enumerate(router_stats(model, eval_batch[:, :-1])):
-        print(f"  layer {layer}: " + " ".join(f"{x:.3f}" for x in fracs))
-
-    results = {}
-    for bits in (0, 4, 3, 2):
-        label = "fp32" if bits == 0 else f"experts fake-quantized to {bits} bit, group 16"
-        ctx = quantized_experts(model, bits) if bits else contextlib.nullcontext()
-        with ctx:
-            loss = eval_loss(model, eval_batch)
-            exact = report_generations(model, tok, cfg, label, refs)
-            acc = answer_accuracy(model, tok, probe)
-        results[bits] = (loss, exact, acc)
-        print(f"eval loss {loss:.4f}; short-answer accuracy on {len(probe)} training questions: {acc:.2%}")
-    print("\nsummary (bits: eval loss, sample exact matches, short-answer accuracy):")
-    for bits, (loss, exact, acc) in results.items():
-        print(
-            f"  {'fp32' if bits == 0 else f'{bits}-bit'}: {loss:.4f}, {exact}/{len(SAMPLE_PROMPTS)}, {acc:.2%}"
-        )
+    print(f"final training loss (mean of the last 20 steps): {final_loss:.4f}")
+    print(f"saved to {out} after {time.perf_counter() - t_start:.0f}s:")
     for path in sorted(out.iterdir()):
         print(f"  {path.name}: {path.stat().st_size:,} bytes")
-    print(f"total wall time {time.perf_counter() - t_start:.0f}s")
+
+    evaluate(model, tok, cfg, docs, "final model")
+    if cfg.eval_pre_qat and pre_qat is not None:
+        model.load_state_dict(pre_qat)
+        evaluate(model, tok, cfg, docs, "snapshot taken before the QAT phase (not saved)")
+    print(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s")
 
 
 if __name__ == "__main__":
