@@ -6,8 +6,8 @@ Colab's stop button ends the answer cleanly: what was generated is kept and the 
 
 from __future__ import annotations
 
+import inspect
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,6 +110,18 @@ class GenerationResult:
     extra: dict = field(default_factory=dict)
 
 
+def _kv_cache_kwarg(model) -> str:
+    """transformers 5.2x renamed ``past_key_values`` to ``cache``; use whichever this version's forward takes."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _output_cache(out, passed):
+    """The KV cache after generate: the one we passed (updated in place), else the one generate made."""
+    if passed is not None:
+        return passed
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
 def _vram_gb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -143,18 +155,17 @@ def generate_stream(
     start = time.perf_counter()
     error = None
     try:
-        with warnings.catch_warnings():  # transformers 5.2x renames past_key_values -> cache; both work in 5.x
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-            out = model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                streamer=streamer,
-                past_key_values=past_key_values,
-                return_dict_in_generate=True,
-                **sampling.generate_kwargs(),
-            )
+        kv = {_kv_cache_kwarg(model): past_key_values} if past_key_values is not None else {}
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=streamer,
+            return_dict_in_generate=True,
+            **kv,
+            **sampling.generate_kwargs(),
+        )
         new_ids = out.sequences[0, input_ids.shape[-1] :].tolist()
-        past_key_values = out.past_key_values
+        past_key_values = _output_cache(out, past_key_values)
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         stats.stop_reason = "eos" if new_ids and new_ids[-1] in eos_ids else "length"
     except KeyboardInterrupt:
