@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from colab_helpers.generation import chat_prompt_ids
 from colab_helpers.model import dequantized_reference, load_model, load_tokenizer
 from colab_helpers.moe import PrefetchConfig
 from colab_helpers.tiny import tiny_model_path
@@ -36,12 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = tiny_model_path()
     tok = load_tokenizer(path)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "Recite the Zen of Python."}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
+    ids = chat_prompt_ids(tok, "Recite the Zen of Python.")
     resident = dequantized_reference(path)
     offloaded = load_model(
         path,

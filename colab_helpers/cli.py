@@ -61,19 +61,14 @@ def _planned_experts(path, device) -> int | list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import SamplingConfig, generate_stream
+    from .generation import SamplingConfig, chat_prompt_ids, generate_stream
 
     model, tok = _load(args)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if args.raw:
         ids = tok(args.prompt, return_tensors="pt").input_ids
     else:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": args.prompt}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )["input_ids"]
+        ids = chat_prompt_ids(tok, args.prompt)
     result = generate_stream(model, tok, ids, sampling, on_text=lambda t: print(t, end="", flush=True))
     print()
     if result.error:

@@ -71,6 +71,14 @@ class GenerationStats:
         return s + f" [{self.stop_reason}]"
 
 
+def chat_prompt_ids(tokenizer, message: str) -> torch.Tensor:
+    """One user message rendered with the tokenizer's chat template, ready for ``generate`` ([1, T])."""
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    return encoded["input_ids"]
+
+
 class CallbackStreamer(BaseStreamer):
     """Decodes new tokens incrementally and hands text pieces to ``on_text`` (no threads)."""
 

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer, MixtralForCausalLM
 
 from colab_helpers.checkpoint import save_checkpoint
+from colab_helpers.generation import chat_prompt_ids
 from colab_helpers.model import load_model
 from colab_helpers.tiny import TINY_MODEL_DIR
 
@@ -39,9 +40,7 @@ def main() -> None:
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     quantized = load_model(out, experts_on_device=2, progress=False)
     for q in QUESTIONS:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
+        ids = chat_prompt_ids(tok, q)
         new = quantized.generate(ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1] :]
         print(f"{q!r} -> {tok.decode(new, skip_special_tokens=True)!r}")
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from colab_helpers.generation import SamplingConfig, generate_stream
+from colab_helpers.generation import SamplingConfig, chat_prompt_ids, generate_stream
 from colab_helpers.model import load_model, load_tokenizer
 from colab_helpers.session import ChatSession
 from colab_helpers.tiny import tiny_model_path
@@ -28,12 +28,7 @@ def model():
 
 
 def test_streamed_pieces_add_up_to_the_answer(model, tokenizer) -> None:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
+    ids = chat_prompt_ids(tokenizer, "What is the capital of France?")
     pieces: list[str] = []
     result = generate_stream(model, tokenizer, ids, GREEDY, on_text=pieces.append)
     assert len(pieces) > 3 and "".join(pieces) == result.text
