@@ -298,7 +298,6 @@ class ExpertCache:
         self._slot_ready: list = [None] * n_slots  # H2D into slot finished
         self._slot_used: list = [None] * n_slots  # last compute reading slot finished
         self._slot_drained: list = [None] * n_slots  # D2H out of slot finished
-        self._host_read: list = [None] * n_host  # H2D out of host buffer finished
         self._host_written: list = [None] * n_host  # D2H into host buffer finished
         self._prefetched: list[set[int]] = [set() for _ in range(num_layers)]
         self.stats = CacheStats(num_layers)
@@ -427,7 +426,7 @@ class ExpertCache:
                 to_device=False,
                 after=(ready, self._slot_ready[old]),
             )
-            self._slot_ready[slot], self._host_read[host] = ready, ready
+            self._slot_ready[slot] = ready  # the D2H below waits on `ready`: no separate host-read event
             self._slot_drained[old], self._host_written[host] = drained, drained
             del self.slot_of[layer][victim], self.host_of[layer][expert]
             self.slot_of[layer][expert] = slot
