@@ -362,12 +362,8 @@ class ExpertCache:
         else:
             self.stats.hits[layer] += 1
         self.engine.compute_waits(self._slot_ready[slot])
-        weights = self._slot_weights[slot]
-        if self.dense_dtype is not None and not self._slot_dense[slot]:
-            for w in weights.values():
-                w.dense = w.dequantize(self.dense_dtype)
-            self._slot_dense[slot] = True
-        return weights
+        self._make_dense(slot)
+        return self._slot_weights[slot]
 
     def release(self, layer: int, expert: int) -> None:
         """The compute stream has queued its last read of this expert for now (guards slot reuse)."""
@@ -437,6 +433,13 @@ class ExpertCache:
             self.stats.h2d_bytes[layer] += nbytes
             self.stats.d2h_bytes[layer] += nbytes
         return slot
+
+    def _make_dense(self, slot: int) -> None:
+        """CPU fast path: dequantize a slot's weights once per load (no fused low-bit kernel on a CPU)."""
+        if self.dense_dtype is not None and not self._slot_dense[slot]:
+            for w in self._slot_weights[slot].values():
+                w.dense = w.dequantize(self.dense_dtype)
+            self._slot_dense[slot] = True
 
     def _drop_dense(self, slot: int) -> None:
         if self._slot_dense[slot]:

@@ -63,13 +63,21 @@ def quant_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 def use_fused_kernel(x: torch.Tensor, weight: QuantizedWeight) -> bool:
     """Whether ``quant_linear`` takes the Triton path: CUDA tensors, Triton importable, few rows."""
-    rows = x.numel() // max(1, x.shape[-1])
     return (
         HAS_TRITON
         and _fused_enabled
         and x.is_cuda
-        and not x.requires_grad  # the kernel has no backward
         and weight.W_q.device == x.device
+        and would_use_fused_kernel(x, weight)
+    )
+
+
+def would_use_fused_kernel(x: torch.Tensor, weight: QuantizedWeight) -> bool:
+    """The device-independent half of ``use_fused_kernel``: what a CUDA run with Triton would take
+    (``dispatch_count`` uses it to count a CPU run's launches as the CUDA path issues them)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (
+        not x.requires_grad  # the kernel has no backward
         and x.dtype in FUSED_DTYPES
         and x.shape[-1] == weight.shape[1]  # a wrong shape gets torch's own error, not the fallback warning
         and 0 < rows <= MAX_GEMV_ROWS
@@ -298,3 +306,13 @@ def triton_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | N
         )
     y = y[0] if plan.split == 1 else y.sum(0).to(x.dtype)
     return y.reshape(*x.shape[:-1], out_f)
+
+
+def reference_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | None = None) -> torch.Tensor:
+    """What ``triton_gemv`` computes, in torch (the kernel tests' and ``dispatch_count``'s stand-in)."""
+    return dequantized_linear(x, weight)
+
+
+# each fused entry point, the launches it issues on CUDA, and its torch reference (for dispatch_count)
+FUSED_LAUNCHES: dict[str, int] = {"triton_gemv": 1}  # +2 (sum, cast) when a plan splits the input dimension
+REFERENCES = {"triton_gemv": reference_gemv}
