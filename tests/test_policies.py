@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -120,18 +119,4 @@ def test_victim_is_always_a_candidate_and_deterministic(name: str, seq) -> None:
             assert b.victim(layer, list(reversed(arg))) == v  # candidate order does not matter
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_policies_are_cheap_per_token(name: str) -> None:
-    """32 layers x (2 accesses + 1 victim + 1 step) per token must stay far below a token's ~100 ms."""
-    p = make_policy(name, 32, EXPERTS)
-    tokens = 200
-    start = time.perf_counter()
-    for t in range(tokens):
-        for layer in range(32):
-            a, b = (t * 7 + layer) % EXPERTS, (t * 3 + layer + 1) % EXPERTS
-            p.on_access(layer, a)
-            p.on_access(layer, b)
-            p.victim(layer, [e for e in range(EXPERTS) if e not in (a, b)][:4])
-            p.on_step(layer)
-    per_token = (time.perf_counter() - start) / tokens
-    assert per_token < 2e-3, f"{name}: {per_token * 1e3:.2f} ms per token"
+# The per-token cost goal (< 2 ms) is a benchmark, not a test: benchmarks/policy_bench.py prints it.
