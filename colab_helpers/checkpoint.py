@@ -340,6 +340,16 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i:05d}-of-{n:05d}.safetensors"
 
 
+def expert_matrices(gate_up: torch.Tensor, down: torch.Tensor, expert: int) -> dict[str, torch.Tensor]:
+    """One expert's ``w1``/``w2``/``w3`` ([out, in] each) from transformers 5's fused expert tensors.
+
+    ``gate_up`` is ``[E, 2I, H]`` (gate rows first, then up rows), ``down`` is ``[E, H, I]``; the expert
+    computes ``down @ (silu(gate @ x) * (up @ x))``, so ``w1`` = gate, ``w3`` = up, ``w2`` = down.
+    """
+    inter = gate_up.shape[1] // 2
+    return {"w1": gate_up[expert, :inter], "w2": down[expert], "w3": gate_up[expert, inter:]}
+
+
 def save_checkpoint(
     model: torch.nn.Module,
     out_dir: str | os.PathLike,
@@ -364,7 +374,7 @@ def save_checkpoint(
     cfg: MixtralConfig = model.config
     quant = QuantConfig.for_bits(attn_bits, expert_bits)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    n_layers, n_exp, inter = cfg.num_hidden_layers, cfg.num_local_experts, cfg.intermediate_size
+    n_layers, n_exp = cfg.num_hidden_layers, cfg.num_local_experts
     n_files = 1 + n_layers * n_exp
     weight_map: dict[str, str] = {}
     total = 0
@@ -393,11 +403,10 @@ def save_checkpoint(
     bar.update(1)
     for layer in range(n_layers):
         p = f"model.layers.{layer}.mlp.experts."
-        gate_up, down = sd[p + "gate_up_proj"], sd[p + "down_proj"]  # [E, 2I, H], [E, H, I]
+        gate_up, down = sd[p + "gate_up_proj"], sd[p + "down_proj"]
         for e in range(n_exp):
-            mats = {"w1": gate_up[e, :inter], "w2": down[e], "w3": gate_up[e, inter:]}
             tensors = {}
-            for mat, w in mats.items():
+            for mat, w in expert_matrices(gate_up, down, e).items():
                 for suffix, t in quantize(w, quant.experts, optimize=optimize).tensors().items():
                     tensors[f"{mat}.{suffix}"] = t
             add(tensors, shard_name(2 + layer * n_exp + e, n_files), prefix=expert_prefix(layer, e))
