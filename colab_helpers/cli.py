@@ -1,39 +1,62 @@
-"""``python -m colab_helpers``: generate, chat, plan, replay — the same engine the notebooks use."""
+"""``python -m colab_helpers``: generate, chat, plan, replay — the same engine the notebooks use.
+
+A mistake on the command line, or a library error whose message already says what to do (a broken
+checkpoint folder, a failed download, a model that does not fit), ends in one line on stderr and exit
+code 2; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .usage import (
+    ArgumentParser,
+    UsageError,
+    check_experts_on_device,
+    device_name,
+    non_negative_float,
+    positive_int,
+    probability,
+    require_device,
+)
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .policies import POLICIES
+
     p.add_argument(
         "--model",
         default=None,
         help="checkpoint folder or hub repo id (default: demo repo on a GPU, else the embedded tiny model)",
     )
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
+    p.add_argument("--device", type=device_name, default="auto", help="cuda, cuda:N, cpu or auto (default)")
     p.add_argument(
         "--experts-on-device",
-        type=int,
+        type=positive_int,
         default=None,
         help="experts per layer kept on the device (default: planned from free memory on CUDA, 2 on CPU)",
     )
-    p.add_argument("--policy", default="lfu_decay", help="eviction policy: lfu_decay (default), lru, lfu")
+    p.add_argument(
+        "--policy", default="lfu_decay", choices=sorted(POLICIES), help="eviction policy (default lfu_decay)"
+    )
     p.add_argument("--no-prefetch", action="store_true", help="disable speculative expert prefetch")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=probability, default=1.0)
     p.add_argument("--seed", type=int, default=None)
 
 
 def _load(args: argparse.Namespace):
+    from .checkpoint import Checkpoint
     from .hub import resolve_model
-    from .model import load_model, load_tokenizer, resolve_device
+    from .model import load_model, load_tokenizer
     from .moe import PrefetchConfig
 
+    device = require_device(args.device)  # before any download: a wrong --device costs nothing
     path, what = resolve_model(args.model)
-    device = resolve_device(args.device)
+    config = Checkpoint.open(path, verify=False).config  # a junk folder fails here, naming the missing file
+    check_experts_on_device(args.experts_on_device, config.num_local_experts, what)
     k = args.experts_on_device
     if k is None:
         k = _planned_experts(path, device)
@@ -49,15 +72,12 @@ def _load(args: argparse.Namespace):
 
 
 def _planned_experts(path, device) -> int | list[int]:
-    """On CUDA ask the planner; elsewhere a small cache, so offloading is exercised."""
+    """On CUDA ask the planner (``MemoryPlanError`` when nothing fits); elsewhere a small cache (offloading runs)."""
     if device.type != "cuda":
         return 2
-    from .planner import plan_for_checkpoint
+    from .planner import check_fits, plan_for_checkpoint
 
-    plan = plan_for_checkpoint(path, device=device)
-    if not plan.fits:
-        raise SystemExit(plan.report())
-    return plan.experts_on_device
+    return check_fits(plan_for_checkpoint(path, device=device)).experts_on_device
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -104,7 +124,50 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one subcommand; mistakes and self-explaining library errors end in one line on stderr and exit 2."""
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one line to show for an error a person can act on, or None for a bug (keep the traceback).
+
+    These errors are raised with messages written for the reader: ``UsageError`` (the command line),
+    ``CheckpointError`` (names the file and key), ``DownloadError`` (says what to do, never the token),
+    ``MemoryPlanError`` (the plan's reasons) and ``FileNotFoundError`` (a path given that is not there).
+    """
+    from .checkpoint import CheckpointError
+    from .hub import DownloadError
+    from .planner import MemoryPlanError
+
+    if isinstance(err, MemoryPlanError):
+        plan = getattr(err, "plan", None)
+        reasons = "; ".join(plan.reasons) if plan is not None else str(err).splitlines()[0]
+        return " ".join(
+            f"the model does not fit this machine: {reasons}. `python -m colab_helpers plan` "
+            "(with --model and --experts-on-device as given here) shows the whole table and what would fit".split()
+        )
+    if isinstance(err, CheckpointError):
+        return f"{_one_line(err)} (not a checkpoint in the offloading layout: see docs/checkpoint_format.md)"
+    if isinstance(err, (UsageError, DownloadError, FileNotFoundError)):
+        return _one_line(err)
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())  # whatever the message held
+
+
+def _run(argv: list[str]) -> int:
     if argv and argv[0] == "plan":
         from .planner import cli_main
 
@@ -113,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         from .trace import cli_main
 
         return cli_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m colab_helpers", description=__doc__)
+    parser = ArgumentParser(prog="python -m colab_helpers", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt, streaming, then print stats")
     g.add_argument("prompt")

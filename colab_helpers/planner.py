@@ -679,7 +679,9 @@ def _placement(plan: MemoryPlan) -> str:
 def check_fits(plan: MemoryPlan) -> MemoryPlan:
     """Raise ``MemoryPlanError`` with the numbers when the plan does not fit; a loader calls this first."""
     if not plan.fits:
-        raise MemoryPlanError("the model does not fit this machine:\n" + plan.report())
+        err = MemoryPlanError("the model does not fit this machine:\n" + plan.report())
+        err.plan = plan  # the CLI prints plan.reasons as one line
+        raise err
     return plan
 
 
@@ -706,18 +708,44 @@ def plan_for_checkpoint(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m colab_helpers plan", description=__doc__.split("\n")[0])
-    p.add_argument("--vram-gb", type=float, default=None, help="free VRAM in GB (10^9 B), as mem_get_info reports")
-    p.add_argument("--ram-gb", type=float, default=None, help="available host RAM in GB (psutil's 'available')")
-    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="tokens of context (prompt + answer)")
+    from .usage import ArgumentParser, device_name, positive_float, positive_int
+
+    p = ArgumentParser(prog="python -m colab_helpers plan", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--vram-gb", type=positive_float, default=None, help="free VRAM in GB (10^9 B), as mem_get_info reports"
+    )
+    p.add_argument(
+        "--ram-gb", type=positive_float, default=None, help="available host RAM in GB (psutil's 'available')"
+    )
+    p.add_argument("--context", type=positive_int, default=DEFAULT_CONTEXT, help="tokens of context (prompt + answer)")
     p.add_argument(
         "--expert-bits", type=int, default=2, choices=sorted(DEFAULT_EXPERT_SPECS), help="2 = the public checkpoint"
     )
     p.add_argument("--model", default=None, help="checkpoint folder to read config and bit widths from")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when --vram-gb or a GPU is present)")
-    p.add_argument("--experts-on-device", type=int, default=None, help="check this k instead of choosing one")
-    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument(
+        "--device", type=device_name, default=None, help="cuda or cpu (default: cuda with --vram-gb or a GPU present)"
+    )
+    p.add_argument("--experts-on-device", type=positive_int, default=None, help="check this k instead of choosing one")
+    p.add_argument("--json", action="store_true", help="print only the plan as a JSON object (report to stderr)")
     return p
+
+
+def _cli_device(args: argparse.Namespace) -> torch.device:
+    """The device planned for; ``UsageError`` when the numbers needed for a GPU are neither given nor measurable."""
+    from .usage import UsageError
+
+    if args.device in (None, "auto"):
+        device = torch.device("cuda") if args.vram_gb is not None else _device("auto")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        missing = [flag for flag, value in (("--vram-gb", args.vram_gb), ("--ram-gb", args.ram_gb)) if value is None]
+        if missing:
+            raise UsageError(
+                f"this machine has no GPU to measure, so give {' and '.join(missing)} for the one you plan for "
+                "(a free Colab T4: --vram-gb 15 --ram-gb 12.7)"
+            )
+    return device
 
 
 def _cli_budget(args: argparse.Namespace, device: torch.device) -> Budget:
@@ -730,16 +758,15 @@ def _cli_budget(args: argparse.Namespace, device: torch.device) -> Budget:
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m colab_helpers plan``: exit 0 when it fits, 2 when not (the report says why)."""
+    """``python -m colab_helpers plan``: exit 0 when it fits, 2 when not (the report says why).
+
+    Bad arguments raise ``usage.UsageError`` (``cli.main`` prints it as one line). With ``--json``
+    stdout holds only the JSON object, so it pipes into ``python -m json.tool``; the report goes to stderr.
+    """
+    from .usage import check_experts_on_device
+
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    device = (
-        torch.device(args.device)
-        if args.device
-        else (torch.device("cuda") if args.vram_gb is not None else _device("auto"))
-    )
-    if device.type == "cuda" and args.vram_gb is None and not torch.cuda.is_available():
-        print("no GPU on this machine: give --vram-gb (and --ram-gb) to plan for one", file=sys.stderr)
-        return 2
+    device = _cli_device(args)
     if args.model:
         from .checkpoint import Checkpoint
 
@@ -747,8 +774,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         config, quant = ckpt.config, ckpt.quant
     else:
         config, quant = stock_config(), QuantConfig.for_bits(4, args.expert_bits)
+    check_experts_on_device(args.experts_on_device, config.num_local_experts, args.model or "Mixtral-8x7B")
     plan = plan_memory(config, quant, _cli_budget(args, device), device, args.context, args.experts_on_device)
-    print(plan.report())
+    print(plan.report(), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(plan.to_dict()))
     return 0 if plan.fits else 2

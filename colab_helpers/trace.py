@@ -550,11 +550,14 @@ class TimingModel:
 def parse_ks(text: str) -> list[int]:
     """Parse K lists: 4 -> [4], 2-6 -> [2, 3, 4, 5, 6], 3,5 -> [3, 5]."""
     out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        out = []
     if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"bad --experts-on-device {text!r}")
+        raise argparse.ArgumentTypeError(f"{text!r}: give experts per layer (at least 1) as 4, 2-6 or 3,5")
     return out
 
 
@@ -569,7 +572,9 @@ def policy_table(half_lives: Sequence[float] = (), belady: bool = True) -> dict[
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .usage import ArgumentParser
+
+    p = ArgumentParser(
         prog="python -m colab_helpers replay",
         description="Replay a routing trace through the expert-cache eviction policies.",
     )
@@ -588,7 +593,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--half-lives",
-        default="",
+        type=_half_lives,
+        default=[],
         help="extra lfu_decay rows with these half-lives in tokens, e.g. 2,8,32,128,inf (sensitivity sweep)",
     )
     p.add_argument(
@@ -612,18 +618,55 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _half_lives(text: str) -> list[float]:
+    try:
+        values = [float(h) for h in text.split(",") if h.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers of tokens, e.g. 2,8,32,inf") from None
+    if any(not h > 0 for h in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: half-lives must be above 0")
+    return values
+
+
+def load_trace_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a routing-trace ``.npz``; ``UsageError`` naming the problem when it is not one."""
+    import zipfile
+
+    from .usage import UsageError
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file (give a routing trace .npz, e.g. one saved by RoutingRecorder)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        arrays = None
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                arrays = dict(loaded)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UsageError(f"{path}: not a .npz routing trace ({type(err).__name__}: numpy could not read it)") from None
+    if arrays is None:
+        raise UsageError(f"{path}: a single .npy array, not a .npz routing trace with '<name>{DECODE_SUFFIX}' arrays")
+    if not sequence_names(arrays):
+        raise UsageError(f"{path}: no '<name>{DECODE_SUFFIX}' arrays in it, so it is not a routing trace")
+    return arrays
+
+
 def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m colab_helpers replay``; bad arguments raise ``usage.UsageError`` (one line via ``cli.main``)."""
+    from .usage import UsageError, check_experts_on_device
+
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    half_lives = [float(h) for h in args.half_lives.split(",") if h.strip()]
-    table = policy_table(half_lives)
+    table = policy_table(args.half_lives)
     if args.policies:
         wanted = [p.strip() for p in args.policies.split(",") if p.strip()]
         unknown = [p for p in wanted if p not in table]
         if unknown:
-            raise SystemExit(f"unknown policies {unknown}; choose from {sorted(table)}")
+            raise UsageError(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(sorted(table))}")
         table = {k: v for k, v in table.items() if k in wanted or k.startswith("lfu_decay[")}
-    arrays = dict(np.load(args.trace))
+    arrays = load_trace_arrays(args.trace)
     options = ReplayOptions(initial=args.initial, order=args.order, prefetch=args.prefetch)
+    first = np.asarray(arrays[f"{sequence_names(arrays)[0]}{DECODE_SUFFIX}"])
+    check_experts_on_device(max(args.experts_on_device), _num_experts(options, first, arrays), f"{args.trace.name}")
     results = {
         k: {name: replay_file(arrays, pol, k, options) for name, pol in table.items()} for k in args.experts_on_device
     }
