@@ -189,4 +189,10 @@ def _run(argv: list[str]) -> int:
     sub.add_parser("plan", help="memory plan: experts per layer for given VRAM/RAM (see plan --help)")
     sub.add_parser("replay", help="replay a routing trace through eviction policies (see replay --help)")
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .hub import DownloadError
+
+    try:
+        return args.func(args)
+    except DownloadError as err:  # the message already says what happened and what to do
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code

@@ -1,288 +1,375 @@
-"""hub.py without a network: the hub, the disk and the connection are faked with monkeypatch."""
+"""hub.py against a local fake hub (tests/fake_hub.py) with the real huggingface_hub client and injected faults.
+
+The fake hub serves the embedded checkpoint on 127.0.0.1; timeouts and backoff are shortened so a fault
+costs milliseconds. Every download is compared byte for byte with the source files.
+"""
 
 from __future__ import annotations
 
+import _thread
 import errno
-import json
-import sys
+import filecmp
+import os
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import errors as hf_errors
-from safetensors.torch import save_file
-from transformers import MixtralConfig
+from fake_hub import FakeHub
 
-from colab_helpers import hub
-from colab_helpers.checkpoint import (
-    CONFIG_FILE,
-    INDEX_FILE,
-    QuantConfig,
-    expected_expert_tensors,
-    expected_trunk_tensors,
-    expert_prefix,
-    shard_name,
-)
+from colab_helpers import cli, hub
 from colab_helpers.hub import DEMO_REPO, DownloadError, download, resolve_model
+from colab_helpers.hub_layout import RECORD
+from colab_helpers.tiny import TINY_MODEL_DIR
+from colab_helpers.transfer import NetConfig, retrying
 
+REPO = "fake/tiny-mixtral"
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123456789"
-SHA = "0123456789abcdef0123456789abcdef01234567"
-FILES = {
-    "config.json": 773,
-    "model.safetensors.index.json": 100,
-    "model-00001-of-00003.safetensors": 300,
-    "model-00002-of-00003.safetensors": 200,
-    "model-00003-of-00003.safetensors": 200,
-    "tokenizer.model": 50,
-    "tokenizer.json": 80,
-    "README.md": 10,  # not needed
-    ".gitattributes": 5,  # not needed
-    "plot.png": 1000,  # not needed
-}
-NEEDED = {k: v for k, v in FILES.items() if not k.endswith((".md", ".gitattributes", ".png"))}
-
-
-def _http_error(cls: type, status: int, message: str = "Client Error") -> Exception:
-    """An ``HfHubHTTPError`` subclass carrying a real response object of the installed HTTP library."""
-    lib = sys.modules[hf_errors.Response.__module__.split(".")[0]]
-    request = lib.Request("GET", f"https://huggingface.co/api/models/{DEMO_REPO}")
-    return cls(f"{status} {message}", response=lib.Response(status, request=request))
-
-
-class FakeHub:
-    """Stands in for ``HfApi``, ``snapshot_download`` and ``hf_hub_download``; records what was asked."""
-
-    def __init__(self, files: dict[str, int] = FILES, wrong: dict[str, int] | None = None) -> None:
-        self.files, self.wrong = files, dict(wrong or {})
-        self.info_error: Exception | None = None
-        self.snapshot_error: Exception | None = None
-        self.snapshot_calls: list[dict] = []
-        self.refetched: list[str] = []
-        self.refetch_fixes = True
-
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
-        fake = self
-
-        class Api:
-            def model_info(self, repo_id, revision=None, files_metadata=False, token=None):
-                if fake.info_error is not None:
-                    raise fake.info_error
-                siblings = [SimpleNamespace(rfilename=n, size=s) for n, s in fake.files.items()]
-                return SimpleNamespace(sha=SHA, siblings=siblings)
-
-        monkeypatch.setattr(huggingface_hub, "HfApi", Api)
-        monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
-        monkeypatch.setattr(huggingface_hub, "hf_hub_download", self.hf_hub_download)
-        monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-        return self
-
-    def snapshot_download(self, repo_id, revision=None, allow_patterns=None, local_dir=None, token=None, **kw):
-        if self.snapshot_error is not None:
-            raise self.snapshot_error
-        self.snapshot_calls.append(dict(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns, **kw))
-        folder = Path(local_dir)
-        for name in allow_patterns:
-            (folder / name).write_bytes(b"x" * self.wrong.get(name, self.files[name]))
-        return str(folder)
-
-    def hf_hub_download(self, repo_id, filename, revision=None, local_dir=None, token=None, force_download=False):
-        assert force_download and revision == SHA
-        self.refetched.append(filename)
-        size = self.files[filename] if self.refetch_fixes else self.wrong[filename]
-        (Path(local_dir) / filename).write_bytes(b"x" * size)
-        return str(Path(local_dir) / filename)
+FAST = NetConfig(timeout_s=0.5, attempts=3, first_wait_s=0.01, max_wait_s=0.05, chunk_bytes=4096)
+SHARD = "model-00002-of-00033.safetensors"  # ~150 KB: big enough to fail in the middle
+EXTRA = {"README.md": b"# not needed\n", "plot.png": b"\x89PNG not needed"}
 
 
 @pytest.fixture
-def fake(monkeypatch) -> FakeHub:
-    return FakeHub().install(monkeypatch)
+def fake(tmp_path, monkeypatch) -> FakeHub:
+    """The fake hub with the embedded checkpoint as REPO; HF_ENDPOINT and the hub cache point at it and tmp."""
+    server = FakeHub()
+    server.add_repo(REPO, TINY_MODEL_DIR, files=EXTRA)
+    server.start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield server
+    server.stop()
 
 
-def test_downloads_only_needed_files_at_the_listed_commit(tmp_path, fake):
-    path = download(local_dir=tmp_path, token=TOKEN)
-    assert path == tmp_path
-    (call,) = fake.snapshot_calls
-    assert sorted(call["allow_patterns"]) == sorted(NEEDED)
-    assert call["revision"] == SHA  # the branch or tag is resolved once; every file comes from that commit
-    assert not (tmp_path / "README.md").exists()
+def fetch(**kw) -> Path:
+    return download(REPO, net=kw.pop("net", FAST), **kw)
 
 
-def test_revision_is_one_constant(monkeypatch, tmp_path, fake):
-    asked = []
+def assert_identical(path: Path) -> None:
+    for src in TINY_MODEL_DIR.iterdir():
+        assert filecmp.cmp(src, path / src.name, shallow=False), src.name
+    assert not (path / "README.md").exists() and not (path / "plot.png").exists()
+
+
+def shard_partial(fake: FakeHub, tmp_path: Path) -> Path:
+    """Where the bytes of SHARD wait in the hub cache until it is complete (other files may be partial too)."""
+    blobs = tmp_path / "hub-cache" / "models--fake--tiny-mixtral" / "blobs"
+    return blobs / f"{fake.repos[REPO].etag(SHARD)}.incomplete"
+
+
+def file_gets(fake: FakeHub) -> list[str]:
+    return [r.path.rsplit("/", 1)[-1] for r in fake.requests if r.method == "GET" and "/resolve/" in r.path]
+
+
+# ---- the happy path, in both layouts ---------------------------------------------------------------
+
+
+def test_default_mode_fills_the_hub_cache_at_the_resolved_commit(fake, tmp_path):
+    import huggingface_hub
+
+    path = fetch()
+    commit = fake.repos[REPO].commit
+    storage = tmp_path / "hub-cache" / "models--fake--tiny-mixtral"
+    assert path == storage / "snapshots" / commit
+    assert_identical(path)
+    assert (storage / "refs" / "main").read_text() == commit  # so an offline run can find "main" again
+    assert (path / SHARD).is_symlink() and (path / SHARD).resolve().parent == storage / "blobs"
+    found = huggingface_hub.try_to_load_from_cache(REPO, "config.json", cache_dir=tmp_path / "hub-cache")
+    assert found == str(path / "config.json")
+    assert not list(storage.rglob("*.incomplete"))
+
+
+def test_local_dir_mode_gets_the_files_and_a_record(fake, tmp_path):
+    path = fetch(local_dir=tmp_path / "ckpt")
+    assert path == tmp_path / "ckpt"
+    assert_identical(path)
+    assert f'"{fake.repos[REPO].commit}"' in (path / RECORD).read_text()
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_finished_files_are_never_fetched_again(fake, tmp_path, local):
+    kw = {"local_dir": tmp_path / "ckpt"} if local else {}
+    fetch(**kw)
+    before = len(file_gets(fake))
+    assert before == len(list(TINY_MODEL_DIR.iterdir()))
+    fetch(**kw)
+    assert len(file_gets(fake)) == before  # the second call only asks for the listing
+
+
+def test_the_chat_template_file_is_fetched_and_loads(fake):
+    from colab_helpers.model import load_tokenizer
+
+    path = fetch()
+    assert (path / "chat_template.jinja").is_file()
+    assert load_tokenizer(path).chat_template
+
+
+def test_a_repo_without_a_chat_template_is_a_clear_error(fake, tmp_path):
+    files = {p.name: p.read_bytes() for p in TINY_MODEL_DIR.iterdir() if p.name != "chat_template.jinja"}
+    fake.add_repo("fake/no-template", files=files)
+    with pytest.raises(DownloadError, match=r"no chat template.*chat_template\.jinja"):
+        download("fake/no-template", net=FAST)
+
+
+# ---- transient faults: the same call completes, byte-identical --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, pattern, kw",
+    [
+        ("reset", f"resolve/*/{SHARD}", {"at": 50_000}),
+        ("close", f"resolve/*/{SHARD}", {"at": 50_000}),
+        ("status", f"resolve/*/{SHARD}", {"status": 500}),
+        ("status", f"resolve/*/{SHARD}", {"status": 503}),
+        ("status", "api/*", {"status": 500}),
+        ("hang", "api/*", {"seconds": 5}),
+        ("stall", f"resolve/*/{SHARD}", {"at": 50_000, "seconds": 5}),
+    ],
+)
+def test_one_transient_fault_is_retried(fake, capsys, kind, pattern, kw):
+    fault = fake.fault(kind, pattern, **kw)
+    assert_identical(fetch())
+    assert fault.times == 0  # the fault did happen
+    err = capsys.readouterr().err
+    assert ("try 2 of" if pattern.startswith("api") else "retry in") in err  # one line says so
+
+
+@pytest.mark.parametrize("kind", ["close", "stall"])
+def test_a_retry_resumes_from_the_bytes_received(fake, kind):
+    fake.fault(kind, f"resolve/*/{SHARD}", at=50_000, seconds=5)
+    assert_identical(fetch())
+    first, second = fake.gets(SHARD)
+    assert first.range is None
+    assert second.range is not None and int(second.range[len("bytes=") : -1]) >= 40_000  # not from byte 0
+
+
+def test_a_partial_file_resumes_in_the_next_call(fake, tmp_path):
+    fake.fault("close", f"resolve/*/{SHARD}", at=60_000)  # progress, then no progress until it gives up
+    fake.fault("status", f"resolve/*/{SHARD}", status=502, times=FAST.attempts - 1)
+    with pytest.raises(DownloadError, match=rf"{SHARD} failed .* resume on the next run") as info:
+        fetch()
+    assert info.value.exit_code == 1
+    partial = shard_partial(fake, tmp_path)
+    kept = partial.stat().st_size
+    assert kept > 0
+    assert_identical(fetch())
+    assert fake.gets(SHARD)[-1].range == f"bytes={kept}-"
+
+
+def test_abandoned_partial_files_are_cleaned_or_adopted(fake, tmp_path):
+    fetch()
+    storage = tmp_path / "hub-cache" / "models--fake--tiny-mixtral"
+    blob = (storage / "snapshots" / fake.repos[REPO].commit / SHARD).resolve()
+    data = blob.read_bytes()
+    blob.unlink()
+    # huggingface_hub's own leftover of this blob (a killed run) and a stale one of some other blob
+    adopted = storage / "blobs" / f"{blob.name}.1a2b3c4d.incomplete"
+    adopted.write_bytes(data[:30_000])
+    stale = storage / "blobs" / "0123abcd.incomplete"
+    stale.write_bytes(b"old")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert_identical(fetch())
+    assert not adopted.exists() and not stale.exists()
+    assert fake.gets(SHARD)[-1].range == "bytes=30000-"
+
+
+def test_backoff_is_bounded():
+    net = NetConfig(timeout_s=10, attempts=5, first_wait_s=1, max_wait_s=4)
+    assert [net.wait_s(i) for i in range(1, 6)] == [1, 2, 4, 4, 4]
+    assert net.worst_case_s() == 5 * 10 + 1 + 2 + 4 + 4
+    calls, waits = [], []
+
+    def flaky():
+        calls.append(1)
+        raise ConnectionResetError("reset")
+
+    with pytest.raises(ConnectionResetError):
+        retrying("x", flaky, net, say=lambda m: None, sleep=waits.append)
+    assert len(calls) == 5 and waits == [1, 2, 4, 4]
+
+
+# ---- the hub unreachable -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("local", [False, True])
+@pytest.mark.parametrize("outage", ["down", "500"])
+def test_a_complete_download_is_used_when_the_hub_is_unreachable(fake, tmp_path, capsys, local, outage):
+    kw = {"local_dir": tmp_path / "ckpt"} if local else {}
+    first = fetch(**kw)
+    if outage == "down":
+        fake.stop()
+    else:
+        fake.fault("status", "api/*", status=500, times=99)
+    capsys.readouterr()
+    assert fetch(**kw) == first
+    assert "using the complete local copy" in capsys.readouterr().err
+
+
+def test_an_incomplete_download_is_not_used_offline(fake, tmp_path):
+    path = fetch(local_dir=tmp_path / "ckpt")
+    (path / "model-00033-of-00033.safetensors").write_bytes(b"short")
+    fake.stop()
+    with pytest.raises(DownloadError, match="could not reach the Hugging Face hub.*no complete local copy"):
+        fetch(local_dir=tmp_path / "ckpt")
+
+
+def test_another_revision_is_not_used_offline(fake, tmp_path):
+    fetch(local_dir=tmp_path / "ckpt")
+    fake.stop()
+    with pytest.raises(DownloadError, match="no complete local copy"):
+        download(REPO, revision="v2", local_dir=tmp_path / "ckpt", net=FAST)
+
+
+def test_hf_hub_offline_uses_the_copy_without_asking(fake, monkeypatch):
+    first = fetch()
+    asked = len(fake.requests)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert fetch() == first and len(fake.requests) == asked
+    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
+        download("fake/never-downloaded", net=FAST)
+
+
+def test_a_listing_that_never_answers_ends_with_a_clear_message(fake):
+    fault = fake.fault("hang", "api/*", seconds=30, times=99)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"could not reach the Hugging Face hub \(ReadTimeout.*3 tries") as info:
+        fetch()
+    assert time.monotonic() - started < fault.seconds  # gave up by its own timeouts, not by the server
+    assert info.value.exit_code == 1
+
+
+def test_hub_down_and_no_copy(fake):
+    fake.stop()
+    with pytest.raises(DownloadError, match="could not reach the Hugging Face hub.*no complete local copy"):
+        fetch()
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_mid_file_stops_promptly_and_the_partial_resumes(fake, tmp_path):
+    fault = fake.fault("stall", f"resolve/*/{SHARD}", at=40_000, seconds=30)
+
+    def interrupt_when_bytes_arrive():
+        for _ in range(400):  # bounded: 20 s at most
+            partial = shard_partial(fake, tmp_path)
+            if partial.is_file() and partial.stat().st_size >= 4096:
+                _thread.interrupt_main()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=interrupt_when_bytes_arrive, daemon=True).start()
+    slow = NetConfig(timeout_s=60, first_wait_s=0.01, chunk_bytes=4096)  # the stall would hold a read a minute
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        download(REPO, net=slow)
+    assert time.monotonic() - started < fault.seconds
+    kept = shard_partial(fake, tmp_path).stat().st_size
+    assert kept >= 4096
+    assert_identical(fetch())
+    assert fake.gets(SHARD)[-1].range == f"bytes={kept}-"
+
+
+# ---- errors: one message each, the right exit code, never the token -------------------------------
+
+
+def test_gated_repo_explains_the_token(fake):
+    fake.repos[REPO].gated = True
+    with pytest.raises(DownloadError, match="gated.*HF_TOKEN.*Colab") as info:
+        fetch(token=TOKEN)
+    assert info.value.exit_code == 2 and info.value.__cause__ is None
+
+
+def test_unknown_repo_and_revision(fake):
+    with pytest.raises(DownloadError, match="not found, or private") as info:
+        download("fake/no-such-model", net=FAST)
+    assert info.value.exit_code == 2
+    with pytest.raises(DownloadError, match="revision 'v9' does not exist.*DEMO_REVISION"):
+        download(REPO, revision="v9", net=FAST)
+
+
+def test_a_400_is_a_rejected_request_not_an_unreachable_hub(fake):
+    fake.fault("status", "api/*", status=400, message=f"bad request for token {TOKEN}")
+    with pytest.raises(DownloadError, match="rejected the request") as info:
+        fetch(token=TOKEN)
+    assert "reach" not in str(info.value) and TOKEN not in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_a_file_missing_on_the_hub_is_named(fake, monkeypatch):
     real = hub.list_remote
-    monkeypatch.setattr(hub, "list_remote", lambda repo, rev, token=None: asked.append(rev) or real(repo, rev, token))
-    monkeypatch.setattr(hub, "DEMO_REVISION", "v-pinned")
-    download(local_dir=tmp_path)
-    download("someone/other-model", local_dir=tmp_path)
-    assert asked == ["v-pinned", "main"]
+
+    def with_ghost(*a, **kw):
+        listing = real(*a, **kw)
+        ghost = hub.RemoteFile("ghost.json", 10, "f" * 40)
+        return hub.RemoteListing(listing.repo_id, listing.revision, listing.commit, (*listing.files, ghost))
+
+    monkeypatch.setattr(hub, "list_remote", with_ghost)
+    with pytest.raises(DownloadError, match="missing on the hub"):
+        fetch()
 
 
-def test_wrong_size_file_is_fetched_again(tmp_path, monkeypatch, capsys):
-    fake = FakeHub(wrong={"model-00002-of-00003.safetensors": 123}).install(monkeypatch)
-    download(local_dir=tmp_path)
-    assert fake.refetched == ["model-00002-of-00003.safetensors"]
-    assert (tmp_path / "model-00002-of-00003.safetensors").stat().st_size == 200
-    assert "fetching it again" in capsys.readouterr().err
-
-
-def test_files_without_a_listed_size_are_not_refetched(tmp_path, monkeypatch):
-    files = {**FILES, "tokenizer.json": None}
-    fake = FakeHub(files=files).install(monkeypatch)
-    fake.snapshot_download = lambda repo_id, allow_patterns=None, local_dir=None, **kw: _write(
-        local_dir, allow_patterns
-    )
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake.snapshot_download)
-    assert download(local_dir=tmp_path) == tmp_path
-    assert fake.refetched == []
-
-
-def _write(folder, names) -> str:
-    for name in names:
-        (Path(folder) / name).write_bytes(b"x" * (FILES[name] + (name == "tokenizer.json")))
-    return str(folder)
-
-
-def test_file_that_stays_wrong_is_named(tmp_path, monkeypatch):
-    fake = FakeHub(wrong={"model-00003-of-00003.safetensors": 7}).install(monkeypatch)
-    fake.refetch_fixes = False
-    with pytest.raises(DownloadError, match=r"model-00003-of-00003.safetensors: expected 200 B, found 7 B"):
-        download(local_dir=tmp_path)
-
-
-def test_disk_space_is_checked_before_downloading(tmp_path, monkeypatch, fake):
+def test_disk_space_is_checked_before_downloading(fake, monkeypatch):
     monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**12, used=0, free=1000))
     with pytest.raises(DownloadError, match="not enough disk space"):
-        download(local_dir=tmp_path)
-    assert fake.snapshot_calls == []
-
-
-def test_files_already_complete_do_not_count_against_disk_space(tmp_path, monkeypatch, fake):
-    for name, size in NEEDED.items():
-        if name != "tokenizer.json":
-            (tmp_path / name).write_bytes(b"x" * size)
-    monkeypatch.setattr(hub.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**12, used=0, free=100))
-    download(local_dir=tmp_path)  # only tokenizer.json (80 B) is missing
-
-
-def test_disk_full_while_downloading(tmp_path, fake):
-    fake.snapshot_error = OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(DownloadError, match="ran out of disk space.*resumes"):
-        download(local_dir=tmp_path)
+        fetch()
+    assert file_gets(fake) == []
 
 
 @pytest.mark.parametrize(
-    "error",
+    "error, match",
     [
-        lambda: _http_error(hf_errors.GatedRepoError, 401, "Cannot access gated repo"),
-        lambda: _http_error(hf_errors.RepositoryNotFoundError, 401, "Repository Not Found"),
-        lambda: _http_error(hf_errors.HfHubHTTPError, 403, f"Forbidden for token {TOKEN}"),
+        (OSError(errno.ENOSPC, "No space left on device"), "ran out of disk space.*resumes"),
+        (OSError("Consistency check failed: file should be of size 5 but has size 3"), "wrong size"),
     ],
 )
-def test_gated_or_unauthorized_explains_the_token(tmp_path, fake, error, capsys):
-    fake.snapshot_error = error()
-    with pytest.raises(DownloadError) as info:
-        download(local_dir=tmp_path, token=TOKEN)
-    message = str(info.value)
-    assert "HF_TOKEN" in message and "Colab" in message
-    assert TOKEN not in message and TOKEN not in capsys.readouterr().err
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+def test_disk_errors_are_explained(fake, monkeypatch, error, match):
+    def fail(*a, **kw):
+        raise error
+
+    monkeypatch.setattr(hub, "fetch_all", fail)
+    with pytest.raises(DownloadError, match=match):
+        fetch()
 
 
-def test_other_hub_errors_are_relayed_without_the_token(tmp_path, fake):
-    fake.snapshot_error = _http_error(hf_errors.HfHubHTTPError, 500, f"Server Error for Bearer {TOKEN}")
-    with pytest.raises(DownloadError, match="the hub answered with an error: 500 Server Error") as info:
-        download(local_dir=tmp_path, token=TOKEN)
-    assert TOKEN not in str(info.value) and "***" in str(info.value)
-
-
-def test_gated_listing_is_explained_too(tmp_path, fake):
-    fake.info_error = _http_error(hf_errors.GatedRepoError, 403)
-    with pytest.raises(DownloadError, match="gated"):
-        download(local_dir=tmp_path)
-
-
-def test_missing_revision_names_the_constant(tmp_path, fake):
-    fake.info_error = _http_error(hf_errors.RevisionNotFoundError, 404)
-    with pytest.raises(DownloadError, match="DEMO_REVISION"):
-        download(local_dir=tmp_path)
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        lambda: ConnectionError("Name or service not known"),
-        lambda: TimeoutError("timed out"),
-        lambda: hf_errors.OfflineModeIsEnabled("HF_HUB_OFFLINE=1"),
-        lambda: _library_connect_error(),
-    ],
-)
-def test_no_network_and_no_local_copy(tmp_path, fake, error):
-    fake.info_error = error()
-    with pytest.raises(DownloadError, match="could not reach the Hugging Face hub"):
-        download(local_dir=tmp_path / "empty")
-
-
-def _library_connect_error() -> Exception:
-    """The HTTP library's own connect error (not an OSError in httpx-based huggingface_hub)."""
-    lib = sys.modules[hf_errors.Response.__module__.split(".")[0]]
-    return lib.ConnectError("[Errno -2] Name or service not known")
-
-
-def test_network_lost_during_snapshot(tmp_path, fake):
-    fake.snapshot_error = hf_errors.LocalEntryNotFoundError("cannot find the appropriate snapshot folder")
-    with pytest.raises(DownloadError, match="could not reach"):
-        download(local_dir=tmp_path)
-
-
-def test_offline_uses_a_complete_earlier_download(tmp_path, fake, capsys):
-    write_tiny_checkpoint(tmp_path)
-    fake.info_error = ConnectionError("offline")
-    assert download(local_dir=tmp_path) == tmp_path
-    assert "unreachable" in capsys.readouterr().err
-
-
-def test_offline_refuses_an_incomplete_earlier_download(tmp_path, fake):
-    write_tiny_checkpoint(tmp_path)
-    next(tmp_path.glob("model-00003-*.safetensors")).write_bytes(b"short")
-    fake.info_error = ConnectionError("offline")
-    with pytest.raises(DownloadError, match="no complete local copy"):
-        download(local_dir=tmp_path)
-
-
-def test_unknown_errors_are_not_hidden(tmp_path, fake):
-    fake.snapshot_error = KeyError("bug")
+def test_unknown_errors_are_not_hidden(fake, monkeypatch):
+    monkeypatch.setattr(hub, "fetch_all", lambda *a, **kw: {}["bug"])
     with pytest.raises(KeyError):
-        download(local_dir=tmp_path)
+        fetch()
 
 
-def write_tiny_checkpoint(root: Path) -> None:
-    """A tiny valid checkpoint (shapes right, bytes random) that ``Checkpoint.open(verify=True)`` accepts."""
-    cfg = dict(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=1,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_local_experts=2,
-        vocab_size=64,
-    )
-    config, quant = MixtralConfig(**cfg), QuantConfig()
-    n = 1 + config.num_local_experts
+def test_revision_is_one_constant(fake, monkeypatch):
+    monkeypatch.setattr(hub, "DEMO_REPO", REPO)
+    monkeypatch.setattr(hub, "DEMO_REVISION", fake.repos[REPO].commit)
+    download(net=FAST)
+    assert any(f"/revision/{fake.repos[REPO].commit}" in r.path for r in fake.requests)
 
-    def tensors(specs):
-        return {k: torch.zeros(s, dtype=d) for k, (d, s) in specs.items()}
 
-    trunk = tensors(expected_trunk_tensors(config, quant))
-    save_file(trunk, root / shard_name(1, n))
-    weight_map = dict.fromkeys(trunk, shard_name(1, n))
-    for e in range(config.num_local_experts):
-        expert = tensors(expected_expert_tensors(config, quant))
-        save_file(expert, root / shard_name(2 + e, n))
-        weight_map |= {expert_prefix(0, e) + k: shard_name(2 + e, n) for k in expert}
-    (root / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
-    (root / CONFIG_FILE).write_text(json.dumps({"model_type": "mixtral", **cfg}))
+# ---- the CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_generates_from_a_hub_repo_then_offline_from_the_cache(fake, capsys):
+    argv = ["generate", "Hello", "--model", REPO, "--device", "cpu", "--max-new-tokens", "4"]
+    assert cli.main(argv) == 0
+    assert "stats:" in capsys.readouterr().err
+    fake.stop()
+    assert cli.main(argv) == 0
+    assert "using the complete local copy" in capsys.readouterr().err
+
+
+def test_cli_download_error_is_one_line_and_exit_code(fake, capsys):
+    code = cli.main(["generate", "hi", "--model", "fake/no-such-model", "--device", "cpu"])
+    assert code == 2  # a repo that does not exist is the user's to fix
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not found, or private" in errors[0]
+    fake.stop()
+    assert cli.main(["generate", "hi", "--model", "fake/never-downloaded", "--device", "cpu"]) == 1  # the network's
 
 
 # ---- resolve_model -------------------------------------------------------------------------------

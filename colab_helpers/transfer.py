@@ -1,0 +1,311 @@
+"""Resumable HTTP file transfers: bounded retries, a timeout on every request, one progress bar, prompt Ctrl-C.
+
+huggingface_hub (1.x on Colab, 2.x here) deletes a failed file's partial bytes and starts it from byte 0
+on the next call, so a 17 GB download over a shared link never really resumes. This module does the GET
+itself with the library's session and headers: bytes go to a ``.incomplete`` file next to the
+destination, a retry or a later run asks for ``Range: bytes=<size on disk>-``, and the file is moved
+into place only once its size matches the hub's listing. Transient faults (connection reset or closed,
+timeouts, 408/429/5xx) are retried with exponential backoff; the count of tries without new bytes is
+bounded, and so is the total per file. Everything that is printed goes through the main thread
+(Colab does not render output or widget updates made by background threads).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+_NETWORK_MODULES = {"httpx", "httpx2", "httpcore", "requests", "urllib3", "aiohttp", "h11"}
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """How patient the download is. The defaults suit a 17 GB download over a shared Colab link."""
+
+    timeout_s: float = 30.0  # connect timeout, and the longest silence while reading, of every request
+    attempts: int = 5  # tries in a row without a new byte before a file (or the listing) gives up
+    first_wait_s: float = 1.0  # backoff between tries: 1, 2, 4, 8 ... s
+    max_wait_s: float = 30.0
+    max_tries_per_file: int = 20  # a hard cap even when every try brings some bytes
+    workers: int = 4  # files fetched at once
+    chunk_bytes: int = 1 << 20
+
+    def wait_s(self, failures: int) -> float:
+        return min(self.max_wait_s, self.first_wait_s * 2 ** max(failures - 1, 0))
+
+    def worst_case_s(self) -> float:
+        """The longest one request can take to give up when nothing answers (tries, timeouts, waits)."""
+        return self.attempts * self.timeout_s + sum(self.wait_s(i) for i in range(1, self.attempts))
+
+
+class Stopped(Exception):
+    """A worker noticed the stop flag (Ctrl-C, or another file failed) and left its partial file as is."""
+
+
+class ShortRead(ConnectionError):
+    """The server closed the connection cleanly before sending the whole file."""
+
+
+def http_status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def is_transient(err: BaseException) -> bool:
+    """A fault worth another try: a dropped, reset or silent connection, or a 408/429/5xx answer."""
+    status = http_status(err)
+    if status is not None:
+        return status in (408, 429) or status >= 500
+    if isinstance(err, (ConnectionError, TimeoutError, socket.timeout, socket.gaierror)):
+        return True
+    return any(cls.__module__.split(".")[0] in _NETWORK_MODULES for cls in type(err).__mro__[:-2])
+
+
+def describe(err: BaseException) -> str:
+    """A short, one-line reason: '500 Internal Server Error', 'ReadTimeout', 'connection reset' ..."""
+    status = http_status(err)
+    if status is not None:
+        reason = getattr(getattr(err, "response", None), "reason_phrase", "") or ""
+        return f"{status} {reason}".strip()
+    text = str(err).splitlines()[0] if str(err) else ""
+    if isinstance(err, ConnectionResetError) or "reset" in text.lower():
+        return "connection reset"
+    name = type(err).__name__
+    return f"{name}: {text}" if text and len(text) < 120 else name
+
+
+def retrying(
+    what: str,
+    call: Callable[[], T],
+    net: NetConfig,
+    say: Callable[[str], None],
+    give_up: Callable[[BaseException], bool] = lambda err: False,
+    sleep: Callable[[float], object] = time.sleep,
+) -> T:
+    """``call()`` with up to ``net.attempts`` tries on transient faults, one line per retry.
+
+    ``give_up(err)`` is asked after the first transient fault: True re-raises at once (a complete local
+    copy makes waiting pointless).
+    """
+    for attempt in range(1, net.attempts + 1):
+        try:
+            return call()
+        except Exception as err:
+            if not is_transient(err) or attempt == net.attempts or (attempt == 1 and give_up(err)):
+                raise
+            wait = net.wait_s(attempt)
+            say(f"{what}: {describe(err)}; try {attempt + 1} of {net.attempts} in {wait:.0f} s")
+            sleep(wait)
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One file to fetch: bytes accumulate in ``partial`` and move to ``final`` once ``size`` is reached."""
+
+    name: str
+    url: str
+    size: int | None
+    partial: Path
+    final: Path
+
+    def on_disk(self) -> int:
+        try:
+            return self.partial.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+
+class GaveUp(Exception):
+    """A file failed ``attempts`` times in a row (or too often in all); ``cause`` is the last fault."""
+
+    def __init__(self, job: FileJob, tries: int, cause: BaseException) -> None:
+        self.job, self.tries, self.cause = job, tries, cause
+        super().__init__(f"{job.name}: {describe(cause)} ({tries} tries)")
+
+
+class _Shared:
+    """State the workers share with the main thread: the stop flag, byte count, messages, open responses."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self.messages: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.responses: set = set()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.bytes += n
+
+    def take_bytes(self) -> int:
+        with self.lock:
+            n, self.bytes = self.bytes, 0
+            return n
+
+    def close_responses(self) -> None:
+        """Unblock workers stuck in a silent read, so Ctrl-C does not wait for a timeout."""
+        with self.lock:
+            open_now = list(self.responses)
+        for r in open_now:
+            try:
+                r.close()
+            except Exception:
+                pass
+
+
+def fetch_file(job: FileJob, headers: dict[str, str], net: NetConfig, shared: _Shared, session=None) -> None:
+    """Fetch one file with resume and retries; raise ``GaveUp``, ``Stopped`` or a non-transient error."""
+    if session is None:
+        from huggingface_hub.utils import get_session
+
+        session = get_session()
+    job.partial.parent.mkdir(parents=True, exist_ok=True)
+    failures = tries = 0
+    while True:
+        have = job.on_disk()
+        if job.size is not None and have > job.size:  # a stale partial of some other content
+            job.partial.unlink()
+            shared.add(-have)
+            have = 0
+        if job.size is not None and have == job.size:
+            break
+        tries += 1
+        try:
+            _get_once(job, have, headers, net, shared, session)
+            if job.size is None or job.on_disk() == job.size:
+                break
+            raise ShortRead(f"the connection closed after {job.on_disk():,} of {job.size:,} bytes")
+        except Stopped:
+            raise
+        except Exception as err:
+            if shared.stop.is_set():
+                raise Stopped from None
+            if not is_transient(err):
+                raise
+            failures = 1 if job.on_disk() > have else failures + 1
+            if failures >= net.attempts or tries >= net.max_tries_per_file:
+                raise GaveUp(job, tries, err) from err
+            wait = net.wait_s(failures)
+            shared.messages.put(
+                f"{job.name}: {describe(err)}; retry in {wait:.0f} s from byte {job.on_disk():,}"
+                f" (try {tries + 1}, at most {net.attempts} in a row without progress)"
+            )
+            if shared.stop.wait(wait):
+                raise Stopped from None
+    job.final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(job.partial, job.final)
+
+
+def _get_once(job: FileJob, have: int, headers: dict[str, str], net: NetConfig, shared: _Shared, session) -> None:
+    """One GET from byte ``have`` to the end (or to the first fault), appending to the partial file."""
+    from huggingface_hub.utils import hf_raise_for_status
+
+    request_headers = {**headers, "Accept-Encoding": "identity"}  # byte ranges of the stored bytes, no gzip
+    if have:
+        request_headers["Range"] = f"bytes={have}-"
+    with session.stream("GET", job.url, headers=request_headers, timeout=net.timeout_s, follow_redirects=True) as r:
+        with shared.lock:
+            shared.responses.add(r)
+        try:
+            if r.status_code == 416 and have:  # asked past the end: the partial is of other content
+                job.partial.unlink(missing_ok=True)
+                shared.add(-have)
+                raise ShortRead("the server refused the resume range; starting the file again")
+            if r.status_code >= 400:
+                r.read()
+                hf_raise_for_status(r)
+            mode = "ab"
+            if have and r.status_code != 206:  # the server ignored Range: start over
+                shared.add(-have)
+                mode = "wb"
+            with open(job.partial, mode) as f:
+                for chunk in r.iter_bytes(net.chunk_bytes):
+                    if shared.stop.is_set():
+                        raise Stopped
+                    f.write(chunk)
+                    shared.add(len(chunk))
+        finally:
+            with shared.lock:
+                shared.responses.discard(r)
+
+
+def fetch_all(
+    jobs: Iterable[FileJob],
+    headers: dict[str, str],
+    net: NetConfig,
+    progress: Callable[[int], None],
+    say: Callable[[str], None],
+    session=None,
+) -> None:
+    """Fetch ``jobs`` with ``net.workers`` daemon threads; the main thread reports and reacts to Ctrl-C.
+
+    ``progress(n)`` gets byte deltas (negative when a file restarts) and ``say`` the retry lines, both
+    on the calling thread. The first failing file stops the others (their partial files are kept) and
+    its error is raised; Ctrl-C stops every worker within a moment and re-raises ``KeyboardInterrupt``.
+    """
+    todo: queue.SimpleQueue[FileJob] = queue.SimpleQueue()
+    for job in jobs:
+        todo.put(job)
+    shared = _Shared()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while not shared.stop.is_set():
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fetch_file(job, headers, net, shared, session)
+            except Stopped:
+                return
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                errors.append(err)
+                shared.stop.set()
+                shared.close_responses()
+                return
+
+    threads = [threading.Thread(target=worker, name=f"hub-download-{i}", daemon=True) for i in range(net.workers)]
+    for t in threads:
+        t.start()
+
+    def pump() -> None:
+        progress(shared.take_bytes())
+        while True:
+            try:
+                say(shared.messages.get_nowait())
+            except queue.Empty:
+                break
+
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=0.2)
+            pump()
+    except KeyboardInterrupt:
+        shared.stop.set()
+        shared.close_responses()
+        deadline = time.monotonic() + 2.0  # workers notice the flag at their next chunk; never wait long
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        pump()
+        raise
+    finally:
+        pump()
+    if errors:
+        raise errors[0]
+
+
+def stderr_say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
