@@ -41,6 +41,7 @@ class Fault:
     status: int = 500
     seconds: float = 5.0
     message: str = ""
+    done: threading.Event = field(default_factory=threading.Event)  # set when a hang or stall ran its course
 
 
 @dataclass
@@ -275,7 +276,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(f.status, None, f.message or f"injected {f.status}")
             return True
         if f.kind == "hang":
-            self.fake.stopping.wait(f.seconds)
+            if not self.fake.stopping.wait(f.seconds):
+                f.done.set()
             self.close_connection = True
             return True
         self.close_connection = True
@@ -288,7 +290,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload[: f.at])
         self.wfile.flush()
         if f.kind == "stall":
-            self.fake.stopping.wait(f.seconds)
+            if not self.fake.stopping.wait(f.seconds):
+                f.done.set()
         elif f.kind == "reset":
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()

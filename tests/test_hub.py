@@ -235,12 +235,12 @@ def test_hf_hub_offline_uses_the_copy_without_asking(fake, monkeypatch):
 
 
 def test_a_listing_that_never_answers_ends_with_a_clear_message(fake):
-    fault = fake.fault("hang", "api/*", seconds=30, times=99)
-    started = time.monotonic()
+    fault = fake.fault("hang", "api/*", seconds=120, times=99)
     with pytest.raises(DownloadError, match=r"could not reach the Hugging Face hub \(ReadTimeout.*3 tries") as info:
         fetch()
-    assert time.monotonic() - started < fault.seconds  # gave up by its own timeouts, not by the server
+    assert not fault.done.is_set()  # it gave up by its own timeouts while the hub still said nothing
     assert info.value.exit_code == 1
+    assert [r.path for r in fake.requests].count(f"/api/models/{REPO}/revision/main") == FAST.attempts
 
 
 def test_hub_down_and_no_copy(fake):
@@ -253,7 +253,7 @@ def test_hub_down_and_no_copy(fake):
 
 
 def test_ctrl_c_mid_file_stops_promptly_and_the_partial_resumes(fake, tmp_path):
-    fault = fake.fault("stall", f"resolve/*/{SHARD}", at=40_000, seconds=30)
+    fault = fake.fault("stall", f"resolve/*/{SHARD}", at=40_000, seconds=120)
 
     def interrupt_when_bytes_arrive():
         for _ in range(400):  # bounded: 20 s at most
@@ -265,10 +265,9 @@ def test_ctrl_c_mid_file_stops_promptly_and_the_partial_resumes(fake, tmp_path):
 
     threading.Thread(target=interrupt_when_bytes_arrive, daemon=True).start()
     slow = NetConfig(timeout_s=60, first_wait_s=0.01, chunk_bytes=4096)  # the stall would hold a read a minute
-    started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         download(REPO, net=slow)
-    assert time.monotonic() - started < fault.seconds
+    assert not fault.done.is_set()  # it stopped while the shard's connection was still stalled
     kept = shard_partial(fake, tmp_path).stat().st_size
     assert kept >= 4096
     assert_identical(fetch())
