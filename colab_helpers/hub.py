@@ -160,7 +160,8 @@ def download(
     repo_id = repo_id or DEMO_REPO
     revision = revision or (DEMO_REVISION if repo_id == DEMO_REPO else "main")
     net = net or NetConfig()
-    say = say or _stderr
+    shown = say or _stderr
+    say = lambda message: shown(_scrub(message, token))  # noqa: E731 - retry lines quote the hub's answers
     folder = Path(local_dir).expanduser() if local_dir is not None else None
     layout = Layout.for_repo(repo_id, folder, _hub_cache())
     target = folder if folder is not None else layout.root
@@ -221,29 +222,31 @@ def _fetch(listing: RemoteListing, layout: Layout, token: str | None, net: NetCo
 
     layout.remember(listing)
     todo = [f for f in listing.files if not layout.complete(listing, f)]
+    unique = {layout.partial(listing, f): f for f in todo}  # files with the same content share one blob
     jobs = [
         FileJob(
             f.name,
             hf.hf_hub_url(listing.repo_id, f.name, revision=listing.commit, endpoint=_endpoint()),
             f.size,
-            layout.partial(listing, f),
+            partial,
             layout.final(listing, f),
         )
-        for f in todo
+        for partial, f in unique.items()
     ]
     for orphan in layout.clean_orphans({j.partial for j in jobs}):
         say(f"hub: removed an abandoned partial file {orphan.name}")
     done_bytes = sum(f.size or 0 for f in listing.files if f not in todo)
     on_disk = done_bytes + sum(j.on_disk() for j in jobs)
     check_disk_space(listing, layout.root, on_disk)
+    total = on_disk + sum(max((j.size or 0) - j.on_disk(), 0) for j in jobs)
     if jobs:
         resumed = sum(1 for j in jobs if j.on_disk())
         resuming = f" ({resumed} resume from partial files)" if resumed else ""
         say(
             f"hub: {repo_desc(listing)}: {len(jobs)} of {len(listing.files)} files to fetch, "
-            f"{(listing.total_bytes - on_disk) / 1e9:.2f} GB{resuming}"
+            f"{(total - on_disk) / 1e9:.2f} GB{resuming}"
         )
-        _fetch_with_bar(jobs, listing, on_disk, build_hf_headers(token=token), net, say)
+        _fetch_with_bar(jobs, listing, on_disk, total, build_hf_headers(token=token), net, say)
     for f in listing.files:
         layout.link(listing, f)
     path = layout.folder(listing.commit)
@@ -260,12 +263,12 @@ def repo_desc(listing: RemoteListing) -> str:
 
 
 def _fetch_with_bar(
-    jobs: list[FileJob], listing: RemoteListing, on_disk: int, headers: dict, net: NetConfig, say
+    jobs: list[FileJob], listing: RemoteListing, on_disk: int, total: int, headers: dict, net: NetConfig, say
 ) -> None:
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=listing.total_bytes,
+        total=total,
         initial=on_disk,
         unit="B",
         unit_scale=True,

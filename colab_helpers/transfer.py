@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import queue
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -289,9 +288,8 @@ def fetch_all(
                 break
 
     try:
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(timeout=0.2)
+        while alive := [t for t in threads if t.is_alive()]:
+            alive[0].join(timeout=0.25)
             pump()
     except KeyboardInterrupt:
         shared.stop.set()
@@ -305,7 +303,3 @@ def fetch_all(
         pump()
     if errors:
         raise errors[0]
-
-
-def stderr_say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

@@ -101,6 +101,14 @@ def test_finished_files_are_never_fetched_again(fake, tmp_path, local):
     assert len(file_gets(fake)) == before  # the second call only asks for the listing
 
 
+def test_files_with_the_same_content_share_one_blob_fetched_once(fake):
+    same = b'{"same": true}'
+    fake.add_repo("fake/twins", TINY_MODEL_DIR, files={"a.json": same, "b.json": same})
+    path = download("fake/twins", net=FAST)
+    assert (path / "a.json").read_bytes() == (path / "b.json").read_bytes() == same
+    assert len([n for n in file_gets(fake) if n in ("a.json", "b.json")]) == 1
+
+
 def test_the_chat_template_file_is_fetched_and_loads(fake):
     from colab_helpers.model import load_tokenizer
 
