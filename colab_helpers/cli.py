@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)  # DownloadError: 1 when the network, the hub or the disk failed
 
 
 def user_message(err: BaseException) -> str | None:
@@ -189,10 +189,4 @@ def _run(argv: list[str]) -> int:
     sub.add_parser("plan", help="memory plan: experts per layer for given VRAM/RAM (see plan --help)")
     sub.add_parser("replay", help="replay a routing trace through eviction policies (see replay --help)")
     args = parser.parse_args(argv)
-    from .hub import DownloadError
-
-    try:
-        return args.func(args)
-    except DownloadError as err:  # the message already says what happened and what to do
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    return args.func(args)

@@ -207,9 +207,11 @@ def _falls_back(err: BaseException) -> bool:
 def _offline(repo_id: str, revision: str, layout: Layout, say, why: str) -> Path:
     path = _complete_local_copy(repo_id, revision, layout)
     if path is None:
-        raise DownloadError(
-            f"{why} and there is no complete local copy of {repo_id}@{revision} in {layout.root}. "
-            "Unset HF_HUB_OFFLINE and run again with a network, or use a local checkpoint folder."
+        raise DownloadError(  # exit 2: the setting is the user's to change
+            f"{repo_id}: could not reach the Hugging Face hub: {why} and there is no complete local copy of "
+            f"{repo_id}@{revision} in {layout.root}. Unset HF_HUB_OFFLINE and run again with a network, "
+            "or use a local checkpoint folder.",
+            2,
         )
     say(f"hub: {why}; using the complete local copy in {path}")
     return path
