@@ -17,6 +17,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, MixtralTopKRouter
 
+from .attention import AttentionPath, choose_attention, install_attention, register
 from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, attention_shapes
 from .experts import ExpertCache, ExpertLayout
 from .moe import OffloadedMoE, PrefetchConfig
@@ -38,6 +39,10 @@ class OffloadConfig:
     context: int = 4096  # tokens of KV cache the memory check reserves
     check_memory: bool = True  # refuse (MemoryPlanError, with the plan) when the model will not fit
     progress: bool = True
+    attention: AttentionPath | None = None  # default: chosen by the device's compute capability (attention.py)
+
+    def attention_path(self) -> AttentionPath:
+        return self.attention or choose_attention(resolve_device(self.device))
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -107,7 +112,9 @@ def assemble_model(
 
     dev = resolve_device(cfg.device)
     dtype = cfg.compute_dtype
-    mcfg._attn_implementation = "sdpa"
+    attention = cfg.attention_path()
+    register()  # the skeleton may be built with the no-GQA implementation
+    mcfg._attn_implementation = attention.implementation
     with torch.device("meta"):
         model = MixtralForCausalLM(mcfg)
     model.eval().requires_grad_(False)
@@ -157,6 +164,7 @@ def assemble_model(
     cache.check_complete()
     model.expert_cache = cache
     model.offload_config = cfg
+    install_attention(model, attention)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = mcfg.eos_token_id
     return model

@@ -211,15 +211,48 @@ class QuantizedWeight:
         return UNPACK[self.spec.nbits](self.W_q)[: self.spec.group_size]
 
     def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-        """``W[out, in]``; float16 arithmetic (bit-exact with hqq), then cast to ``dtype``."""
+        """``W[out, in]``; float16 arithmetic (bit-exact with hqq), then cast to ``dtype``.
+
+        Written block by block of ``DEQUANT_BLOCK`` codes into the output, so the scratch beyond the
+        result stays ~10 bytes x the block (measured by ``tests/test_quant.py`` with
+        ``memtrack.TensorMemoryTracker``) instead of ~8 bytes x the whole matrix: the planner counts it.
+        """
         step, zero = self.step_and_zero()
-        # Each fp16 op of hqq, computed in fp32 and rounded once: the fp32 results are exact (differences
-        # and products of fp16 values fit in 24 bits), so this is bit-exact, and much faster on CPUs.
-        w = ((self.codes().float() - zero.float()).half().float() * step.float()).half()  # [g, M]
-        return w.reshape(self.shape).to(dtype)
+        g, m = self.spec.group_size, self.num_groups
+        out = torch.empty(g, m, dtype=dtype, device=self.W_q.device)  # the [g, M] grid of W
+        cols = max(1, DEQUANT_BLOCK // g)
+        for j0 in range(0, m, cols):
+            j1 = min(m, j0 + cols)
+            codes = UNPACK[self.spec.nbits](self.W_q[:, j0:j1])[:g]
+            out[:, j0:j1] = _dequantize_block(codes, zero[:, j0:j1], step[:, j0:j1])
+        return out.view(self.shape)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+DEQUANT_BLOCK = 1 << 22  # codes dequantized at a time (4.2 M): bounds the scratch, few launches per matrix
+
+
+def dequantize_peak_bytes(spec: QuantSpec, shape: tuple[int, int], itemsize: int = 2) -> int:
+    """What ``QuantizedWeight.dequantize`` holds at its peak, its result included (the planner's row).
+
+    The result (``itemsize`` per weight), the fp16 step and zero vectors with their temporaries
+    (8 B per group) and one block's unpacked codes and fp32 temporaries (10 B per code, the CPU path;
+    the GPU path holds less). ``tests/test_quant.py`` checks it against a tracked run.
+    """
+    m = spec.num_groups(shape)
+    block = min(spec.group_size * m, max(1, DEQUANT_BLOCK // spec.group_size) * spec.group_size)
+    return shape[0] * shape[1] * itemsize + 8 * m + 10 * block
+
+
+def _dequantize_block(codes: torch.Tensor, zero: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``(codes - zero) * step`` with hqq's fp16 rounding after each op, as fp16."""
+    if codes.is_cuda:  # fp16 ops are exactly rounded on the GPU; in place keeps one fp16 temporary
+        return codes.half().sub_(zero).mul_(step)
+    # CPUs: each fp16 op computed in fp32 and rounded once; the fp32 results are exact (differences and
+    # products of fp16 values fit in 24 bits), so this is bit-exact, and much faster than CPU fp16 ops
+    return ((codes.float() - zero.float()).half().float() * step.float()).half()
 
 
 # --------------------------------------------------------------------------------------------------
