@@ -75,25 +75,32 @@ def load_model(
     ks = experts_on_device if isinstance(experts_on_device, int) else tuple(experts_on_device)
     cfg = config or OffloadConfig(device=str(dev), experts_on_device=ks, **overrides)
     ckpt = Checkpoint.open(Path(path), verify=cfg.verify)
+    plan = None
     if cfg.check_memory:
         from .planner import check_fits, measure_budget, plan_memory
 
-        context = min(cfg.context, ckpt.config.max_position_embeddings)
         plan = plan_memory(
             ckpt.config,
             ckpt.quant,
             measure_budget(dev),
             dev,
-            context,
+            context_tokens(cfg, ckpt.config),
             experts_on_device=cfg.experts_on_device,
             spare_slots=cfg.spare_slots,
             dense_on_cpu=cfg.dense_on_cpu,
             suggest=False,
+            attention=cfg.attention_path(),
         )
         check_fits(plan)  # refuse before allocating anything, with the numbers
     model = assemble_model(ckpt.config, ckpt.quant, ckpt.load_trunk(), ckpt.iter_experts(), cfg)
     model.checkpoint_path = str(path)
+    model.memory_plan = plan
     return model
+
+
+def context_tokens(cfg: OffloadConfig, mcfg: MixtralConfig) -> int:
+    """Tokens of prompt + answer this model is planned for: the KV budget, at most the position table."""
+    return min(cfg.context, int(mcfg.max_position_embeddings))
 
 
 def assemble_model(

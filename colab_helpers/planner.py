@@ -20,16 +20,18 @@ from pathlib import Path
 import torch
 from transformers import MixtralConfig
 
+from .attention import T4_CAPABILITY, AttentionPath, choose_attention
 from .checkpoint import (
     QuantConfig,
     attention_shapes,
     config_from_dict,
     expected_expert_tensors,
     expected_trunk_tensors,
+    expert_shapes,
     head_dim,
 )
 from .experts import ExpertLayout
-from .quant import DEFAULT_EXPERT_SPECS
+from .quant import DEFAULT_EXPERT_SPECS, dequantize_peak_bytes
 
 GB = 10**9
 MB = 10**6
@@ -39,11 +41,16 @@ STOCK_CONFIG_FILE = Path(__file__).parent / "data" / "mixtral-8x7b-instruct-conf
 # Where each margin comes from; repeated in the report and in docs/memory_plan.md.
 SOURCES = {
     "exact": "exact: QuantSpec.nbytes / fp16 shapes",
-    "python_rss": "measured: RSS after importing torch, transformers, colab_helpers (CPU build, 0.53 GB)",
+    "python_rss": "measured: RSS after imports + skeleton (CPU build 0.53, CUDA build 0.79 GB)",
+    "rss_now": "measured now: this process's RSS (psutil)",
     "cuda_host_rss": "assumed 1.0 GB; published 0.1-1.7 GB (pytorch#113326)",
+    "cuda_host_later": "assumed: cuBLAS, lazily loaded kernels, Triton after mem_get_info",
     "cuda_growth": "published: CUDA context 0.3-0.43 GB (pytorch#107667, #109888)",
     "slack": "assumed: 20% of transient tensors (caching allocator)",
     "hidden": "counted: Mixtral decoder layer at prefill",
+    "dequant": "measured: memtrack peak of QuantizedWeight.dequantize",
+    "attention": "counted: attention.AttentionPath.scratch_bytes",
+    "reserve": "policy: VRAM never planned (>= 0.5 GB; docs/memory_plan.md)",
     "pow2": "torch CachingHostAllocator: PowerOf2Ceil",
 }
 
@@ -56,9 +63,11 @@ class MemoryPlanError(MemoryError):
 class Margins:
     """Costs the weights do not determine. Each default is measured or published; see ``SOURCES``."""
 
-    python_rss: int = 550 * MB  # measured 0.53 GB (see SOURCES), rounded up
-    cuda_host_rss: int = 1000 * MB  # host memory of the CUDA context, cuBLAS and loaded kernels
+    python_rss: int = 850 * MB  # what-if plans: measured 0.53 GB (CPU torch), 0.79 GB (CUDA torch), rounded up
+    cuda_host_rss: int = 1000 * MB  # what-if plans: host memory of the CUDA context, cuBLAS and loaded kernels
+    cuda_host_later: int = 500 * MB  # measured plans: CUDA host memory that arrives after mem_get_info
     cuda_growth: int = 300 * MB  # device memory the runtime takes after mem_get_info (lazy kernel loading)
+    vram_reserve: int = 500 * MB  # VRAM the plan leaves unused on purpose: what the estimates may have missed
     allocator_slack: float = 0.20  # share of transient tensors lost to fragmentation
     hidden_copies: int = 8  # live [T, H] tensors in one decoder layer at prefill (RMSNorm upcasts to fp32)
     pinned_pow2: bool = False  # True if pinning fell back to pin_memory=True (rounds up to a power of two)
@@ -73,6 +82,7 @@ class ModelSizes:
     hidden: int
     intermediate: int
     vocab: int
+    heads: int
     kv_heads: int
     head_dim: int
     attention_bits: int
@@ -84,17 +94,22 @@ class ModelSizes:
     largest_matrix: int  # elements of the biggest quantized matrix (dequantization scratch)
     attention_params: int  # weights of one layer's q/k/v/o projections
     expert_params: int  # weights of one expert's w1/w2/w3
+    dequant_peak_fp16: int  # QuantizedWeight.dequantize of the largest matrix at its peak, result included
+    dequant_peak_fp32: int
 
     @classmethod
     def of(cls, config: MixtralConfig, quant: QuantConfig) -> ModelSizes:
         attn = sum(quant.attention.nbytes(shape) for shape in attention_shapes(config).values())
         mats = [config.intermediate_size * config.hidden_size, *(o * i for o, i in attention_shapes(config).values())]
+        weights = [(quant.experts, shape) for shape in expert_shapes(config).values()]
+        weights += [(quant.attention, shape) for shape in attention_shapes(config).values()]
         return cls(
             num_layers=config.num_hidden_layers,
             num_experts=config.num_local_experts,
             hidden=config.hidden_size,
             intermediate=config.intermediate_size,
             vocab=config.vocab_size,
+            heads=config.num_attention_heads,
             kv_heads=config.num_key_value_heads,
             head_dim=head_dim(config),
             attention_bits=quant.attention.nbits,
@@ -106,6 +121,8 @@ class ModelSizes:
             largest_matrix=max(mats),
             attention_params=sum(o * i for o, i in attention_shapes(config).values()),
             expert_params=3 * config.intermediate_size * config.hidden_size,
+            dequant_peak_fp16=max(dequantize_peak_bytes(spec, shape, 2) for spec, shape in weights),
+            dequant_peak_fp32=max(dequantize_peak_bytes(spec, shape, 4) for spec, shape in weights),
         )
 
     @property
@@ -116,6 +133,9 @@ class ModelSizes:
     def dense_trunk_bytes(self) -> int:
         """fp16 embeddings, lm_head, norms and routers: the part of the trunk a CPU run upcasts."""
         return self.trunk_bytes - self.num_layers * self.attention_layer_bytes
+
+    def dequant_peak(self, itemsize: int) -> int:
+        return self.dequant_peak_fp16 if itemsize <= 2 else self.dequant_peak_fp32
 
     def kv_bytes_per_token(self, itemsize: int = 2) -> int:
         """K and V of every layer for one token: 2 * layers * kv_heads * head_dim * itemsize."""
@@ -221,6 +241,7 @@ class MemoryPlan:
     suggestions: tuple[str, ...] = ()
     chosen: bool = True  # False when the caller fixed experts_on_device and the plan only checks it
     dense_on_cpu: bool = True  # a CPU run keeps fp32 copies of resident weights (OffloadConfig.dense_on_cpu)
+    attention: AttentionPath = field(default_factory=choose_attention)  # whose prefill scratch is counted
 
     @property
     def fits(self) -> bool:
@@ -257,7 +278,27 @@ class MemoryPlan:
 
     @property
     def vram_peak(self) -> int:
+        """Everything planned on the GPU, the reserve included."""
         return sum(r.vram for r in self.rows)
+
+    @property
+    def vram_reserve(self) -> int:
+        return self.margins.vram_reserve if self.device == "cuda" else 0
+
+    @property
+    def vram_unplanned(self) -> int:
+        """Free VRAM minus every planned use: the reserve plus what whole slots leave over."""
+        return (self.budget.vram or 0) - self.vram_peak + self.vram_reserve if self.device == "cuda" else 0
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Tokens in the largest prefill forward (a chunk on a GPU)."""
+        return min(self.context, self.attention.prefill_chunk or self.context)
+
+    @property
+    def process_rss(self) -> int:
+        """The process's own RAM the plan counts: measured now, or the what-if margin."""
+        return sum(r.ram for r in self.rows if r.item.startswith("Python"))
 
     @property
     def ram_peak(self) -> int:
@@ -289,6 +330,20 @@ class MemoryPlan:
             "ram_steady_gb": round(self.ram_steady / GB, 3),
             "vram_budget_gb": None if self.budget.vram is None else round(self.budget.vram / GB, 3),
             "ram_budget_gb": round(self.budget.ram / GB, 3),
+            "vram_reserve_gb": round(self.vram_reserve / GB, 3),
+            "vram_unplanned_gb": round(self.vram_unplanned / GB, 3),
+            "process_rss_gb": round(self.process_rss / GB, 3),
+            "attention": {
+                "implementation": self.attention.implementation,
+                "kernel": self.attention.kernel,
+                "capability": None if self.attention.capability is None else list(self.attention.capability),
+                "prefill_chunk": self.attention.prefill_chunk,
+            },
+            "prefill_tokens": self.prefill_tokens,
+            "rows": [
+                {"item": r.item, "vram_gb": round(r.vram / GB, 4), "ram_gb": round(r.ram / GB, 4), "source": r.source}
+                for r in self.rows
+            ],
             "reasons": list(self.reasons),
             "suggestions": list(self.suggestions),
         }
@@ -304,23 +359,27 @@ def _pinned_alloc(nbytes: int, pow2: bool) -> int:
 # ---- rows ----------------------------------------------------------------------------------------
 
 
-def _transient_rows(s: ModelSizes, context: int, itemsize: int, m: Margins) -> list[tuple[str, int, str]]:
-    """Activations of a prefill of ``context`` tokens, in the compute dtype, plus allocator slack."""
-    t, dt = context, f"fp{8 * itemsize}"
+def _transient_rows(
+    s: ModelSizes, context: int, itemsize: int, m: Margins, attention: AttentionPath
+) -> list[tuple[str, int, str]]:
+    """Activations of the largest prefill forward (one chunk of ``attention.prefill_chunk`` tokens, or
+    the whole ``context``) against a ``context``-token KV cache, in the compute dtype, plus allocator slack."""
+    t, dt = min(context, attention.prefill_chunk or context), f"fp{8 * itemsize}"
+    scratch = attention.scratch_bytes(context, s.heads, s.kv_heads, s.head_dim, itemsize)
     items = [
         (
-            f"hidden states: {m.hidden_copies} x [T, {s.hidden}] {dt}",
+            f"hidden states: {m.hidden_copies} x [{t}, {s.hidden}] {dt}",
             m.hidden_copies * t * s.hidden * itemsize,
             SOURCES["hidden"],
         ),
         (
-            f"expert intermediates: 3 x [T, {s.intermediate}] {dt}",
+            f"expert intermediates: 3 x [{t}, {s.intermediate}] {dt}",
             3 * t * s.intermediate * itemsize,
             "counted: w2(silu(w1 x) * w3 x)",
         ),
-        (f"logits [T, {s.vocab}] {dt}", t * s.vocab * itemsize, "counted: full-prompt logits"),
-        ("attention mask [T, T] bool", t * t, "counted: sdpa boolean mask"),
-        (f"dequantized-weight scratch {dt}", 2 * itemsize * s.largest_matrix, "counted: quant.dequantize temporaries"),
+        (f"logits [{t}, {s.vocab}] {dt}", t * s.vocab * itemsize, "counted: full-chunk logits"),
+        (f"attention scratch ({attention.kernel}) [{t} x {context}]", scratch, SOURCES["attention"]),
+        (f"dequantized weight + scratch (largest matrix) {dt}", s.dequant_peak(itemsize), SOURCES["dequant"]),
     ]
     slack = int(m.allocator_slack * sum(b for _, b, _ in items))
     return [*items, (f"allocator slack {m.allocator_slack:.0%} of the above", slack, SOURCES["slack"])]
@@ -340,31 +399,36 @@ def _trunk_label(s: ModelSizes) -> str:
     return f"trunk: {s.attention_bits}-bit attention + fp16 embed/lm_head/norms/router"
 
 
-def _cuda_fixed_rows(s: ModelSizes, context: int, m: Margins) -> list[Row]:
+def _cuda_fixed_rows(s: ModelSizes, context: int, m: Margins, attention: AttentionPath) -> list[Row]:
     """Everything on the GPU except the expert slots (whose number the plan chooses)."""
     rows = [Row(_trunk_label(s), s.trunk_bytes, 0, SOURCES["exact"])]
     name, kv, src = _kv_row(s, context, 2)
     rows.append(Row(name, kv, 0, src))
-    rows += [Row(f"prefill {name}", b, 0, src) for name, b, src in _transient_rows(s, context, 2, m)]
+    rows += [Row(f"prefill {name}", b, 0, src) for name, b, src in _transient_rows(s, context, 2, m, attention)]
     rows.append(Row("CUDA runtime growth after planning", m.cuda_growth, 0, SOURCES["cuda_growth"]))
+    rows.append(Row("reserve: VRAM left unplanned on purpose", m.vram_reserve, 0, SOURCES["reserve"]))
     return rows
 
 
 def _process_rows(device: str, budget: Budget, m: Margins) -> list[Row]:
+    """The process's own RAM: its RSS measured now when the budget was measured, else the what-if margins."""
+    if budget.rss_now > 0:
+        rows = [Row("Python process now (imports, CUDA context, all alive)", 0, budget.rss_now, SOURCES["rss_now"])]
+        if device == "cuda":
+            rows.append(Row("CUDA host memory loaded after planning", 0, m.cuda_host_later, SOURCES["cuda_host_later"]))
+        return rows
     rows = [Row("Python + torch + transformers + colab_helpers", 0, m.python_rss, SOURCES["python_rss"])]
-    base = m.python_rss
     if device == "cuda":
         rows.append(Row("CUDA runtime host memory", 0, m.cuda_host_rss, SOURCES["cuda_host_rss"]))
-        base += m.cuda_host_rss
-    if budget.rss_now > base:
-        rows.append(Row("process RSS now above that baseline", 0, budget.rss_now - base, "measured now"))
     return rows
 
 
-def _cuda_rows(s: ModelSizes, context: int, slots: int, host: int, budget: Budget, m: Margins) -> list[Row]:
+def _cuda_rows(
+    s: ModelSizes, context: int, slots: int, host: int, budget: Budget, m: Margins, attention: AttentionPath
+) -> list[Row]:
     pinned = host * s.slot_bytes
     alloc = _pinned_alloc(pinned, m.pinned_pow2)
-    rows = _cuda_fixed_rows(s, context, m)
+    rows = _cuda_fixed_rows(s, context, m, attention)
     rows.insert(
         1, Row(f"expert slots: {slots} x {s.slot_bytes / MB:.2f} MB", slots * s.slot_bytes, 0, SOURCES["exact"])
     )
@@ -389,7 +453,14 @@ def _load_rows(s: ModelSizes) -> list[Row]:
 
 
 def _cpu_rows(
-    s: ModelSizes, context: int, slots: int, host: int, budget: Budget, m: Margins, dense: bool = True
+    s: ModelSizes,
+    context: int,
+    slots: int,
+    host: int,
+    budget: Budget,
+    m: Margins,
+    attention: AttentionPath,
+    dense: bool = True,
 ) -> list[Row]:
     """A CPU run keeps device slots and host experts in RAM and computes in float32.
 
@@ -409,7 +480,7 @@ def _cpu_rows(
     rows.append(Row("fp32 copies of embed/lm_head/norms/router", 0, 2 * s.dense_trunk_bytes, SOURCES["exact"]))
     name, kv, src = _kv_row(s, context, 4)
     rows.append(Row(name, 0, kv, src))
-    rows += [Row(f"prefill {n}", 0, b, src) for n, b, src in _transient_rows(s, context, 4, m)]
+    rows += [Row(f"prefill {n}", 0, b, src) for n, b, src in _transient_rows(s, context, 4, m, attention)]
     rows.append(Row("expert shard during load", 0, s.expert_bytes, "loader: one file at a time", True))
     if dense:
         src = "exact: OffloadConfig.dense_on_cpu copies"
@@ -430,9 +501,11 @@ def _spread(placed: int, num_layers: int, num_experts: int) -> tuple[int, ...]:
     return tuple(min(num_experts, max(1, k + (i < extra))) for i in range(num_layers))
 
 
-def _choose_cuda(s: ModelSizes, context: int, budget: Budget, spare: int, m: Margins) -> tuple[tuple[int, ...], int]:
-    """As many experts on the GPU as the free VRAM holds after everything else and the margins."""
-    fixed = sum(r.vram for r in _cuda_fixed_rows(s, context, m))
+def _choose_cuda(
+    s: ModelSizes, context: int, budget: Budget, spare: int, m: Margins, attention: AttentionPath
+) -> tuple[tuple[int, ...], int]:
+    """As many experts on the GPU as the free VRAM holds after everything else, the margins and the reserve."""
+    fixed = sum(r.vram for r in _cuda_fixed_rows(s, context, m, attention))
     n_slots = max(0, (budget.vram or 0) - fixed) // s.slot_bytes
     if n_slots >= s.total_experts:
         return (s.num_experts,) * s.num_layers, 0
@@ -457,11 +530,17 @@ def plan_memory(
     margins: Margins | None = None,
     suggest: bool = True,
     dense_on_cpu: bool = True,
+    attention: AttentionPath | None = None,
 ) -> MemoryPlan:
-    """Choose (or, when ``experts_on_device`` is given, check) where experts live; pure arithmetic."""
+    """Choose (or, when ``experts_on_device`` is given, check) where experts live; pure arithmetic.
+
+    ``attention`` is the path whose prefill scratch is counted; default for a GPU: this GPU's when the
+    budget was measured here, else a T4's (compute capability 7.5).
+    """
     m = margins or Margins()
     s = ModelSizes.of(config, quant)
     dev = _device(device).type
+    attention = attention or _default_attention(dev, budget)
     if context < 1:
         raise ValueError(f"context must be at least 1 token, got {context}")
     if dev == "cuda" and budget.vram is None:
@@ -469,18 +548,28 @@ def plan_memory(
     if experts_on_device is not None:
         ks = _normalize(experts_on_device, s)
     elif dev == "cuda":
-        ks, spare_slots = _choose_cuda(s, context, budget, spare_slots, m)
+        ks, spare_slots = _choose_cuda(s, context, budget, spare_slots, m, attention)
     else:
         ks = _normalize(2, s)  # a CPU run: a small cache so offloading is exercised (memory is the same)
     host = s.total_experts - sum(ks)
     spare = spare_slots if host else 0
     slots = sum(ks) + spare
     if dev == "cuda":
-        rows = tuple(_cuda_rows(s, context, slots, host, budget, m))
+        rows = tuple(_cuda_rows(s, context, slots, host, budget, m, attention))
     else:
-        rows = tuple(_cpu_rows(s, context, slots, host, budget, m, dense_on_cpu))
+        rows = tuple(_cpu_rows(s, context, slots, host, budget, m, attention, dense_on_cpu))
     plan = MemoryPlan(
-        dev, context, s, budget, ks, spare, rows, m, chosen=experts_on_device is None, dense_on_cpu=dense_on_cpu
+        dev,
+        context,
+        s,
+        budget,
+        ks,
+        spare,
+        rows,
+        m,
+        chosen=experts_on_device is None,
+        dense_on_cpu=dense_on_cpu,
+        attention=attention,
     )
     reasons = _reasons(plan)
     if not reasons:
@@ -489,6 +578,14 @@ def plan_memory(
     if suggest:
         plan = replace(plan, suggestions=_suggestions(plan, config, quant, spare_slots))
     return plan
+
+
+def _default_attention(device: str, budget: Budget) -> AttentionPath:
+    if device != "cuda":
+        return choose_attention("cpu")
+    if budget.measured and torch.cuda.is_available():
+        return choose_attention("cuda")
+    return choose_attention("cuda", capability=T4_CAPABILITY)
 
 
 def _reasons(plan: MemoryPlan) -> tuple[str, ...]:
@@ -523,7 +620,9 @@ def _suggestions(plan: MemoryPlan, config: MixtralConfig, quant: QuantConfig, sp
         margins: Margins = plan.margins,
         dense: bool = plan.dense_on_cpu,
     ) -> MemoryPlan:
-        return plan_memory(config, cfg_quant, budget, plan.device, context, None, spare, margins, False, dense)
+        return plan_memory(
+            config, cfg_quant, budget, plan.device, context, None, spare, margins, False, dense, plan.attention
+        )
 
     if not plan.chosen and (auto := again()).fits:
         k = auto.experts_on_device
@@ -613,6 +712,7 @@ def _report_lines(plan: MemoryPlan) -> list[str]:
     lines = [
         f"memory plan: Mixtral {s.num_layers} layers x {s.num_experts} experts on {plan.device}, "
         f"context {plan.context} tokens (GB = 10^9 B)",
+        f"  {plan.attention.describe()}",
         f"  one {s.expert_bits}-bit expert {s.expert_bytes:,} B (cache slot {s.slot_bytes:,} B); "
         f"{s.attention_bits}-bit attention {s.attention_layer_bytes:,} B/layer; trunk {s.trunk_bytes:,} B",
         f"  budget: {b.describe()}",
@@ -625,12 +725,14 @@ def _report_lines(plan: MemoryPlan) -> list[str]:
     cuda = plan.device == "cuda"
     lines.append(f"  {'peak':<62}{_gb(plan.vram_peak, cuda)} {_gb(plan.ram_peak)}")
     lines.append(f"  {'available':<62}{_gb(b.vram or 0, cuda)} {_gb(b.ram)}")
-    head_v = (b.vram or 0) - plan.vram_peak
     lines.append(
-        f"  {'headroom':<62}{head_v / GB:8.3f} {(b.ram - plan.ram_peak) / GB:8.3f}"
+        f"  {'headroom beyond the reserve':<62}{((b.vram or 0) - plan.vram_peak) / GB:8.3f} "
+        f"{(b.ram - plan.ram_peak) / GB:8.3f}"
         if cuda
         else f"  {'headroom':<62}{'-':>8} {(b.ram - plan.ram_peak) / GB:8.3f}"
     )
+    if cuda:
+        lines.append(f"  {'VRAM unplanned (reserve + headroom)':<62}{plan.vram_unplanned / GB:8.3f}")
     lines += ["", *_arithmetic(plan), ""]
     if plan.fits:
         lines.append(f"FITS: {_placement(plan)}")
@@ -649,12 +751,13 @@ def _arithmetic(plan: MemoryPlan) -> list[str]:
             f"arithmetic: all {s.total_experts} experts and the trunk live in RAM on a CPU run; "
             f"{plan.device_experts} of them are 'device' slots"
         ]
-    fixed = sum(r.vram for r in _cuda_fixed_rows(s, plan.context, plan.margins))
+    fixed = sum(r.vram for r in _cuda_fixed_rows(s, plan.context, plan.margins, plan.attention))
     room = (b.vram or 0) - fixed
     k, extra = divmod(plan.device_experts, s.num_layers)
     split = f"{k} x {s.num_layers}" + (f" + {extra} (one more in layers 0-{extra - 1})" if extra else "")
     return [
-        f"arithmetic: {(b.vram or 0) / GB:.3f} GB free - {fixed / GB:.3f} GB (trunk, KV, activations, margins) "
+        f"arithmetic: {(b.vram or 0) / GB:.3f} GB free - {fixed / GB:.3f} GB (trunk, KV, activations, margins, "
+        f"reserve) "
         f"= {room / GB:.3f} GB for expert slots",
         f"            -> {max(0, room) // s.slot_bytes} slots of {s.slot_bytes / MB:.2f} MB; "
         f"{plan.spare_slots} spare + {plan.device_experts} experts = {split}",
@@ -697,6 +800,7 @@ def plan_for_checkpoint(
     experts_on_device: int | Sequence[int] | None = None,
     budget: Budget | None = None,
     dense_on_cpu: bool = True,
+    attention: AttentionPath | None = None,
 ) -> MemoryPlan:
     """Plan for a checkpoint folder (config and quantization read from it) on this machine."""
     from .checkpoint import Checkpoint
@@ -704,7 +808,9 @@ def plan_for_checkpoint(
     ckpt = Checkpoint.open(Path(path), verify=False)
     dev = _device(device)
     budget = budget or measure_budget(dev)
-    return plan_memory(ckpt.config, ckpt.quant, budget, dev, context, experts_on_device, dense_on_cpu=dense_on_cpu)
+    return plan_memory(
+        ckpt.config, ckpt.quant, budget, dev, context, experts_on_device, dense_on_cpu=dense_on_cpu, attention=attention
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from colab_helpers.checkpoint import (
     expert_prefix,
     shard_name,
 )
-from colab_helpers.planner import MB, Budget, ModelSizes, plan_for_checkpoint
+from colab_helpers.planner import MB, Budget, Margins, ModelSizes, plan_for_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 K = 2  # experts per layer in "device" slots
@@ -76,8 +76,12 @@ CHILD = r"""
 import json, resource, sys, threading, time
 import psutil
 from colab_helpers.model import load_model
+from colab_helpers.planner import plan_for_checkpoint
 
 path, k = sys.argv[1], int(sys.argv[2])
+# the plan as a loader makes it: this process's RSS measured now, not an assumed import cost;
+# loading only (context 1, no forward pass, so no dense fp32 copies yet)
+plan = plan_for_checkpoint(path, device="cpu", context=1, experts_on_device=k, dense_on_cpu=False)
 peak = {"RssAnon": 0, "RssFile": 0}
 done = threading.Event()
 
@@ -106,6 +110,9 @@ print(json.dumps({
     "peak_file": peak["RssFile"],
     "buffers": cache.device_bytes + cache.host_bytes,
     "seconds": seconds,
+    "plan_ram_peak": plan.ram_peak,
+    "plan_process_rss": plan.process_rss,
+    "plan_report": plan.report(),
 }))
 """
 
@@ -126,14 +133,16 @@ def _load_in_subprocess(path: Path) -> dict:
 
 
 def test_load_peak_rss_within_plan(checkpoint):
+    """Holds with the CPU and the CUDA build of torch (whose imports alone take ~0.25 GB more RSS)."""
     path, size = checkpoint
     assert size >= 1_000_000_000
-    budget = Budget.given(None, 1000)  # loading only: no forward pass, so no dense fp32 copies yet
+    budget = Budget.given(None, 1000)
     plan = plan_for_checkpoint(path, device="cpu", context=1, experts_on_device=K, budget=budget, dense_on_cpu=False)
     s: ModelSizes = plan.sizes
     m = _load_in_subprocess(path)
-    print(f"\ncheckpoint {size / 1e9:.2f} GB; measured {json.dumps(m)}")
-    print(plan.report())
+    numbers = {k: v for k, v in m.items() if k != "plan_report"}
+    print(f"\ncheckpoint {size / 1e9:.2f} GB; measured {json.dumps(numbers)}")
+    print(m["plan_report"])
 
     assert m["buffers"] == (s.total_experts + plan.spare_slots) * s.slot_bytes  # the plan's exact buffer bytes
     bound = m["baseline"] + m["buffers"] + s.trunk_bytes + 2 * s.dense_trunk_bytes + s.expert_bytes + TOLERANCE
@@ -142,5 +151,11 @@ def test_load_peak_rss_within_plan(checkpoint):
         f"+ trunk shard {s.trunk_bytes / 1e9:.3f} + fp32 dense trunk {2 * s.dense_trunk_bytes / 1e9:.3f} "
         f"+ one expert shard {s.expert_bytes / 1e9:.3f} GB (+{TOLERANCE / 1e6:.0f} MB)"
     )
-    assert m["peak"] <= plan.ram_peak, f"peak RSS {m['peak'] / 1e9:.3f} GB above the plan's {plan.ram_peak / 1e9:.3f}"
-    assert m["baseline"] <= plan.margins.python_rss  # the measured import cost the planner assumes still holds
+    # the child's own plan counted its measured RSS, whatever torch build imported
+    assert abs(m["plan_process_rss"] - m["baseline"]) < 32 * MB
+    assert m["peak"] <= m["plan_ram_peak"], (
+        f"peak RSS {m['peak'] / 1e9:.3f} GB above the plan's {m['plan_ram_peak'] / 1e9:.3f}"
+    )
+    # the what-if margin (plans made for another machine) covers this build's import cost
+    assert m["baseline"] <= Margins().python_rss
+    assert m["peak"] <= plan.ram_peak  # so the what-if plan holds here too

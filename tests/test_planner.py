@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from colab_helpers import planner
+from colab_helpers.attention import NO_GQA, AttentionPath, choose_attention
 from colab_helpers.checkpoint import (
     INDEX_FILE,
     QUANT_CONFIG_KEY,
@@ -66,6 +67,52 @@ def test_free_t4_gets_at_least_five_experts_per_layer(config):
     assert "arithmetic:" in report and "FITS" in report and "66,404,364" in report
 
 
+def test_free_t4_keeps_a_reserve_and_counts_the_chosen_attention_path(config):
+    """>= 0.5 GB of VRAM never planned, and the prefill scratch of the path a T4 runs (attention.py)."""
+    plan = plan_memory(config, QuantConfig(), T4, "cuda", context=4096)
+    assert plan.fits and min(plan.per_layer) >= 5
+    assert plan.vram_unplanned >= 0.5 * GB and plan.vram_reserve >= 0.5 * GB
+    assert plan.vram_peak + plan.vram_unplanned - plan.vram_reserve == 15 * GB
+    path = plan.attention
+    assert (path.implementation, path.kernel, path.capability, path.prefill_chunk) == (
+        NO_GQA,
+        "memory_efficient",
+        (7, 5),
+        1024,
+    )
+    attn = next(r for r in plan.rows if "attention scratch" in r.item)
+    assert attn.vram == path.scratch_bytes(4096, 32, 8, 128, 2)  # K/V expanded to 32 heads + one chunk's mask
+    hidden = next(r for r in plan.rows if "hidden states" in r.item)
+    assert hidden.vram == 8 * 1024 * 4096 * 2  # activations of one 1024-token chunk, not of 4096 tokens
+    dequant = next(r for r in plan.rows if "dequantized weight" in r.item)
+    assert dequant.vram == plan.sizes.dequant_peak_fp16 > 14336 * 4096 * 2
+
+
+def test_the_gqa_math_path_would_cost_experts(config):
+    """Stock transformers on a T4 (GQA flag -> math kernel, whole-prompt prefill): 4.3 GB of fp32 scores."""
+    stock_t4 = AttentionPath("sdpa", "math", (7, 5), None, "stock transformers on a T4")
+    math = plan_memory(config, QuantConfig(), T4, "cuda", context=4096, attention=stock_t4)
+    chosen = plan_memory(config, QuantConfig(), T4, "cuda", context=4096)
+    assert next(r.vram for r in math.rows if "attention scratch" in r.item) > 4.29 * GB
+    assert math.device_experts < chosen.device_experts - 64
+    flash = plan_memory(config, QuantConfig(), T4, "cuda", attention=choose_attention("cpu", capability=(8, 0)))
+    assert flash.attention.kernel == "flash" and flash.fits
+
+
+def test_a_measured_budget_counts_the_live_process(config):
+    """No assumed import cost: the RSS measured now (CUDA build, an old model still alive, ...) is a row."""
+    live = Budget(vram=15 * GB, ram=int(12.7 * GB), rss_now=2 * GB, measured=True)
+    plan = plan_memory(config, QuantConfig(), live, "cuda")
+    items = {r.item: r.ram for r in plan.rows}
+    assert plan.process_rss == 2 * GB and items["CUDA host memory loaded after planning"] == Margins().cuda_host_later
+    assert "Python + torch + transformers + colab_helpers" not in items
+    what_if = plan_memory(config, QuantConfig(), T4, "cuda")
+    assert what_if.process_rss == Margins().python_rss
+    assert plan.ram_peak - what_if.ram_peak == 2 * GB + Margins().cuda_host_later - sum(
+        r.ram for r in what_if.rows if r.item.startswith(("Python", "CUDA runtime host"))
+    )
+
+
 def test_more_vram_never_means_fewer_experts(config):
     ks = [sum(plan_memory(config, QuantConfig(), Budget.given(v, 40), "cuda").per_layer) for v in (8, 12, 15, 24)]
     assert ks == sorted(ks)
@@ -96,13 +143,13 @@ def test_long_context_suggests_a_shorter_one(config):
 
 
 def test_pinned_rounding_is_counted_and_explained(config):
-    """If pinning falls back to pin_memory=True (power-of-two blocks), 130 host experts (8.6 GB) take 17.2 GB."""
-    plan = plan_memory(config, QuantConfig(), Budget.given(12, 12.7), "cuda", margins=Margins(pinned_pow2=True))
-    assert plan.host_experts == 130 and plan.pinned_host_bytes == 130 * plan.sizes.slot_bytes
+    """If pinning falls back to pin_memory=True (power-of-two blocks), 130+ host experts (> 8.6 GB) take 17.2 GB."""
+    plan = plan_memory(config, QuantConfig(), Budget.given(11.7, 12.7), "cuda", margins=Margins(pinned_pow2=True))
+    assert plan.host_experts >= 130 and plan.pinned_host_bytes == plan.host_experts * plan.sizes.slot_bytes
     assert plan.pinned_alloc_bytes == 2**34
     assert not plan.fits
     assert any("power-of-two" in s for s in plan.suggestions)
-    no_round = plan_memory(config, QuantConfig(), Budget.given(12, 12.7), "cuda", margins=Margins(pinned_pow2=False))
+    no_round = plan_memory(config, QuantConfig(), Budget.given(11.7, 12.7), "cuda", margins=Margins(pinned_pow2=False))
     assert no_round.fits and no_round.pinned_alloc_bytes == no_round.pinned_host_bytes
 
 
@@ -169,7 +216,8 @@ def test_measure_budget_uses_mem_get_info_and_psutil(monkeypatch):
 def test_margins_are_documented():
     doc = (planner.STOCK_CONFIG_FILE.parents[2] / "docs" / "memory_plan.md").read_text()
     m = Margins()
-    for number in ("0.53", f"{m.cuda_growth / GB:.1f}", f"{m.cuda_host_rss / GB:.1f}", "PowerOf2Ceil"):
+    numbers = ("0.53", "0.79", f"{m.python_rss / GB:.2f}", f"{m.vram_reserve / GB:.1f} GB", "499", "171")
+    for number in (*numbers, f"{m.cuda_growth / GB:.1f}", f"{m.cuda_host_rss / GB:.1f}", "PowerOf2Ceil"):
         assert number in doc
 
 
@@ -207,6 +255,15 @@ def test_cli_t4_fits_with_json(capsys):
     ks = data["experts_on_device"]
     assert min(ks if isinstance(ks, list) else [ks]) >= 5
     assert data["vram_peak_gb"] <= 15 and data["ram_peak_gb"] <= 12.7
+    assert data["vram_unplanned_gb"] >= 0.5 and data["vram_reserve_gb"] >= 0.5
+    assert data["attention"] == {
+        "implementation": NO_GQA,
+        "kernel": "memory_efficient",
+        "capability": [7, 5],
+        "prefill_chunk": 1024,
+    }
+    assert data["prefill_tokens"] == 1024 and data["process_rss_gb"] == 0.85
+    assert sum(r["vram_gb"] for r in data["rows"]) == pytest.approx(data["vram_peak_gb"], abs=0.01)
     assert "arithmetic" in captured.err
 
 
