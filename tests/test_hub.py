@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 import torch
 from fake_hub import FakeHub
@@ -40,7 +41,8 @@ def fake(tmp_path, monkeypatch) -> FakeHub:
     server.start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a developer's offline setting must not leak in
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     yield server
     server.stop()
@@ -70,8 +72,6 @@ def file_gets(fake: FakeHub) -> list[str]:
 
 
 def test_default_mode_fills_the_hub_cache_at_the_resolved_commit(fake, tmp_path):
-    import huggingface_hub
-
     path = fetch()
     commit = fake.repos[REPO].commit
     storage = tmp_path / "hub-cache" / "models--fake--tiny-mixtral"
