@@ -186,9 +186,11 @@ def download(
             if not _falls_back(err):
                 raise
             if local_copy_ready(err):
+                unkeyed = not layout.cache and layout.read_record() is None
                 say(
                     f"hub: the hub is unreachable or failing ({describe(err)}); using the complete local copy of "
                     f"{repo_id}@{revision} in {local[0]}"
+                    + (" (no download record there: its revision could not be checked)" if unkeyed else "")
                 )
                 return local[0]
             raise DownloadError(_unreachable(repo_id, err, net, time.monotonic() - started)) from None

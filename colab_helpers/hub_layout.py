@@ -177,14 +177,16 @@ class Layout:
 
         Files touched in the last minute are left alone: another process may be writing them.
         huggingface_hub's own ``<etag>.<random>.incomplete`` leftovers are renamed to our name when we
-        need that blob, so their bytes are not lost.
+        need that blob, so their bytes are not lost; in a folder, its ``.cache/huggingface/download``
+        leftovers (earlier versions of this package used ``snapshot_download``) are deleted.
         """
-        folder = self.root / "blobs" if self.cache else self.root / ".cache" / "colab_helpers"
-        if not folder.is_dir():
-            return []
+        if self.cache:
+            folders = [self.root / "blobs"]
+        else:
+            folders = [self.root / ".cache" / "colab_helpers", self.root / ".cache" / "huggingface" / "download"]
         removed = []
         now = time.time()
-        for path in folder.rglob("*.incomplete"):
+        for path in (p for folder in folders if folder.is_dir() for p in folder.rglob("*.incomplete")):
             if path in keep:
                 continue
             adopt = next((k for k in keep if path.name.startswith(k.name[: -len(".incomplete")] + ".")), None)

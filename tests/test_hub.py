@@ -186,6 +186,24 @@ def test_abandoned_partial_files_are_cleaned_or_adopted(fake, tmp_path):
     assert fake.gets(SHARD)[-1].range == "bytes=30000-"
 
 
+def test_leftovers_of_an_older_local_dir_download_are_cleaned(fake, tmp_path):
+    old = tmp_path / "ckpt" / ".cache" / "huggingface" / "download" / "abc.deadbeef.incomplete"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"half a shard")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert_identical(fetch(local_dir=tmp_path / "ckpt"))
+    assert not old.exists()
+
+
+def test_a_folder_without_a_record_is_used_offline_and_says_so(fake, tmp_path, capsys):
+    path = fetch(local_dir=tmp_path / "ckpt")
+    (path / RECORD).unlink()  # as a hand-copied folder, or one from an earlier version of this package
+    fake.stop()
+    capsys.readouterr()
+    assert fetch(local_dir=tmp_path / "ckpt") == path
+    assert "revision could not be checked" in capsys.readouterr().err
+
+
 def test_backoff_is_bounded():
     net = NetConfig(timeout_s=10, attempts=5, first_wait_s=1, max_wait_s=4)
     assert [net.wait_s(i) for i in range(1, 6)] == [1, 2, 4, 4, 4]
