@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .generation import GenerationResult, GenerationStats, SamplingConfig
+from .session import SessionBusy
 
 if TYPE_CHECKING:
     from .session import ChatSession
@@ -334,7 +335,7 @@ def chat(
 
     try:
         result = session.send(message, on_text=write, sampling=sampling)
-    except ValueError as err:
+    except (ValueError, SessionBusy) as err:
         print(f"not sent: {err}", file=out)
         return None
     print(file=out)

@@ -304,6 +304,10 @@ class ExpertCache:
         # CPU fast path: a slot's weights are dequantized once per load instead of once per use
         self.dense_dtype = dense_dtype if self.device.type == "cpu" else None
         self._slot_dense = [False] * n_slots
+        # held by each MoE layer's whole cache step (fetch, compute, prefetch): two generations on two
+        # threads (a widget callback on a kernel subshell and a cell) then interleave whole layer steps,
+        # never half a swap. Re-entrant so a step may call ``fetch``/``prefetch`` freely.
+        self.lock = threading.RLock()
 
     # ---- load time -------------------------------------------------------------------------------
 

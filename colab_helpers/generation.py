@@ -7,11 +7,13 @@ Colab's stop button ends the answer cleanly: what was generated is kept and the 
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -51,7 +53,7 @@ class GenerationStats:
     d2h_bytes: int = 0
     prefetch_precision: float = 0.0
     prefetch_recall: float = 0.0
-    stop_reason: str = "length"  # "eos" | "length" | "interrupted" | "out_of_memory"
+    stop_reason: str = "length"  # "eos" | "length" | "stopped" | "interrupted" | "out_of_memory"
     vram_gb: float | None = None
 
     @property
@@ -108,6 +110,16 @@ class CallbackStreamer(BaseStreamer):
         pass
 
 
+class StopOnEvent(StoppingCriteria):
+    """Ends generation after the current token once ``event`` is set (a Stop button on another thread)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -144,11 +156,13 @@ def generate_stream(
     sampling: SamplingConfig = SamplingConfig(),
     on_text: Callable[[str], None] | None = None,
     past_key_values=None,
+    stop: threading.Event | None = None,
 ) -> GenerationResult:
     """Generate from ``input_ids`` ([1, T]) streaming text to ``on_text``; never raises on Ctrl-C or OOM.
 
-    On an interrupt the partial answer is returned (``stop_reason="interrupted"``); on CUDA out of
-    memory the KV cache is dropped, memory released, and ``error`` says what happened.
+    On an interrupt the partial answer is returned (``stop_reason="interrupted"``); setting ``stop``
+    (from any thread) ends it after the current token (``"stopped"``); on CUDA out of memory the KV
+    cache is dropped, memory released, and ``error`` says what happened.
     """
     cache = getattr(model, "expert_cache", None)
     if cache is not None:
@@ -164,6 +178,8 @@ def generate_stream(
     error = None
     try:
         kv = {_kv_cache_kwarg(model): past_key_values} if past_key_values is not None else {}
+        if stop is not None:
+            kv["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(stop)])
         out = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -176,6 +192,8 @@ def generate_stream(
         past_key_values = _output_cache(out, past_key_values)
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         stats.stop_reason = "eos" if new_ids and new_ids[-1] in eos_ids else "length"
+        if stop is not None and stop.is_set() and stats.stop_reason == "length":
+            stats.stop_reason = "stopped"
     except KeyboardInterrupt:
         new_ids = list(streamer.token_ids)
         stats.stop_reason = "interrupted"

@@ -55,6 +55,10 @@ class OffloadedMoE(nn.Module):
         self.observers: list = []
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        with self.cache.lock:  # one layer's cache step is atomic, whatever thread calls (see ExpertCache.lock)
+            return self._step(hidden_states)
+
+    def _step(self, hidden_states: torch.Tensor) -> torch.Tensor:
         bsz, seq, hidden = hidden_states.shape
         x = hidden_states.reshape(-1, hidden)  # [T, H]
         _, weights, index = self.gate(x)  # [T, k], [T, k]
