@@ -1,20 +1,29 @@
 """A chat widget over ``ChatSession`` that works in Colab (ipywidgets 7.7) and in Jupyter (ipywidgets 8).
 
-Colab renders only updates made by the running cell or callback, and queues clicks until that
-callback returns (``docs`` in ``../shared/docs/COLAB.md``). So generation runs on the main thread
-inside the Send callback and the transcript ``HTML`` is rewritten every few tokens; a Stop button could
-never be clicked, so the UI points at Colab's own stop (■), which raises ``KeyboardInterrupt``: the
-session keeps the partial answer and the UI restores itself in ``finally``.
+Where widget callbacks arrive decides how an answer can be stopped:
 
-Everything the buttons do is a method (``send``, ``clear``) and all state is Python (``transcript``,
-``sampling``, ``status``), so tests drive the widget headlessly. Only widget classes, traits and calls
-present in both ipywidgets 7.7 and 8 are used (no ``Text.on_submit``, no 8-only layouts).
+- **Main thread** (Colab, classic Notebook 6): clicks queue until the running callback returns, and
+  updates from other threads do not render in Colab (``docs/COLAB.md``). So the answer is generated
+  inside the Send callback, the transcript is rewritten every few tokens, and the notebook's own
+  interrupt (Colab's ■, Kernel → Interrupt) stops it: ``KeyboardInterrupt``, partial answer kept.
+- **A kernel subshell** (JupyterLab 4 with ipykernel 7, ``commsOverSubshells``): SIGINT never reaches
+  that thread, so the interrupt does nothing. The Send callback then hands the answer to a worker
+  thread and returns, the next click is delivered at once, and the **Stop** button shown in this
+  mode ends the answer (``ChatSession.stop``). Cells keep running meanwhile; the expert cache's lock
+  keeps the model correct, and a second message to the same conversation is refused.
+
+The widget watches its session, so turns made with ``chat()`` from a cell appear as they stream.
+Everything the buttons do is a method (``send``, ``stop``, ``clear``) and all state is Python
+(``transcript``, ``sampling``, ``status``), so tests drive it headlessly. Only widget classes, traits
+and calls present in both ipywidgets 7.7 and 8 are used (no ``Text.on_submit``, no 8-only layouts);
+Ctrl+Enter / Shift+Enter is a small key handler shipped as a Javascript output beside the widget.
 """
 
 from __future__ import annotations
 
 import html
 import sys
+import threading
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
@@ -25,12 +34,39 @@ from .session import SessionBusy
 if TYPE_CHECKING:
     from .session import ChatSession
 
-STOP_NOTE = (
-    "To stop an answer early, use Colab's stop button (■ next to the cell, or Runtime → Interrupt execution): "
-    "the text so far is kept and the conversation goes on. Clicks made during an answer wait until it ends."
+NOTE_MAIN_THREAD = (
+    "To stop an answer early, use the notebook's interrupt: Colab's ■ next to the cell (or Runtime → Interrupt "
+    "execution), Kernel → Interrupt in Jupyter. The text so far is kept and the conversation goes on. "
+    "Clicks made during an answer wait until it ends."
 )
+NOTE_SUBSHELL = (
+    "Stop ends an answer early: the text so far is kept and the conversation goes on (this front end delivers "
+    "clicks during an answer, and Kernel → Interrupt does not reach it). Cells keep running meanwhile; a message "
+    "to this conversation from a cell is refused until the answer ends."
+)
+NOTE_UNKNOWN = (
+    "To stop an answer early: in Colab or Notebook 6 use the interrupt (■ / Kernel → Interrupt); in JupyterLab "
+    "a Stop button appears here once the widget has heard from this front end. The text so far is kept."
+)
+STOP_NOTE = NOTE_MAIN_THREAD  # what Colab users read (kept for older imports)
+KEYS_HINT = "Ctrl+Enter (or Shift+Enter) sends, Enter starts a new line"
 ROLE_NAMES = {"user": "You", "assistant": "Model"}
 ROLE_COLORS = {"user": "#1a5fb4", "assistant": "#26a269"}
+CSS_CHAT, CSS_PROMPT, CSS_SEND = "colab-helpers-chat", "colab-helpers-prompt", "colab-helpers-send"
+
+# Ctrl/Cmd/Shift+Enter in the prompt clicks this chat's Send button. Registered once per page, in the
+# capture phase so the notebook's own Shift+Enter / Ctrl+Enter (run cell) never sees the key. Blurring
+# first makes the text box sync its value before the click reaches the kernel.
+KEYS_JS = (
+    "(function(){if(window.__colabHelpersChatKeys){return;}window.__colabHelpersChatKeys=true;"
+    "window.addEventListener('keydown',function(e){"
+    "if(e.key!=='Enter'||!(e.ctrlKey||e.metaKey||e.shiftKey)){return;}"
+    "var t=e.target;if(!t||!t.closest){return;}var box=t.closest('." + CSS_PROMPT + "');if(!box){return;}"
+    "e.preventDefault();e.stopPropagation();e.stopImmediatePropagation();"
+    "var chat=box.closest('." + CSS_CHAT + "');var send=chat&&chat.querySelector('." + CSS_SEND + "');"
+    "if(send&&!send.disabled){t.blur();send.click();}"
+    "},true);})();"
+)
 
 
 def _widgets():
@@ -87,11 +123,11 @@ def render_transcript(turns: list[tuple[str, str]], notes: dict[int, str] | None
 
 
 class ChatUI:
-    """Transcript, prompt box, Send/Clear, sampling sliders and a stats line over one ``ChatSession``.
+    """Transcript, prompt box, Send/Stop/Clear, sampling sliders and one status line over a ``ChatSession``.
 
-    ``send(text)`` and ``clear()`` are what the buttons call; ``transcript`` is the list of
-    ``(role, text)`` shown, ``status`` the last message to the user. Display with ``display(ui)``
-    or by ending a cell with ``ui``.
+    ``send(text)``, ``stop()`` and ``clear()`` are what the buttons call; ``transcript`` is the list of
+    ``(role, text)`` shown, ``status`` the last message to the user. Display with ``display(ui)`` or by
+    ending a cell with ``ui``.
     """
 
     def __init__(
@@ -101,24 +137,31 @@ class ChatUI:
         refresh_seconds: float = 0.5,
         max_new_tokens_limit: int = 2048,
         title: str | None = None,
+        height: str = "24em",
     ) -> None:
         w = _widgets()
         self.session = session
         self.refresh_every = max(1, refresh_every)
         self.refresh_seconds = refresh_seconds
-        self.busy = False
+        self.height = height
         self.status = ""
+        self.status_line = ""
         self.last_result: GenerationResult | None = None
         self.renders = 0  # how many times the transcript HTML was rewritten (streaming is visible in tests)
-        self._pending: str | None = None  # the answer being streamed
-        self._pending_user: str | None = None
+        self.worker: threading.Thread | None = None  # the answer's thread when callbacks come from a subshell
+        # None until a callback arrives: True = callbacks on a kernel subshell thread (JupyterLab)
+        self.subshell: bool | None = False if "google.colab" in sys.modules else None
         self._pieces = 0
         self._started = self._last_refresh = 0.0
-        self._notes: dict[int, str] = {}  # transcript index -> note ("stopped", "error")
+        self._notes: dict[int, str] = {}  # transcript index -> note ("[stopped]", "[error]")
 
         s = session.sampling
         limit = max(1, min(max_new_tokens_limit, int(session.max_context) - 1))
-        knob = {"style": {"description_width": "initial"}, "continuous_update": False}
+        knob = {
+            "style": {"description_width": "initial"},
+            "continuous_update": False,
+            "layout": w.Layout(width="auto", min_width="18em", flex="1 1 18em"),
+        }
         self.max_new_tokens = w.IntSlider(
             value=min(s.max_new_tokens, limit), min=1, max=limit, step=1, description="max new tokens", **knob
         )
@@ -131,33 +174,51 @@ class ChatUI:
         self._on_knob()
 
         self.header = w.HTML(value=f"<b>{html.escape(title, quote=False)}</b>" if title else "")
-        self.transcript_html = w.HTML(value=render_transcript([]), layout=w.Layout(width="100%"))
+        self.transcript_html = w.HTML(value="", layout=w.Layout(width="auto"))
+        # synced on blur (a click elsewhere, or Ctrl+Enter), so the Send click always reads the whole text
         self.prompt = w.Textarea(
-            value="", placeholder="Type a message, then press Send", rows=3, layout=w.Layout(width="100%")
+            value="",
+            placeholder=f"Type a message. {KEYS_HINT}.",
+            rows=3,
+            continuous_update=False,
+            layout=w.Layout(width="auto"),
         )
-        self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.prompt.add_class(CSS_PROMPT)
+        self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane", tooltip=KEYS_HINT)
+        self.send_button.add_class(CSS_SEND)
+        self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.clear_button = w.Button(description="Clear", icon="trash")
         self.send_button.on_click(self._on_send_click)
+        self.stop_button.on_click(self._on_stop_click)
         self.clear_button.on_click(self._on_clear_click)
-        self.stats_html = w.HTML(value="")
-        self.status_html = w.HTML(value="")
-        self.note_html = w.HTML(value=f'<span style="color:#666;font-size:90%">{html.escape(STOP_NOTE)}</span>')
+        self.status_html = w.HTML(value="", layout=w.Layout(width="auto"))
+        self.note_html = w.HTML(value="", layout=w.Layout(width="auto"))
         self.widget = w.VBox(
             [
                 self.header,
                 self.transcript_html,
                 self.prompt,
-                w.HBox([self.send_button, self.clear_button]),
-                w.HBox([self.max_new_tokens, self.temperature, self.top_p]),
-                self.stats_html,
+                w.HBox([self.send_button, self.stop_button, self.clear_button]),
+                w.HBox(
+                    [self.max_new_tokens, self.temperature, self.top_p],
+                    layout=w.Layout(width="auto", flex_flow="row wrap"),
+                ),
                 self.status_html,
                 self.note_html,
             ],
-            layout=w.Layout(width="100%"),
+            layout=w.Layout(width="auto"),
         )
+        self.widget.add_class(CSS_CHAT)
+        self._show_mode()
+        session.watchers.append(self._on_session)
         self._render()
 
     # ---- state -----------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True while the session answers (a message from this widget or from ``chat()`` in a cell)."""
+        return self.session.busy
 
     @property
     def transcript(self) -> list[tuple[str, str]]:
@@ -165,10 +226,9 @@ class ChatUI:
         out: list[tuple[str, str]] = []
         for turn in self.session.turns:
             out += [("user", turn.user), ("assistant", turn.assistant)]
-        if self._pending_user is not None:
-            out.append(("user", self._pending_user))
-            if self._pending is not None:
-                out.append(("assistant", self._pending))
+        flight = self.session.in_flight
+        if flight is not None:
+            out += [("user", flight[0]), ("assistant", flight[1])]
         return out
 
     @property
@@ -178,6 +238,8 @@ class ChatUI:
 
     def _on_knob(self, change: dict | None = None) -> None:
         """Sliders → ``session.sampling`` (read by the next answer; the seed is kept)."""
+        if change is not None:
+            self._heard_from_front_end()
         self.session.sampling = replace(
             self.session.sampling,
             max_new_tokens=int(self.max_new_tokens.value),
@@ -189,69 +251,61 @@ class ChatUI:
 
     def send(self, text: str | None = None) -> GenerationResult | None:
         """Send ``text`` (default: the prompt box) and stream the answer; None when nothing was generated."""
-        if self.busy:  # a re-entrant call (should not happen: callbacks run one at a time)
-            return None
         message = self.prompt.value if text is None else text
-        self.busy = True
-        self._set_enabled(False)
-        self._pending_user, self._pending, self._pieces = (message or "").strip(), "", 0
-        self._started = self._last_refresh = time.perf_counter()
-        self._set_status("generating…")
-        self._render(cursor=True)
         try:
-            result = self.session.send(message, on_text=self._on_text, sampling=self.sampling)
-        except ValueError as err:  # empty or too long: the session is untouched, the text stays in the box
+            result = self.session.send(message, sampling=self.sampling)
+        except (ValueError, SessionBusy) as err:  # empty, too long or busy: nothing changed, the text stays
             self._set_status(str(err), error=True)
             return None
         except KeyboardInterrupt:  # stopped before generation began (tokenizing): nothing to keep
             self._set_status("stopped before the answer began; the conversation is unchanged")
             return None
-        except Exception as err:
+        except Exception as err:  # a bug: say so on the status line (never a stale "generating…"), then raise
             self._set_status(f"{type(err).__name__}: {err}", error=True)
             raise
-        finally:
-            self._pending_user = self._pending = None
-            self.busy = False
-            self._set_enabled(True)
-            self._render()
-        self._finish(result, from_box=text is None)
+        if text is None and result.stats.stop_reason != "out_of_memory":
+            self.prompt.value = ""
         return result
+
+    def stop(self) -> bool:
+        """End the running answer after its current token; False when none runs."""
+        return self.session.stop()
 
     def clear(self) -> None:
         """Forget the conversation (and its KV cache); sliders keep their values."""
-        self.session.clear()
-        self._notes.clear()
-        self.last_result = None
-        self.stats_html.value = ""
-        self._set_status("conversation cleared")
-        self._render()
+        try:
+            self.session.clear()  # the session tells every view (see ``_on_session``)
+        except SessionBusy as err:
+            self._set_status(str(err), error=True)
 
-    # ---- internals -------------------------------------------------------------------------------
+    # ---- session events (any thread, any sender) -------------------------------------------------
 
-    def _finish(self, result: GenerationResult, from_box: bool) -> None:
-        self.last_result = result
-        if from_box:
-            self.prompt.value = ""
-        index = len(self.transcript) - 1
-        messages = []
-        if result.extra.get("dropped_turns"):
-            n = result.extra["dropped_turns"]
-            messages.append(f"the {n} oldest turn(s) no longer fit the context and were forgotten")
-            self._notes = {}
-        if result.stats.stop_reason == "interrupted":
-            self._notes[index] = "[stopped]"
-            messages.append("stopped: the partial answer is kept and the conversation goes on")
-        elif result.stats.stop_reason == "length":
-            self._notes[index] = "[max new tokens reached]"
-        if result.error:
-            self._notes[index] = "[error]"
-            messages.append(result.error)
-        self.stats_html.value = f'<span style="font-family:monospace">{html.escape(stats_line(result.stats))}</span>'
-        self._set_status("; ".join(messages), error=bool(result.error))
-        self._render()
+    def _on_session(self, event: str, detail: object) -> None:
+        if event == "start":
+            self._pieces = 0
+            self._started = self._last_refresh = time.perf_counter()
+            self._set_enabled(False)
+            self._set_status("generating…")
+            self._render(cursor=True)
+        elif event == "text":
+            self._on_text(str(detail))
+        elif event == "end":
+            self._set_enabled(True)
+            if isinstance(detail, GenerationResult):
+                self._finish(detail)
+            elif isinstance(detail, KeyboardInterrupt):
+                self._set_status("stopped before the answer began; the conversation is unchanged")
+                self._render()
+            else:
+                self._set_status(f"{type(detail).__name__}: {detail}", error=True)
+                self._render()
+        elif event == "clear":
+            self._notes.clear()
+            self.last_result = None
+            self._set_status("conversation cleared")
+            self._render()
 
     def _on_text(self, piece: str) -> None:
-        self._pending = (self._pending or "") + piece
         self._pieces += 1
         now = time.perf_counter()
         if self._pieces % self.refresh_every == 0 or now - self._last_refresh >= self.refresh_seconds:
@@ -259,44 +313,111 @@ class ChatUI:
             self._render(cursor=True)
             self._live_stats()
 
+    def _finish(self, result: GenerationResult) -> None:
+        self.last_result = result
+        index = len(self.transcript) - 1
+        messages = []
+        if result.extra.get("dropped_turns"):
+            n = result.extra["dropped_turns"]
+            messages.append(f"the {n} oldest turn(s) no longer fit the context and were forgotten")
+            self._notes = {}
+        if result.stats.stop_reason in ("interrupted", "stopped"):
+            self._notes[index] = "[stopped]"
+            messages.append("stopped: the partial answer is kept and the conversation goes on")
+        elif result.stats.stop_reason == "length":
+            self._notes[index] = "[max new tokens reached]"
+        if result.error:
+            self._notes[index] = "[error]"
+            messages.append(result.error)
+        self._set_status("; ".join(messages), error=bool(result.error), stats=stats_line(result.stats))
+        self._render()
+
     def _live_stats(self) -> None:
         """Speed, cache hit rate, prefetch precision and VRAM so far in this answer (text pieces ≈ tokens)."""
         elapsed = time.perf_counter() - self._started
-        parts = [f"generating… {self._pieces} pieces", f"~{self._pieces / max(elapsed, 1e-6):.1f} tok/s"]
+        parts = [f"{self._pieces} pieces", f"~{self._pieces / max(elapsed, 1e-6):.1f} tok/s"]
         stats = getattr(getattr(self.session.model, "expert_cache", None), "stats", None)
         if stats is not None:
             parts += [f"cache hit rate {stats.hit_rate:.0%}", f"prefetch precision {stats.precision:.0%}"]
         vram = _vram_gb(self.session.model)
         parts.append("VRAM -" if vram is None else f"VRAM {vram:.2f} GB")
-        self.stats_html.value = f'<span style="font-family:monospace">{html.escape(" · ".join(parts))}</span>'
+        self._set_status("generating…", stats=" · ".join(parts))
+
+    # ---- rendering -------------------------------------------------------------------------------
 
     def _render(self, cursor: bool = False) -> None:
-        self.transcript_html.value = render_transcript(self.transcript, self._notes, cursor)
+        body = render_transcript(self.transcript, self._notes, cursor)
+        # newest text at the bottom, kept in view: a column-reverse scroller starts scrolled to its end
+        self.transcript_html.value = (
+            f'<div class="colab-helpers-transcript" style="max-height:{self.height};overflow-y:auto;'
+            "display:flex;flex-direction:column-reverse;border:1px solid #ccc;border-radius:4px;"
+            f'padding:4px 8px;box-sizing:border-box">{body}</div>'
+        )
         self.renders += 1
 
-    def _set_status(self, text: str, error: bool = False) -> None:
+    def _set_status(self, text: str, error: bool = False, stats: str = "") -> None:
+        """The one status line: a message (red for errors) and the answer's numbers."""
         self.status = text
+        self.status_line = " · ".join(p for p in (text, stats) if p)
         color = "#c01c28" if error else "#555"
-        self.status_html.value = f'<span style="color:{color}">{html.escape(text)}</span>' if text else ""
+        self.status_html.value = (
+            f'<span class="colab-helpers-status" style="color:{color};font-family:monospace">'
+            f"{html.escape(self.status_line)}</span>"
+            if self.status_line
+            else ""
+        )
 
     def _set_enabled(self, enabled: bool) -> None:
         for control in (self.send_button, self.clear_button, self.prompt):
             control.disabled = not enabled
+        self.stop_button.disabled = enabled
+
+    def _show_mode(self) -> None:
+        """Stop button and note for where callbacks run (see the module docstring)."""
+        note = {True: NOTE_SUBSHELL, False: NOTE_MAIN_THREAD, None: NOTE_UNKNOWN}[self.subshell]
+        self.stop_button.layout.display = None if self.subshell else "none"
+        self.note_html.value = f'<span style="color:#666;font-size:90%">{html.escape(note)}</span>'
+
+    def _heard_from_front_end(self) -> None:
+        """A callback arrived: learn whether this front end runs them off the main thread."""
+        subshell = threading.current_thread() is not threading.main_thread()
+        if subshell != self.subshell:
+            self.subshell = subshell
+            self._show_mode()
+
+    # ---- button callbacks ------------------------------------------------------------------------
 
     def _on_send_click(self, _button: Any = None) -> None:
+        self._heard_from_front_end()
+        if self.busy:
+            self._set_status("still answering: wait for the answer or stop it", error=True)
+            return
+        if not self.subshell:  # main thread: generate here (the only place updates render in Colab)
+            self._send_quietly()
+            return
+        self.worker = threading.Thread(target=self._send_quietly, name="colab-helpers-chat", daemon=True)
+        self.worker.start()  # the callback returns: the subshell delivers the next click (Stop) at once
+
+    def _send_quietly(self) -> None:
         try:
             self.send()
         except Exception:  # already shown in the status line; a callback's traceback would go to a log
             pass
 
+    def _on_stop_click(self, _button: Any = None) -> None:
+        self._heard_from_front_end()
+        if self.stop():
+            self._set_status("stopping…")
+
     def _on_clear_click(self, _button: Any = None) -> None:
-        if not self.busy:
-            self.clear()
+        self._heard_from_front_end()
+        self.clear()
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
+        from IPython.display import Javascript, display
 
         display(self.widget)
+        display(Javascript(KEYS_JS))
 
 
 def open_chat(session: ChatSession, **kwargs: Any) -> ChatUI:
@@ -304,7 +425,7 @@ def open_chat(session: ChatSession, **kwargs: Any) -> ChatUI:
     from IPython.display import display
 
     ui = ChatUI(session, **kwargs)
-    display(ui.widget)
+    display(ui)
     return ui
 
 
@@ -345,4 +466,13 @@ def chat(
     return result
 
 
-__all__ = ["ChatUI", "STOP_NOTE", "chat", "open_chat", "render_transcript", "stats_line"]
+__all__ = [
+    "ChatUI",
+    "NOTE_MAIN_THREAD",
+    "NOTE_SUBSHELL",
+    "STOP_NOTE",
+    "chat",
+    "open_chat",
+    "render_transcript",
+    "stats_line",
+]

@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,7 +69,7 @@ def test_send_streams_the_answer_into_the_transcript(session) -> None:
     ui = ChatUI(session, refresh_every=2, refresh_seconds=60)
     seen = _watch(ui)
     live: list[str] = []
-    ui.stats_html.observe(lambda change: live.append(change["new"]), names="value")
+    ui.status_html.observe(lambda change: live.append(change["new"]), names="value")
     ui.prompt.value = "What is 2 + 3?"
     ui.send_button.click()
     result = ui.last_result
@@ -80,7 +82,9 @@ def test_send_streams_the_answer_into_the_transcript(session) -> None:
     assert ui.prompt.value == ""
     assert "▌" not in ui.transcript_html.value and "What is 2 + 3?" in ui.transcript_html.value
     assert any("generating" in v and "tok/s" in v and "cache hit rate" in v and "VRAM" in v for v in live)
-    stats = ui.stats_html.value
+    assert all(v.count("generating") <= 1 for v in live), "one status line, one 'generating…'"
+    stats = ui.status_html.value
+    assert "generating" not in stats
     assert "tok/s" in stats and "cache hit rate" in stats and "prefetch precision" in stats and "VRAM" in stats
 
 
@@ -151,7 +155,8 @@ def test_bad_prompts_show_a_message_and_break_nothing(model, tokenizer) -> None:
     assert "prompt is" not in ui.transcript_html.value and first.text in ui.transcript_html.value
 
     again = ui.send("What is 3 + 4?")
-    assert again is not None and again.text and len(ui.transcript) == 4 and ui.status == ""
+    assert again is not None and again.text and len(ui.transcript) == 4
+    assert "prompt is" not in ui.status_line and "tok/s" in ui.status_line
 
 
 def test_clear_forgets_the_conversation_and_keeps_the_sliders(session) -> None:
@@ -161,7 +166,7 @@ def test_clear_forgets_the_conversation_and_keeps_the_sliders(session) -> None:
     assert session.cached_tokens > 0
     ui.clear_button.click()
     assert ui.transcript == [] and session.turns == [] and session.cached_tokens == 0
-    assert "cleared" in ui.status and "No messages yet" in ui.transcript_html.value and ui.stats_html.value == ""
+    assert "cleared" in ui.status and "No messages yet" in ui.transcript_html.value and "tok/s" not in ui.status_line
     assert ui.max_new_tokens.value == 7 and session.sampling.max_new_tokens == 7
     assert ui.send("What is the capital of France?").text
 
@@ -207,6 +212,77 @@ def test_plain_chat_prints_the_streamed_answer(session) -> None:
     out = io.StringIO()
     assert chat("  ", session, out=out) is None and "not sent: empty message" in out.getvalue()
     assert len(session.turns) == 1
+
+
+def test_a_turn_made_with_chat_in_a_cell_streams_into_the_widget(session) -> None:
+    ui = ChatUI(session, refresh_every=1, refresh_seconds=60)
+    seen = _watch(ui)
+    result = chat("What is 2 + 3?", session, out=io.StringIO())
+    assert result is not None and ui.transcript == [("user", "What is 2 + 3?"), ("assistant", result.text)]
+    assert sum("▌" in value for value, _ in seen) >= 3, "the cell's answer did not stream into the widget"
+    assert all(disabled for value, disabled in seen if "▌" in value), "Send stayed clickable during the cell's answer"
+    assert ui.transcript_html.value.count("What is 2 + 3?") == 1 and "▌" not in ui.transcript_html.value
+    assert ui.last_result is result and "tok/s" in ui.status_line and not ui.send_button.disabled
+
+
+def test_no_stale_status_after_an_error(session, monkeypatch) -> None:
+    ui = ChatUI(session)
+
+    def broken(*args, **kwargs):
+        raise KeyError(5)
+
+    monkeypatch.setattr("colab_helpers.session.generate_stream", broken)
+    ui.prompt.value = "What is 2 + 3?"
+    ui.send_button.click()  # the callback swallows it; the status line says what happened
+    assert "KeyError" in ui.status and "generating" not in ui.status_line and "#c01c28" in ui.status_html.value
+    assert not ui.busy and not ui.send_button.disabled and ui.stop_button.disabled and ui.transcript == []
+    assert ui.prompt.value == "What is 2 + 3?", "the unsent text stays in the box"
+
+
+def test_on_a_subshell_the_answer_runs_on_a_worker_and_stop_ends_it(session, model) -> None:
+    """JupyterLab's commsOverSubshells: callbacks arrive on a non-main thread, where SIGINT never lands."""
+    ui = ChatUI(session, refresh_every=1)
+    assert ui.stop_button.layout.display == "none" and "Stop" in ui.note_html.value  # mode not known yet
+    session.sampling = replace(session.sampling, max_new_tokens=200)
+    first_text = threading.Event()
+    session.watchers.append(lambda event, detail: first_text.set() if event == "text" else None)
+
+    def click_from_a_subshell(button) -> None:
+        thread = threading.Thread(target=button.click)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "a callback on a subshell must return at once"
+
+    ui.prompt.value = "Recite the Zen of Python."
+    click_from_a_subshell(ui.send_button)
+    assert ui.subshell is True and ui.stop_button.layout.display is None and "Stop ends" in ui.note_html.value
+    assert first_text.wait(timeout=120) and ui.busy and not ui.stop_button.disabled and ui.send_button.disabled
+    click_from_a_subshell(ui.send_button)  # a second Send during the answer is refused, not interleaved
+    click_from_a_subshell(ui.stop_button)
+    ui.worker.join(timeout=120)
+    result = ui.last_result
+    assert result is not None and result.stats.stop_reason == "stopped" and 0 < result.stats.new_tokens < 200
+    assert "[stopped]" in ui.transcript_html.value and "stopped" in ui.status
+    assert [t.user for t in session.turns] == ["Recite the Zen of Python."]
+    assert not ui.busy and ui.stop_button.disabled and not ui.send_button.disabled and ui.prompt.value == ""
+    model.expert_cache.check_invariants()
+
+
+def test_main_thread_front_ends_keep_the_interrupt_route(session) -> None:
+    ui = ChatUI(session)
+    ui.max_new_tokens.value = 5  # any callback on the main thread tells the widget where it runs
+    assert ui.subshell is False and ui.stop_button.layout.display == "none"
+    assert "Interrupt" in ui.note_html.value and "■" in ui.note_html.value
+
+
+def test_layout_and_keys_are_wired_for_the_browser(session) -> None:
+    ui = ChatUI(session)
+    assert chat_module.CSS_PROMPT in ui.prompt._dom_classes and chat_module.CSS_SEND in ui.send_button._dom_classes
+    assert chat_module.CSS_CHAT in ui.widget._dom_classes and not ui.prompt.continuous_update
+    assert "max-height" in ui.transcript_html.value and "column-reverse" in ui.transcript_html.value
+    for name in (chat_module.CSS_PROMPT, chat_module.CSS_CHAT, chat_module.CSS_SEND, "ctrlKey", "shiftKey"):
+        assert name in chat_module.KEYS_JS
+    assert ui.prompt.layout.width == "auto" and ui.widget.layout.width == "auto"
 
 
 def test_chat_module_uses_only_the_ipywidgets_api_shared_by_7_7_and_8() -> None:
