@@ -12,6 +12,12 @@ Where widget callbacks arrive decides how an answer can be stopped:
   mode ends the answer (``ChatSession.stop``). Cells keep running meanwhile; the expert cache's lock
   keeps the model correct, and a second message to the same conversation is refused.
 
+The thread is known only when a click arrives, and it can change between clicks: ipykernel 7.4 routes
+a comm's next message to the shell it last published from, so in JupyterLab the first Send after a
+cell touched the widget runs on the main thread (where Kernel → Interrupt works) and later ones on
+the subshell. So the mode is decided per click, before the answer starts, and the Stop button and
+the note under the widget follow it.
+
 The widget watches its session, so turns made with ``chat()`` from a cell appear as they stream.
 Everything the buttons do is a method (``send``, ``stop``, ``clear``) and all state is Python
 (``transcript``, ``sampling``, ``status``), so tests drive it headlessly. Only widget classes, traits
@@ -21,6 +27,7 @@ Ctrl+Enter / Shift+Enter is a small key handler shipped as a Javascript output b
 
 from __future__ import annotations
 
+import contextvars
 import html
 import sys
 import threading
@@ -35,18 +42,17 @@ if TYPE_CHECKING:
     from .session import ChatSession
 
 NOTE_MAIN_THREAD = (
-    "To stop an answer early, use the notebook's interrupt: Colab's ■ next to the cell (or Runtime → Interrupt "
-    "execution), Kernel → Interrupt in Jupyter. The text so far is kept and the conversation goes on. "
-    "Clicks made during an answer wait until it ends."
+    "Stop an answer with the notebook's interrupt: Colab's ■ beside the cell, or Kernel → Interrupt in "
+    "Jupyter. The text so far is kept and the conversation goes on; clicks wait until the answer ends."
 )
 NOTE_SUBSHELL = (
-    "Stop ends an answer early: the text so far is kept and the conversation goes on (this front end delivers "
-    "clicks during an answer, and Kernel → Interrupt does not reach it). Cells keep running meanwhile; a message "
-    "to this conversation from a cell is refused until the answer ends."
+    "Stop ends an answer early: the text so far is kept and the conversation goes on (Kernel → Interrupt "
+    "does not reach it here). Cells can run meanwhile; a message to this conversation from a cell is "
+    "refused until the answer ends."
 )
 NOTE_UNKNOWN = (
-    "To stop an answer early: in Colab or Notebook 6 use the interrupt (■ / Kernel → Interrupt); in JupyterLab "
-    "a Stop button appears here once the widget has heard from this front end. The text so far is kept."
+    "To stop an answer early: in Colab or Notebook 6 use the interrupt (■ / Kernel → Interrupt); in "
+    "JupyterLab a Stop button appears here when it works. The text so far is kept."
 )
 STOP_NOTE = NOTE_MAIN_THREAD  # what Colab users read (kept for older imports)
 KEYS_HINT = "Ctrl+Enter (or Shift+Enter) sends, Enter starts a new line"
@@ -118,7 +124,7 @@ def render_transcript(turns: list[tuple[str, str]], notes: dict[int, str] | None
             f'<span style="white-space:pre-wrap">{body}</span>{note}</div>'
         )
     if not rows:
-        rows.append('<div style="color:#888">No messages yet: type below and press Send.</div>')
+        rows.append('<div style="color:#888">No messages yet: type below and press Send (or Ctrl+Enter).</div>')
     return '<div style="font-family:sans-serif;line-height:1.4">' + "".join(rows) + "</div>"
 
 
@@ -160,7 +166,7 @@ class ChatUI:
         knob = {
             "style": {"description_width": "initial"},
             "continuous_update": False,
-            "layout": w.Layout(width="auto", min_width="18em", flex="1 1 18em"),
+            "layout": w.Layout(width="auto", min_width="12em", flex="1 1 26em"),
         }
         self.max_new_tokens = w.IntSlider(
             value=min(s.max_new_tokens, limit), min=1, max=limit, step=1, description="max new tokens", **knob
@@ -376,7 +382,7 @@ class ChatUI:
         """Stop button and note for where callbacks run (see the module docstring)."""
         note = {True: NOTE_SUBSHELL, False: NOTE_MAIN_THREAD, None: NOTE_UNKNOWN}[self.subshell]
         self.stop_button.layout.display = None if self.subshell else "none"
-        self.note_html.value = f'<span style="color:#666;font-size:90%">{html.escape(note)}</span>'
+        self.note_html.value = f'<div style="color:#666;font-size:90%;line-height:1.4">{html.escape(note)}</div>'
 
     def _heard_from_front_end(self) -> None:
         """A callback arrived: learn whether this front end runs them off the main thread."""
@@ -395,8 +401,13 @@ class ChatUI:
         if not self.subshell:  # main thread: generate here (the only place updates render in Colab)
             self._send_quietly()
             return
-        self.worker = threading.Thread(target=self._send_quietly, name="colab-helpers-chat", daemon=True)
-        self.worker.start()  # the callback returns: the subshell delivers the next click (Stop) at once
+        # the worker keeps the click's context, so the kernel still routes this widget's next clicks to the
+        # subshell (ipykernel 7 sends a comm's messages to where it last published from)
+        context = contextvars.copy_context()
+        self.worker = threading.Thread(
+            target=context.run, args=(self._send_quietly,), name="colab-helpers-chat", daemon=True
+        )
+        self.worker.start()  # the callback returns: the next click (Stop) is delivered at once
 
     def _send_quietly(self) -> None:
         try:
