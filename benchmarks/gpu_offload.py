@@ -1,23 +1,32 @@
 """GPU offloading benchmark: every variant of the engine on a full-size Mixtral-8x7B-shaped model, one run.
 
 The model has random weights in the real quantized layout, made on the GPU (nothing is downloaded).
-VRAM is capped to a free T4's budget for the offloaded variants. Routing comes from the model's own
-(random) routers, or is forced from a real Mixtral routing trace (``--trace``; default: the shared
-trace when present). Printed as tables:
+Routing comes from the model's own (random) routers, or is forced from a real Mixtral routing trace
+(``--trace``; default: the shared trace when present). Printed as tables:
 
 - decode tokens/s of: ours (full: planned cache, prefetch, best policy), ours without prefetch, ours
   with the smallest cache, naive whole-layer offloading, everything resident;
-- measured host→device / device→host bandwidth, and low-bit kernel bandwidth as a fraction of peak;
+- measured host→device / device→host bandwidth, and low-bit kernel bandwidth (CUDA events over a CUDA
+  graph replay, as ``kernel_bench.py``) as a fraction of peak;
 - projected T4 tokens/s from the timing model, with its inputs.
 
-``--cpu-smoke`` runs every variant at tiny sizes on the CPU in well under two minutes (CI uses it).
-Usage: ``python benchmarks/gpu_offload.py`` on a CUDA machine (≈5 min on one H200), or ``--cpu-smoke``.
+Every variant is first checked against the memory planner: one that cannot fit this GPU (everything
+resident needs ≈18 GB, more than a 15 GB T4 has) is skipped with a note instead of running out of memory.
+``--emulate-t4`` on a bigger GPU caps the caching allocator to a free T4's 15.0 GB
+(``torch.cuda.set_per_process_memory_fraction``), plans the cache for that VRAM and Colab's 12.7 GB of
+host RAM, and reports the measured RSS against 12.7 GB. PCIe and memory bandwidth are the bigger GPU's:
+the T4 projection table converts the measured loads per token with the T4 timing model.
+
+``--cpu-smoke`` runs every variant at tiny sizes on the CPU in seconds (CI uses it). ``--json`` is
+rewritten after every variant, so a run stopped half-way still leaves its results.
+Usage: ``python benchmarks/gpu_offload.py [--emulate-t4] --json r.json`` on a CUDA machine, or ``--cpu-smoke``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +42,7 @@ from colab_helpers.moe import PrefetchConfig, expert_forward
 from colab_helpers.synthetic import ScriptedRouter, mixtral_8x7b_config, random_experts, random_trunk
 
 T4_VRAM_BUDGET_GB = 15.0  # what torch.cuda.mem_get_info reports free on a fresh Colab T4 (≈15.1 GB)
+COLAB_RAM_GB = 12.7  # a free Colab session's host RAM
 PEAK_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0, "L4": 300.0, "T4": 320.0, "A10": 600.0}
 DEFAULT_TRACES = (
     "../shared/traces/mixtral-8x7b-instruct-routing.npz",
@@ -46,20 +56,21 @@ class BenchSettings:
     layers: int | None  # None: the full 32
     new_tokens: int
     prompt_tokens: int
-    full_k: int
+    full_k: int | list[int]  # experts per layer for "ours (full)": one for all layers, or per layer
     small_k: int
     policy: str
-    cap_vram_gb: float | None
+    cap_vram_gb: float | None  # caching-allocator cap for every variant (T4 emulation); None: the whole GPU
     trace: str | None
     naive_tokens: int
+    ram_budget_gb: float | None = None  # host RAM the plan may use (T4 emulation: Colab's 12.7 GB)
 
 
 @dataclass
 class VariantResult:
     name: str
-    experts_on_device: int
+    experts_on_device: int | list[int]
     prefetch: str
-    tokens_per_s: float
+    tokens_per_s: float | None  # None: skipped (does not fit this GPU)
     hit_rate: float
     misses_per_token: float
     prefetch_loads_per_token: float
@@ -67,6 +78,12 @@ class VariantResult:
     prefetch_precision: float
     prefetch_recall: float
     note: str = ""
+    rss_gb: float | None = None  # this process's RSS after building the variant
+    vram_peak_gb: float | None = None  # caching allocator's peak reserved memory during the variant
+
+    @classmethod
+    def skipped(cls, name: str, k, prefetch: bool, why: str) -> VariantResult:
+        return cls(name, k, "on" if prefetch else "off", None, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, f"skipped: {why}")
 
 
 class _TokenClock:
@@ -134,10 +151,77 @@ def time_decode(model, settings: BenchSettings, new_tokens: int) -> tuple[float,
     return tps, cache.stats.summary()
 
 
+def _cuda(settings: BenchSettings) -> bool:
+    return settings.device.startswith("cuda")
+
+
+def why_it_does_not_fit(config, quant: QuantConfig, settings: BenchSettings, k) -> str | None:
+    """None when the memory planner says ``k`` experts per layer fit this GPU (under the cap), else its reasons."""
+    if not _cuda(settings):
+        return None
+    from colab_helpers.planner import Budget, measure_budget
+
+    here = measure_budget(settings.device)
+    vram = here.vram
+    if settings.cap_vram_gb is not None:
+        vram = min(vram, int(settings.cap_vram_gb * 1e9) - torch.cuda.memory_reserved())
+    ram = here.ram if settings.ram_budget_gb is None else min(here.ram, int(settings.ram_budget_gb * 1e9))
+    return plan_reasons(config, quant, Budget(vram, ram, rss_now=here.rss_now, measured=True), settings, k)
+
+
+def plan_reasons(config, quant: QuantConfig, budget, settings: BenchSettings, k) -> str | None:
+    """The planner's verdict on ``k`` experts per layer for this benchmark's short context: None = fits."""
+    from colab_helpers.planner import plan_memory
+
+    context = settings.prompt_tokens + settings.new_tokens + 8
+    plan = plan_memory(config, quant, budget, "cuda", context=context, experts_on_device=k, suggest=False)
+    return None if plan.fits else "; ".join(plan.reasons)
+
+
+def planned_experts(config, quant: QuantConfig, budget) -> int | list[int]:
+    """The planner's experts per layer for a 4096-token chat within ``budget`` (see ``t4_budget``)."""
+    from colab_helpers.planner import plan_memory
+
+    k = plan_memory(config, quant, budget, "cuda", context=4096).experts_on_device
+    return k if isinstance(k, int) else list(k)
+
+
+def t4_budget(settings: BenchSettings):
+    """A free T4's budget: given (T4 emulation), or this GPU's measured one but no more than a T4 has."""
+    from colab_helpers.planner import Budget, measure_budget
+
+    if settings.cap_vram_gb is not None:
+        return Budget.given(settings.cap_vram_gb, settings.ram_budget_gb or COLAB_RAM_GB)
+    here = measure_budget(settings.device)
+    vram, ram = min(here.vram, int(T4_VRAM_BUDGET_GB * 1e9)), min(here.ram, int(COLAB_RAM_GB * 1e9))
+    return Budget(vram, ram, rss_now=min(here.rss_now, ram), measured=True)
+
+
+def _rss_gb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e9
+
+
 def run_variant(name, config, quant, settings, trace, k, prefetch, policy, note="") -> VariantResult:
-    model = build_model(config, quant, settings, k, prefetch, policy)
-    routing = force_routing(model, trace, "gsm8k0")
-    tps, s = time_decode(model, settings, settings.new_tokens)
+    """Build, check and time one variant; a variant that does not fit (planner or a real OOM) is skipped."""
+    why = why_it_does_not_fit(config, quant, settings, k)
+    if why:
+        return VariantResult.skipped(name, k, prefetch, why)
+    if _cuda(settings):
+        torch.cuda.reset_peak_memory_stats()
+    model, oom = None, None
+    try:
+        model = build_model(config, quant, settings, k, prefetch, policy)
+        rss = _rss_gb()
+        routing = force_routing(model, trace, "gsm8k0")
+        tps, s = time_decode(model, settings, settings.new_tokens)
+    except torch.cuda.OutOfMemoryError as err:
+        oom = str(err).splitlines()[0]
+    if oom is not None:  # outside the except block, so its traceback no longer holds the model's tensors
+        model = None
+        _free()
+        return VariantResult.skipped(name, k, prefetch, f"out of memory although the planner said it fits: {oom}")
     accesses = s["hits"] + s["misses"]
     tokens = max(1, accesses / (config.num_hidden_layers * config.num_experts_per_tok))
     result = VariantResult(
@@ -152,7 +236,11 @@ def run_variant(name, config, quant, settings, trace, k, prefetch, policy, note=
         s["prefetch_precision"],
         s["prefetch_recall"],
         note or routing,
+        rss_gb=rss,
+        vram_peak_gb=torch.cuda.max_memory_reserved() / 1e9 if _cuda(settings) else None,
     )
+    if settings.ram_budget_gb is not None and rss > settings.ram_budget_gb:
+        result.note += f"; RSS {rss:.2f} GB is over the {settings.ram_budget_gb} GB RAM budget"
     del model
     _free()
     return result
@@ -166,10 +254,12 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def naive_offload(config, quant, settings: BenchSettings, resident_tps: float) -> VariantResult:
+def naive_offload(
+    config, quant, settings: BenchSettings, compute_tps: float | None, compute_from: str
+) -> VariantResult:
     """Whole-layer offloading (accelerate ``device_map`` style): every token copies all of a layer's
     experts in before using it, synchronously. Timed: the copies of ``naive_tokens`` tokens; compute
-    per token taken from the all-resident run."""
+    per token taken from the all-resident run (``compute_from`` says which run when that was skipped)."""
     layout = ExpertLayout.for_model(config, quant)
     pin = settings.device.startswith("cuda")
     host = torch.empty(config.num_local_experts, layout.nbytes, dtype=torch.uint8, pin_memory=pin)
@@ -181,7 +271,7 @@ def naive_offload(config, quant, settings: BenchSettings, resident_tps: float) -
             dev.copy_(host, non_blocking=pin)
             _sync()
     copy_s = (time.perf_counter() - start) / settings.naive_tokens
-    tps = 1.0 / (copy_s + (1.0 / resident_tps if resident_tps else 0.0))
+    tps = 1.0 / (copy_s + (1.0 / compute_tps if compute_tps else 0.0))
     moved = config.num_hidden_layers * config.num_local_experts * layout.nbytes
     del host, dev
     _free()
@@ -196,7 +286,7 @@ def naive_offload(config, quant, settings: BenchSettings, resident_tps: float) -
         moved / 1e6,
         0,
         0,
-        f"copies measured ({copy_s * 1e3:.1f} ms/token) + resident compute",
+        f"copies measured ({copy_s * 1e3:.1f} ms/token) + compute of {compute_from}",
     )
 
 
@@ -217,37 +307,68 @@ def bandwidth(settings: BenchSettings, nbytes: int, repeats: int = 10) -> dict[s
     return out
 
 
-def kernel_bandwidth(config, quant, settings: BenchSettings, repeats: int = 20) -> dict[str, float]:
-    """One resident expert's decode GEMVs (w1, w3, w2): packed bytes read per second."""
+def kernel_bandwidth(config, quant, settings: BenchSettings, repeats: int = 20) -> dict[str, float | str]:
+    """One expert's decode GEMVs (w1, w3, w2): packed bytes read per second.
+
+    On CUDA: timed with CUDA events over a CUDA-graph replay of several distinct expert buffers (more
+    bytes than the L2 holds), as ``kernel_bench.py`` does, so Python launch overhead is not counted;
+    eager launches only if graph capture fails (said in ``timing``). On the CPU: wall clock, eager.
+    """
+    from colab_helpers.kernels import use_fused_kernel
     from colab_helpers.quant import QuantizedWeight
 
     layout = ExpertLayout.for_model(config, quant)
     tensors = next(random_experts(config, quant, settings.device, distinct=1))[2]
-    buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=settings.device)
     staging = torch.empty(layout.nbytes, dtype=torch.uint8)
     layout.pack(tensors, staging)
-    buf.copy_(staging)
-    weights: dict[str, QuantizedWeight] = layout.weights(buf)
-    dtype = torch.float16 if settings.device.startswith("cuda") else torch.float32
+    copies = 1
+    if _cuda(settings):
+        l2 = torch.cuda.get_device_properties(settings.device).L2_cache_size
+        copies = min(8, max(2, math.ceil(3 * l2 / layout.nbytes)))
+    experts: list[dict[str, QuantizedWeight]] = []
+    for _ in range(copies):
+        buf = torch.empty(layout.nbytes, dtype=torch.uint8, device=settings.device)
+        buf.copy_(staging)
+        experts.append(layout.weights(buf))
+    dtype = torch.float16 if _cuda(settings) else torch.float32
     x = torch.randn(1, config.hidden_size, device=settings.device, dtype=dtype)
-    expert_forward(x, weights)
-    _sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        expert_forward(x, weights)
-    _sync()
-    seconds = (time.perf_counter() - start) / repeats
+    calls = [lambda w=w: expert_forward(x, w) for w in experts]
+    if _cuda(settings):
+        seconds, timing = _cuda_seconds_per_call(calls, repeats)
+    else:
+        for call in calls:
+            call()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for call in calls:
+                call()
+        seconds, timing = (time.perf_counter() - start) / (repeats * len(calls)), "wall clock, eager (CPU)"
     gbs = layout.nbytes / seconds / 1e9
-    name = torch.cuda.get_device_name() if settings.device.startswith("cuda") else "cpu"
+    name = torch.cuda.get_device_name() if _cuda(settings) else "cpu"
     peak = next((v for k, v in PEAK_GBS.items() if k in name), None)
     shapes = expert_shapes(config)
     return {
         "expert_us": seconds * 1e6,
         "kernel_gbs": gbs,
-        "peak_gbs": peak or float("nan"),
-        "fraction_of_peak": gbs / peak if peak else float("nan"),
+        "peak_gbs": peak,  # None: not in PEAK_GBS (JSON has no NaN)
+        "fraction_of_peak": gbs / peak if peak else None,
         "expert_shape": str(shapes["w1"]),
+        "timing": timing,
+        "fused_kernel": use_fused_kernel(x, experts[0]["w1"]),  # False: the dequantize + matmul path was timed
     }
+
+
+def _cuda_seconds_per_call(calls, repeats: int) -> tuple[float, str]:
+    """``kernel_bench.time_per_call`` (CUDA events, graph replay), falling back to eager launches."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from kernel_bench import time_per_call
+
+    try:
+        return time_per_call(calls, graph=True, reps=repeats), f"CUDA events over a CUDA graph of {len(calls)} experts"
+    except Exception as err:  # capture can fail (a host sync inside); say so and time eager launches instead
+        torch.cuda.synchronize()
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return time_per_call(calls, graph=False, reps=repeats), f"CUDA events, eager launches (graph failed: {why})"
 
 
 def load_trace(path: str | None, layers: int) -> tuple[np.ndarray | None, str | None]:
@@ -272,50 +393,120 @@ def project_t4(results: dict[str, VariantResult]) -> list[tuple[str, float, floa
     timing = TimingModel()
     rows = []
     for r in results.values():
-        if r.name.startswith("naive") or r.name.startswith("everything"):
+        if r.name.startswith("naive") or r.name.startswith("everything") or r.tokens_per_s is None:
             continue
         proj = timing.project(r.misses_per_token, r.prefetch_loads_per_token)
         rows.append((r.name, r.misses_per_token, r.prefetch_loads_per_token, proj.pipelined))
     return rows
 
 
+def _smoke_config():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+    )
+
+
+def _k_text(k) -> str:
+    """``5`` or ``6x11, 5x21`` for per-layer lists."""
+    if isinstance(k, int):
+        return str(k)
+    runs: list[list[int]] = []
+    for v in k:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return ", ".join(f"{v}x{n}" for v, n in runs)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_tables(results: dict[str, VariantResult], bw: dict, kb: dict, settings: BenchSettings) -> None:
+    print(
+        "\n| variant | experts/layer on device | prefetch | decode tok/s | hit rate | misses/token | "
+        "H2D MB/token | prefetch precision | recall | RSS GB | VRAM peak GB | notes |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results.values():
+        if r.tokens_per_s is None:
+            print(f"| {r.name} | {_k_text(r.experts_on_device)} | {r.prefetch} | skipped | | | | | | | | {r.note} |")
+            continue
+        print(
+            f"| {r.name} | {_k_text(r.experts_on_device)} | {r.prefetch} | {r.tokens_per_s:.2f} | {r.hit_rate:.3f} | "
+            f"{r.misses_per_token:.1f} | {r.h2d_mb_per_token:.0f} | {r.prefetch_precision:.2f} | "
+            f"{r.prefetch_recall:.2f} | {_fmt(r.rss_gb, '.2f')} | {_fmt(r.vram_peak_gb, '.2f')} | {r.note} |"
+        )
+    print("\n| measurement | value |\n| --- | --- |")
+    for k, v in {**bw, **kb}.items():
+        print(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    print("\n| projected on a free T4 (timing model) | demand misses/token | prefetch loads/token | tok/s |")
+    print("| --- | --- | --- | --- |")
+    for name, misses, loads, tps in project_t4(results):
+        print(f"| {name} | {misses:.1f} | {loads:.1f} | {tps:.2f} |")
+    if settings.device == "cpu":
+        print("(smoke run: tiny model, so the T4 projection above is not meaningful)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, every variant, < 2 min")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, every variant, seconds")
+    ap.add_argument(
+        "--emulate-t4",
+        action="store_true",
+        help=f"cap VRAM to a free T4's {T4_VRAM_BUDGET_GB} GB and plan for Colab's {COLAB_RAM_GB} GB of RAM",
+    )
+    ap.add_argument("--quick", action="store_true", help="only resident, ours (full), the paper's baseline, naive")
     ap.add_argument("--trace", default=None, help="routing trace .npz (default: the shared trace if present)")
     ap.add_argument("--routing", choices=["auto", "model", "trace"], default="auto")
     ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--full-k", type=int, default=5, help="experts per layer for 'ours (full)' (T4 plan: 5)")
+    ap.add_argument(
+        "--full-k", type=int, default=None, help="experts per layer for 'ours (full)' (default: a T4's plan; smoke: 5)"
+    )
     ap.add_argument("--policy", default="lfu_decay")
-    ap.add_argument("--json", default=None, help="also write all results to this JSON file")
+    ap.add_argument("--json", default=None, help="also write all results to this JSON file (after every variant)")
     args = ap.parse_args(argv)
 
     if args.cpu_smoke:
-        from transformers import MixtralConfig
-
-        config = MixtralConfig(
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            vocab_size=512,
-            max_position_embeddings=512,
-        )
-        settings = BenchSettings(
-            "cpu", None, args.new_tokens or 16, 8, args.full_k, 1, args.policy, None, args.trace, 2
-        )
+        config = _smoke_config()
+        settings = BenchSettings("cpu", None, args.new_tokens or 16, 8, args.full_k or 5, 1, args.policy, None, None, 2)
     else:
         if not torch.cuda.is_available():
             print("needs CUDA (use --cpu-smoke on a CPU machine)", file=sys.stderr)
             return 2
         config = mixtral_8x7b_config()
+        emulate = args.emulate_t4
         settings = BenchSettings(
-            "cuda", None, args.new_tokens or 48, 16, args.full_k, 1, args.policy, T4_VRAM_BUDGET_GB, args.trace, 2
+            "cuda",
+            None,
+            args.new_tokens or 48,
+            16,
+            args.full_k or 5,
+            1,
+            args.policy,
+            T4_VRAM_BUDGET_GB if emulate else None,
+            None,
+            2,
+            COLAB_RAM_GB if emulate else None,
         )
+    settings = replace(settings, trace=args.trace)
     quant = QuantConfig()
+    if settings.cap_vram_gb is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.cap_vram_gb * 1e9 / total))
+    if _cuda(settings) and args.full_k is None:  # the cache a free T4 gets (on a bigger GPU: as if it were one)
+        settings = replace(settings, full_k=planned_experts(config, quant, t4_budget(settings)))
     trace, trace_path = (None, None)
     if args.routing != "model":
         trace, trace_path = load_trace(args.trace, config.num_hidden_layers)
@@ -328,70 +519,76 @@ def main(argv: list[str] | None = None) -> int:
         f"# model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, random 4-bit attention / "
         f"2-bit experts; routing: {'trace ' + trace_path if trace is not None else 'model'}"
     )
+    if settings.cap_vram_gb is not None:
+        print(
+            f"# T4 emulation: caching allocator capped to {settings.cap_vram_gb} GB, plan for {settings.ram_budget_gb} "
+            f"GB host RAM; PCIe and memory bandwidth are this GPU's (see the T4 projection table)"
+        )
 
     results: dict[str, VariantResult] = {}
-    # everything resident first (no cap: all experts on the device), then the T4-capped variants
-    results["resident"] = run_variant(
-        "everything resident",
+    bw: dict = {}
+    kb: dict = {}
+
+    def save(partial: bool = True) -> None:
+        if args.json:
+            payload = {
+                "results": [asdict(r) for r in results.values()],
+                "bandwidth": bw,
+                "kernel": kb,
+                "settings": asdict(settings),
+                "device": device_name,
+                "torch": torch.__version__,
+                "partial": partial,
+                "wall_s": time.perf_counter() - started,
+            }
+            Path(args.json).write_text(json.dumps(payload, indent=2))
+
+    def step(key: str, name: str, k, prefetch: bool, policy: str, note: str = "") -> None:
+        results[key] = run_variant(name, config, quant, settings, trace, k, prefetch, policy, note)
+        r = results[key]
+        done = "skipped: " + r.note[9:] if r.tokens_per_s is None else f"{r.tokens_per_s:.2f} tok/s"
+        print(f"  {name}: {done}", file=sys.stderr, flush=True)
+        save()
+
+    # cheap measurements first: a run stopped by a time box still has them
+    bw.update(bandwidth(settings, ExpertLayout.for_model(config, quant).nbytes))
+    kb.update(kernel_bandwidth(config, quant, settings))
+    save()
+    full_k, experts = settings.full_k, config.num_local_experts
+    step("resident", "everything resident", experts, False, "lru", "all experts on the device")
+    step("ours (full)", "ours (full)", full_k, True, settings.policy)
+    baseline = "ours, LRU, no prefetch (paper's public code)"
+    step(baseline, baseline, full_k, False, "lru")
+    compute = next((r for r in results.values() if r.tokens_per_s), None)
+    results["naive"] = naive_offload(
         config,
         quant,
         settings,
-        trace,
-        config.num_local_experts,
-        False,
-        "lru",
-        note="all experts on the device; VRAM not capped (does not fit a T4)",
+        compute.tokens_per_s if compute else None,
+        "the all-resident run" if compute is results["resident"] else f"'{compute.name}'" if compute else "none",
     )
-    if settings.cap_vram_gb:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.cap_vram_gb * 1e9 / total))
-    variants = [
-        ("ours (full)", settings.full_k, True, settings.policy),
-        ("ours, no prefetch", settings.full_k, False, settings.policy),
-        ("ours, LRU + prefetch", settings.full_k, True, "lru"),
-        ("ours, LRU, no prefetch (paper's public code)", settings.full_k, False, "lru"),
-        ("ours, smallest cache", settings.small_k, True, settings.policy),
-    ]
-    for name, k, prefetch, policy in variants:
-        results[name] = run_variant(name, config, quant, settings, trace, k, prefetch, policy)
-        print(f"  {name}: {results[name].tokens_per_s:.2f} tok/s", file=sys.stderr, flush=True)
-    results["naive"] = naive_offload(config, quant, settings, results["resident"].tokens_per_s)
-    bw = bandwidth(settings, ExpertLayout.for_model(config, quant).nbytes)
-    kb = kernel_bandwidth(config, quant, settings)
+    save()
+    if not args.quick:
+        step("ours, no prefetch", "ours, no prefetch", full_k, False, settings.policy)
+        step("ours, LRU + prefetch", "ours, LRU + prefetch", full_k, True, "lru")
+        small = smallest_fitting_k(config, quant, settings, settings.small_k)
+        step("ours, smallest cache", "ours, smallest cache", small, True, settings.policy)
 
-    print(
-        "\n| variant | experts/layer on device | prefetch | decode tok/s | hit rate | misses/token | "
-        "H2D MB/token | prefetch precision | recall | notes |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in results.values():
-        print(
-            f"| {r.name} | {r.experts_on_device} | {r.prefetch} | {r.tokens_per_s:.2f} | {r.hit_rate:.3f} | "
-            f"{r.misses_per_token:.1f} | {r.h2d_mb_per_token:.0f} | {r.prefetch_precision:.2f} | "
-            f"{r.prefetch_recall:.2f} | {r.note} |"
-        )
-    print("\n| measurement | value |\n| --- | --- |")
-    for k, v in {**bw, **kb}.items():
-        print(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |")
-    print("\n| projected on a free T4 (timing model) | demand misses/token | prefetch loads/token | tok/s |")
-    print("| --- | --- | --- | --- |")
-    for name, misses, loads, tps in project_t4(results):
-        print(f"| {name} | {misses:.1f} | {loads:.1f} | {tps:.2f} |")
-    if settings.device == "cpu":
-        print("(smoke run: tiny model, so the T4 projection above is not meaningful)")
-    full, base = results["ours (full)"], results["ours, LRU, no prefetch (paper's public code)"]
+    print_tables(results, bw, kb, settings)
     print(f"\nwall time {time.perf_counter() - started:.1f}s")
-    if args.json:
-        payload = {
-            "results": [asdict(r) for r in results.values()],
-            "bandwidth": bw,
-            "kernel": kb,
-            "settings": asdict(replace(settings)),
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2))
-    ratio = full.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
+    save(partial=False)
+    full, base = results["ours (full)"], results[baseline]
+    ratio = full.tokens_per_s / base.tokens_per_s if full.tokens_per_s and base.tokens_per_s else float("nan")
     print(f"ours (full) / paper-public-code-equivalent tokens/s: {ratio:.2f}")
     return 0
+
+
+def smallest_fitting_k(config, quant: QuantConfig, settings: BenchSettings, k: int) -> int:
+    """``k`` or, when its host store does not fit the RAM budget (a T4 with 1 per layer), the next that does."""
+    for candidate in range(k, config.num_local_experts + 1):
+        if why_it_does_not_fit(config, quant, settings, candidate) is None:
+            return candidate
+    return k
 
 
 if __name__ == "__main__":

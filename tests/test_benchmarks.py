@@ -67,3 +67,35 @@ def test_cpu_overhead_prints_the_ratio_last() -> None:
     lines = out.stdout.strip().splitlines()
     assert re.fullmatch(r"ratio offloaded/resident tokens/s: \d+\.\d\d", lines[-1])
     assert "greedy outputs identical: True" in out.stdout
+
+
+def _benchmark(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_gpu_offload_skips_what_cannot_fit_a_t4_and_plans_the_t4_cache() -> None:
+    """The all-resident variant needs ~18 GB: on a 15 GB GPU (or the T4 emulation) it is skipped, with the reason."""
+    from colab_helpers.checkpoint import QuantConfig
+    from colab_helpers.planner import Budget
+    from colab_helpers.synthetic import mixtral_8x7b_config
+
+    bench = _benchmark("gpu_offload")
+    config, quant = mixtral_8x7b_config(), QuantConfig()
+    t4 = bench.BenchSettings("cuda", None, 32, 16, 5, 1, "lfu_decay", 15.0, None, 2, 12.7)
+    budget = Budget.given(15.0, 12.7)
+    assert "VRAM" in bench.plan_reasons(config, quant, budget, t4, config.num_local_experts)
+    planned = bench.planned_experts(config, quant, budget)
+    assert min(planned if isinstance(planned, list) else [planned]) >= 5
+    assert bench.plan_reasons(config, quant, budget, t4, planned) is None
+    assert "host RAM" in bench.plan_reasons(config, quant, budget, t4, 1)  # 224 experts do not fit 12.7 GB
+
+
+def test_kernel_bench_cpu_smoke_writes_its_rows(tmp_path: Path) -> None:
+    out = run("benchmarks/kernel_bench.py", "--cpu-smoke", "--json", str(tmp_path / "k.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert rows and all(r["dequant_matmul_us"] > 0 for r in rows)

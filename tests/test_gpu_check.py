@@ -1,0 +1,113 @@
+"""scripts/gpu_check.sh: its CPU smoke run (the same steps, tiny) and the runner's time boxes and reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+
+
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load_gpu_check()
+
+
+def test_help_documents_steps_and_options() -> None:
+    out = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for word in ("--cpu-smoke", "--out", "--t4", "--budget-s", "$OUT", "gpu_check.json", "gpu_check.md"):
+        assert word in out.stdout, word
+    for step in gpu_check.STEPS:
+        assert step.name in out.stdout, step.name
+
+
+def test_cpu_smoke_runs_every_step_and_writes_json_and_markdown(tmp_path: Path) -> None:
+    out = subprocess.run(
+        ["bash", str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert out.returncode == 0 and report["ok"], json.dumps(report, indent=1)[-3000:]
+    assert list(steps) == [s.name for s in gpu_check.STEPS]
+    assert report["mode"] == "cpu-smoke" and all(s["status"] == "ok" for s in steps.values())
+    assert steps["cuda_tests"]["data"]["tests"] > 0  # the CUDA tests were found (and skipped: no GPU here)
+    margins = steps["memory_margins"]["data"]
+    assert margins["rss_after_load"]["measured_gb"] > margins["rss_after_imports"]["measured_gb"] > 0
+    assert margins["plan"]["fits"] and margins["prefill_seconds"] > 0
+    assert steps["kernel_bench"]["data"]["rows"]
+    offload = {r["name"]: r for r in steps["offload_bench"]["data"]["results"]}
+    assert offload["ours (full)"]["tokens_per_s"] > 0
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| step | status | s | measurement | value |" in md and "all steps passed" in md
+
+
+def _ctx(tmp_path: Path):
+    for sub in ("logs", "steps"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    return gpu_check.Context(out=tmp_path, smoke=False, emulate_t4=False)
+
+
+def _python(code: str):
+    return lambda ctx: [sys.executable, "-c", code]
+
+
+def test_a_hung_step_is_killed_at_its_time_box_and_the_next_step_still_runs(tmp_path: Path) -> None:
+    steps = [
+        gpu_check.Step("hangs", "sleeps", 2, _python("import time; print('started', flush=True); time.sleep(60)")),
+        gpu_check.Step("fails", "exits 3", 30, _python("import sys; print('boom'); sys.exit(3)")),
+        gpu_check.Step(
+            "writes",
+            "writes its json",
+            30,
+            lambda ctx: [
+                sys.executable,
+                "-c",
+                f"import json; open({str(ctx.step_json('writes'))!r}, 'w').write(json.dumps({{'x': 1.5}}))",
+            ],
+        ),
+    ]
+    report = gpu_check.run_steps(_ctx(tmp_path), steps, budget_s=120)
+    got = {s["name"]: s for s in report["steps"]}
+    assert got["hangs"]["status"] == "timeout" and got["hangs"]["seconds"] < 30
+    assert got["hangs"]["tail"] == ["started"]
+    assert got["fails"]["status"] == "failed" and got["fails"]["returncode"] == 3
+    assert got["writes"]["status"] == "ok" and got["writes"]["data"] == {"x": 1.5}
+    assert not report["ok"]
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["status"] for s in written["steps"]] == ["timeout", "failed", "ok"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| hangs | timeout |" in md and "boom" in md and "NOT all steps passed" in md
+
+
+def test_steps_past_the_budget_are_skipped_not_started(tmp_path: Path) -> None:
+    steps = [gpu_check.Step(name, "", 30, _python("pass")) for name in ("a", "b")]
+    report = gpu_check.run_steps(_ctx(tmp_path), steps, budget_s=1)
+    assert [s["status"] for s in report["steps"]] == ["skipped", "skipped"]
+    assert "time budget" in report["steps"][0]["why"]
+
+
+def test_step_names_are_unique_and_each_has_a_summary_or_generic_rows() -> None:
+    names = [s.name for s in gpu_check.STEPS]
+    assert len(names) == len(set(names))
+    step = {"name": "new_step", "status": "ok", "seconds": 1, "data": {"predicted": 2.0, "measured": 1.5}}
+    assert gpu_check._summary_rows(step) == [("predicted", "2.0"), ("measured", "1.5")]
+
+
+@pytest.mark.parametrize("flag", ["--steps=nope"])
+def test_unknown_step_is_refused(flag: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        gpu_check.main([flag, "--out", str(tmp_path)])
+    assert info.value.code == 2
