@@ -515,11 +515,14 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    start = time.perf_counter()
-    with torch.no_grad():  # the path a chat turn takes: generate's prefill fills the KV cache
-        model.generate(ids, max_new_tokens=1, do_sample=False)
-    if cuda:
-        torch.cuda.synchronize()
+    start, oom = time.perf_counter(), None
+    try:
+        with torch.no_grad():  # the path a chat turn takes: generate's prefill fills the KV cache
+            model.generate(ids, max_new_tokens=1, do_sample=False)
+        if cuda:
+            torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError as err:  # a finding, not a crash: keep the peak it reached
+        oom = str(err).splitlines()[0]
     data["prefill_tokens"] = prefill
     data["prefill_seconds"] = time.perf_counter() - start
     if cuda:
@@ -530,6 +533,9 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
         if ctx.emulate_t4:
             plan_headroom = (plan.budget.vram - plan.vram_peak) / GB
             record("headroom_after_prefill", T4_VRAM_GB * GB - peak, plan_headroom, "T4 budget - peak reserved")
+    if oom is not None:
+        data["error"] = f"out of memory during the {prefill}-token prefill the plan allows: {oom}"
+        raise SystemExit(1)
     save()
 
 
