@@ -133,6 +133,10 @@ def _collect_junit(ctx: Context, log: str) -> dict | None:
     return {**counts, "failed": failed}
 
 
+# A new step is one line here: its command runs with cwd = the repository root and PYTHONPATH set; it
+# exits 0 on success and may write ``ctx.step_json(name)`` (earlier steps' files are there to read, e.g.
+# ``ctx.step_json("offload_bench")``); that JSON lands in the report, and in the markdown through
+# ``SUMMARIES[name]`` when one is given, else as its scalar fields.
 STEPS: list[Step] = [
     Step("environment", "GPU, driver, versions, free memory", 60, _in_process("environment")),
     Step("cuda_tests", "pytest -m requires_cuda", 150, _cuda_tests_command, _collect_junit),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+ENV = {**os.environ, "PYTHON": sys.executable}  # the script runs this interpreter, not whatever python3 is
 
 
 def _load_gpu_check():
@@ -26,7 +28,7 @@ gpu_check = _load_gpu_check()
 
 
 def test_help_documents_steps_and_options() -> None:
-    out = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120, env=ENV)
     assert out.returncode == 0, out.stderr
     for word in ("--cpu-smoke", "--out", "--t4", "--budget-s", "$OUT", "gpu_check.json", "gpu_check.md"):
         assert word in out.stdout, word
@@ -35,9 +37,8 @@ def test_help_documents_steps_and_options() -> None:
 
 
 def test_cpu_smoke_runs_every_step_and_writes_json_and_markdown(tmp_path: Path) -> None:
-    out = subprocess.run(
-        ["bash", str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
-    )
+    cmd = ["bash", str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
     assert out.returncode == 0 and report["ok"], json.dumps(report, indent=1)[-3000:]
