@@ -535,8 +535,9 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
         transient = _rows_vram(plan, "KV", "prefill") / GB or None
         record("prefill_transient", torch.cuda.max_memory_allocated() - base, transient, "peak allocated - before")
         if ctx.emulate_t4:
-            plan_headroom = (plan.budget.vram - plan.vram_peak) / GB
-            record("headroom_after_prefill", T4_VRAM_GB * GB - peak, plan_headroom, "T4 budget - peak reserved")
+            unplanned = (plan.budget.vram - plan.vram_peak + _rows_vram(plan, "reserve")) / GB
+            note = "T4 budget - peak reserved; plan: VRAM unplanned (reserve + headroom)"
+            record("headroom_after_prefill", T4_VRAM_GB * GB - peak, unplanned, note)
     if oom is not None:
         data["error"] = f"out of memory during the {prefill}-token prefill the plan allows: {oom}"
         raise SystemExit(1)
