@@ -225,11 +225,10 @@ def _engine_patches(counter: OpCounter) -> list:
     patches = []
     copy = experts.CopyEngine.copy
 
-    def counted_copy(engine, dst, src, *args, **kwargs):
-        to_device = kwargs["to_device"] if "to_device" in kwargs else args[0]
-        counter.copy(dst.numel() * dst.element_size(), "h2d" if to_device else "d2h")
+    def counted_copy(engine, dst, src, kind, *args, **kwargs):
+        counter.copy(dst.numel() * dst.element_size(), kind)
         with counter.muted():
-            return copy(engine, dst, src, *args, **kwargs)
+            return copy(engine, dst, src, kind, *args, **kwargs)
 
     patches.append(_patched(experts.CopyEngine, "copy", counted_copy))
     sync = experts.CopyEngine.synchronize

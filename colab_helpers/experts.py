@@ -15,7 +15,7 @@ import signal
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -114,25 +114,65 @@ def _unregister(cudart, ptr: int) -> None:
         pass
 
 
+DEMAND, SPECULATIVE, WRITE_BACK = "demand", "speculative", "write_back"
+COPY_KINDS = (DEMAND, SPECULATIVE, WRITE_BACK)  # the first two copy host→device, write-backs device→host
+
+
+@dataclass(frozen=True)
+class CopyRecord:
+    """One copy as issued through ``CopyEngine.copy``: what the T4 twin and the op counters record."""
+
+    kind: str  # DEMAND | SPECULATIVE (host→device) | WRITE_BACK (device→host)
+    nbytes: int
+    layer: int = -1
+    expert: int = -1
+
+    @property
+    def to_device(self) -> bool:
+        return self.kind != WRITE_BACK
+
+
 class CopyEngine:
-    """Host↔device copies. CUDA: own streams per direction, events for ordering. CPU: plain copies."""
+    """The one place every expert copy is issued (``copy``: kind, bytes, ordering), and the events that
+    order compute after copies.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
+    CUDA: one stream per kind — demand loads on a high-priority stream, speculative loads on a
+    low-priority one, write-backs on their own — ordered only by the events passed as ``after`` (and
+    by issue order within a stream). Stream priority lets the GPU pick demand work first; it does not
+    preempt a DMA already running, so the cache also bounds speculative bytes (``PrefetchConfig``).
+    CPU: plain synchronous copies. ``observers`` see every ``CopyRecord`` as it is issued.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.observers: list[Callable[[CopyRecord], None]] = []
         if self.cuda:
-            self.h2d_stream = torch.cuda.Stream(device)
-            self.d2h_stream = torch.cuda.Stream(device)
+            self.streams = {
+                DEMAND: torch.cuda.Stream(self.device, priority=-1),  # lower number = higher priority
+                SPECULATIVE: torch.cuda.Stream(self.device, priority=0),
+                WRITE_BACK: torch.cuda.Stream(self.device, priority=0),
+            }
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, to_device: bool, after: Iterable) -> object:
-        """Copy ``src`` into ``dst`` once every event in ``after`` fired; returns the completion event."""
+    def copy(
+        self, dst: torch.Tensor, src: torch.Tensor, kind: str, after: Iterable = (), layer: int = -1, expert: int = -1
+    ) -> object:
+        """Copy ``src`` into ``dst`` on ``kind``'s stream once every event in ``after`` fired; returns the
+        completion event (``None`` when the copy is already complete, as on a CPU)."""
+        if kind not in COPY_KINDS:
+            raise ValueError(f"copy kind must be one of {COPY_KINDS}, got {kind!r}")
+        record = CopyRecord(kind, dst.numel() * dst.element_size(), layer, expert)
+        for observe in self.observers:
+            observe(record)
+        return self._issue(dst, src, kind, [ev for ev in after if ev is not None])
+
+    def _issue(self, dst: torch.Tensor, src: torch.Tensor, kind: str, after: list) -> object:
         if not self.cuda:
             dst.copy_(src)
             return None
-        stream = self.h2d_stream if to_device else self.d2h_stream
+        stream = self.streams[kind]
         for ev in after:
-            if ev is not None:
-                stream.wait_event(ev)
+            stream.wait_event(ev)
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
@@ -140,11 +180,13 @@ class CopyEngine:
         return done
 
     def compute_waits(self, event: object) -> None:
+        """Later compute waits for ``event`` (a copy's or ``mark_compute``'s)."""
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
-    def mark_compute(self) -> object:
-        """An event on the compute stream: everything queued so far has run when it fires."""
+    def mark_compute(self, reads: torch.Tensor | None = None) -> object:
+        """An event on the compute stream: everything queued so far (including reads of ``reads``) has
+        run when it fires."""
         if not self.cuda:
             return None
         ev = torch.cuda.Event()
@@ -227,8 +269,15 @@ class CacheStats(RoutingCounters):
     h2d_bytes: list[int] = field(default_factory=list)
     d2h_bytes: list[int] = field(default_factory=list)
     wasted_bytes: list[int] = field(default_factory=list)  # prefetched bytes the layer did not use
+    remaps: list[int] = field(default_factory=list)  # loads served by a freed slot still holding the expert
 
-    COUNTERS: ClassVar[tuple[str, ...]] = (*RoutingCounters.COUNTERS, "h2d_bytes", "d2h_bytes", "wasted_bytes")
+    COUNTERS: ClassVar[tuple[str, ...]] = (
+        *RoutingCounters.COUNTERS,
+        "h2d_bytes",
+        "d2h_bytes",
+        "wasted_bytes",
+        "remaps",
+    )
 
     def summary(self) -> dict[str, float]:
         return {
@@ -241,6 +290,7 @@ class CacheStats(RoutingCounters):
             "prefetch_precision": self.precision,
             "prefetch_recall": self.recall,
             "prefetch_wasted_bytes": sum(self.wasted_bytes),
+            "remaps": sum(self.remaps),
         }
 
 
@@ -261,8 +311,12 @@ class ExpertCache:
     """Per-layer device slots over a host store, with a pluggable eviction policy and counters.
 
     Call ``place`` once per expert at load time (the first ``k`` experts of a layer land on the
-    device), then ``fetch`` per use: it returns the expert's weights on the device, copying it in
-    (and its victim out) on a miss. ``prefetch`` starts a load early without touching hit counters.
+    device). Per layer step: ``demand`` (count hits and misses, issue every demand copy it can at
+    once), ``prefetch`` for the next layers' guesses, then ``weights``/``release`` per expert in
+    ``demand``'s order. ``fetch`` is the one-expert form (``demand`` + ``weights`` for one expert).
+
+    A freed slot keeps its expert's bytes until another load overwrites it: an expert wanted again
+    meanwhile (say, evicted by a wrong guess) is *re-mapped* to that slot instead of copied back in.
     """
 
     def __init__(
@@ -275,6 +329,7 @@ class ExpertCache:
         policy: str | EvictionPolicy = "lru",
         spare_slots: int = 2,
         dense_dtype: torch.dtype | None = None,
+        engine: CopyEngine | None = None,
     ) -> None:
         self.layout = layout
         self.num_layers, self.num_experts = num_layers, num_experts
@@ -285,7 +340,7 @@ class ExpertCache:
         if n_host and self.spare < 1:
             raise ValueError("need at least one spare device slot when some experts live on the host")
         self.policy = make_policy(policy, num_layers, num_experts) if isinstance(policy, str) else policy
-        self.engine = CopyEngine(self.device)
+        self.engine = engine if engine is not None else CopyEngine(self.device)
         n_slots = sum(self.capacity) + self.spare
         self.device_buf = torch.empty(n_slots, layout.nbytes, dtype=torch.uint8, device=self.device)
         self.host_buf = host_buffer(n_host, layout.nbytes, pin=self.engine.cuda)
@@ -294,12 +349,19 @@ class ExpertCache:
         self.host_of: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self._free_slots: deque[int] = deque(range(n_slots))
         self._free_hosts: deque[int] = deque(range(n_host))
-        # CUDA events guarding reuse (None on CPU or when nothing is pending)
+        self._ghost: dict[tuple[int, int], int] = {}  # (layer, expert) -> free slot still holding its bytes
+        self._ghost_of: list[tuple[int, int] | None] = [None] * n_slots
+        # events guarding reuse (None on CPU or when nothing is pending)
         self._slot_ready: list = [None] * n_slots  # H2D into slot finished
         self._slot_used: list = [None] * n_slots  # last compute reading slot finished
         self._slot_drained: list = [None] * n_slots  # D2H out of slot finished
-        self._host_written: list = [None] * n_host  # D2H into host buffer finished
+        self._host_written: list = [None] * n_host  # D2H into host buffer finished (H2D out of it, before)
         self._prefetched: list[set[int]] = [set() for _ in range(num_layers)]
+        # per layer step: misses whose swap waits until their victim (needed this step) has been computed,
+        # and experts fetched one by one after such a miss (decided in order, as the policy expects)
+        self._deferred: list[dict[int, int]] = [{} for _ in range(num_layers)]
+        self._lazy: list[list[int]] = [[] for _ in range(num_layers)]
+        self.speculative_bytes_left: float = float("inf")  # per-token cap, reset by ``begin_token``
         self.stats = CacheStats(num_layers)
         # CPU fast path: a slot's weights are dequantized once per load instead of once per use
         self.dense_dtype = dense_dtype if self.device.type == "cpu" else None
@@ -352,8 +414,44 @@ class ExpertCache:
         experts = list(experts)
         return [e for e in experts if e in slots] + [e for e in experts if e not in slots]
 
+    def begin_token(self, speculative_bytes: float | None = None) -> None:
+        """A decode token starts: reset the speculative byte budget (``None``: no cap)."""
+        self.speculative_bytes_left = float("inf") if speculative_bytes is None else speculative_bytes
+
+    def demand(self, layer: int, experts: Iterable[int]) -> list[int]:
+        """Start a layer step: order ``experts`` (resident first), count hits and misses, and issue every
+        miss's copy now, before any of them is computed. A miss whose victim this step still needs (a
+        tight cache) is swapped by ``weights`` once that victim has been computed. The policy sees the
+        same accesses in the same order as one ``fetch`` per expert. Then call ``weights``/``release``
+        for each expert in the returned order."""
+        order = self.order(layer, experts)
+        self._deferred[layer].clear()
+        self._lazy[layer] = []
+        for i, e in enumerate(order):
+            self.policy.on_access(layer, e)
+            if e in self.slot_of[layer]:
+                self.stats.hits[layer] += 1
+                continue
+            self.stats.misses[layer] += 1
+            victim = self._victim(layer, e, order[i + 1 :])
+            if victim in order[:i]:  # not computed yet: swap once it has been, decide the rest then
+                self._deferred[layer][e] = victim
+                self._lazy[layer] = order[i + 1 :]
+                break
+            self._swap_in(layer, e, victim, DEMAND)
+        return order
+
+    def weights(self, layer: int, expert: int) -> dict[str, QuantizedWeight]:
+        """The expert's weights for the compute stream (which waits for its copy); call in ``demand`` order."""
+        lazy = self._lazy[layer]
+        if expert in self._deferred[layer]:
+            self._swap_in(layer, expert, self._deferred[layer].pop(expert), DEMAND)
+        elif expert in lazy:
+            return self.fetch(layer, expert, keep=lazy[lazy.index(expert) + 1 :])
+        return self._ready_weights(self.slot_of[layer][expert])
+
     def fetch(self, layer: int, expert: int, keep: Iterable[int] = ()) -> dict[str, QuantizedWeight]:
-        """The expert's weights on the device, ready for the compute stream; counts a hit or a miss.
+        """One expert's weights on the device, ready for the compute stream; counts a hit or a miss.
 
         ``keep`` lists experts of this layer that must not be evicted to make room (still needed);
         fetch a layer's experts in ``order(...)`` and pass the ones still to come as ``keep``.
@@ -362,25 +460,24 @@ class ExpertCache:
         slot = self.slot_of[layer].get(expert)
         if slot is None:
             self.stats.misses[layer] += 1
-            slot = self._swap_in(layer, expert, keep)
+            slot = self._swap_in(layer, expert, self._victim(layer, expert, keep), DEMAND)
         else:
             self.stats.hits[layer] += 1
-        self.engine.compute_waits(self._slot_ready[slot])
-        self._make_dense(slot)
-        return self._slot_weights[slot]
+        return self._ready_weights(slot)
 
     def release(self, layer: int, expert: int) -> None:
         """The compute stream has queued its last read of this expert for now (guards slot reuse)."""
-        if self.engine.cuda:
-            self._slot_used[self.slot_of[layer][expert]] = self.engine.mark_compute()
+        slot = self.slot_of[layer][expert]
+        self._slot_used[slot] = self.engine.mark_compute(reads=self.device_buf[slot])
 
     def prefetch(self, layer: int, expert: int, keep: Iterable[int] = ()) -> bool:
         """Start loading a guessed expert; False when it is resident or no slot may be given up."""
         if expert in self.slot_of[layer]:
             return False
-        if not self._candidates(layer, expert, keep):
+        candidates = self._candidates(layer, expert, keep)
+        if not candidates:
             return False
-        self._swap_in(layer, expert, keep)
+        self._swap_in(layer, expert, self.policy.victim(layer, candidates), SPECULATIVE)
         self.stats.prefetch_loads[layer] += 1
         self._prefetched[layer].add(expert)
         return True
@@ -395,6 +492,9 @@ class ExpertCache:
         self._prefetched[layer].clear()
 
     def end_step(self, layer: int) -> None:
+        if self._deferred[layer]:
+            raise RuntimeError(f"layer {layer}: experts {sorted(self._deferred[layer])} were never computed")
+        self._lazy[layer] = []
         self.policy.on_step(layer)
 
     # ---- internals -------------------------------------------------------------------------------
@@ -403,38 +503,74 @@ class ExpertCache:
         keep = set(keep) | {expert}
         return sorted(e for e in self.slot_of[layer] if e not in keep)
 
-    def _swap_in(self, layer: int, expert: int, keep: Iterable[int]) -> int:
+    def _victim(self, layer: int, expert: int, keep: Iterable[int]) -> int:
         candidates = self._candidates(layer, expert, keep)
         if not candidates:
             raise RuntimeError(f"layer {layer}: no evictable expert to make room for {expert} (keep={set(keep)})")
-        victim = self.policy.victim(layer, candidates)
+        return self.policy.victim(layer, candidates)
+
+    def _ready_weights(self, slot: int) -> dict[str, QuantizedWeight]:
+        self.engine.compute_waits(self._slot_ready[slot])
+        self._make_dense(slot)
+        return self._slot_weights[slot]
+
+    def _take_free_slot(self) -> int:
+        """A free slot to load into: one holding nothing re-mappable if any, else the longest-freed."""
+        for slot in self._free_slots:
+            if self._ghost_of[slot] is None:
+                break
+        else:
+            slot = self._free_slots[0]
+        self._free_slots.remove(slot)
+        self._forget_ghost(slot)
+        self._drop_dense(slot)
+        return slot
+
+    def _forget_ghost(self, slot: int) -> None:
+        if self._ghost_of[slot] is not None:
+            del self._ghost[self._ghost_of[slot]]
+            self._ghost_of[slot] = None
+
+    def _swap_in(self, layer: int, expert: int, victim: int, kind: str) -> int:
+        """Bring ``expert`` into a device slot and write ``victim`` back into the host buffer it leaves."""
         nbytes = self.layout.nbytes
+        eng = self.engine
         with deferred_interrupts():  # copies and bookkeeping change together or not at all
-            slot = self._free_slots.popleft()
             host = self.host_of[layer][expert]
             old = self.slot_of[layer][victim]
-            eng = self.engine
-            ready = eng.copy(
-                self.device_buf[slot],
-                self.host_buf[host],
-                to_device=True,
-                after=(self._slot_used[slot], self._slot_drained[slot], self._host_written[host]),
-            )
+            slot = self._ghost.get((layer, expert))
+            if slot is not None:  # its old slot still holds it: no copy in
+                self._free_slots.remove(slot)
+                self._forget_ghost(slot)
+                self.stats.remaps[layer] += 1
+                read_host = None
+            else:
+                slot = self._take_free_slot()
+                ready = eng.copy(
+                    self.device_buf[slot],
+                    self.host_buf[host],
+                    kind,
+                    after=(self._slot_used[slot], self._slot_drained[slot], self._host_written[host]),
+                    layer=layer,
+                    expert=expert,
+                )
+                self._slot_ready[slot] = read_host = ready
+                self.stats.h2d_bytes[layer] += nbytes
             drained = eng.copy(
                 self.host_buf[host],
                 self.device_buf[old],
-                to_device=False,
-                after=(ready, self._slot_ready[old]),
+                WRITE_BACK,
+                after=(read_host, self._host_written[host], self._slot_ready[old]),
+                layer=layer,
+                expert=victim,
             )
-            self._slot_ready[slot] = ready  # the D2H below waits on `ready`: no separate host-read event
             self._slot_drained[old], self._host_written[host] = drained, drained
             del self.slot_of[layer][victim], self.host_of[layer][expert]
             self.slot_of[layer][expert] = slot
             self.host_of[layer][victim] = host
             self._free_slots.append(old)
-            self._drop_dense(slot)
-            self._drop_dense(old)
-            self.stats.h2d_bytes[layer] += nbytes
+            self._ghost[(layer, victim)] = old
+            self._ghost_of[old] = (layer, victim)
             self.stats.d2h_bytes[layer] += nbytes
         return slot
 
@@ -473,6 +609,9 @@ class ExpertCache:
             hosts += self.host_of[layer].values()
         assert len(set(slots) | set(self._free_slots)) == len(slots) + len(self._free_slots) == len(self.device_buf)
         assert len(set(hosts)) == len(hosts) == len(self.host_buf)
+        for (layer, e), slot in self._ghost.items():
+            assert slot in self._free_slots and self._ghost_of[slot] == (layer, e), f"stale ghost {layer}.{e}"
+            assert e in self.host_of[layer], f"ghost {layer}.{e} is resident"
 
     @property
     def device_bytes(self) -> int:

@@ -27,6 +27,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .quant import QuantizedWeight, QuantSpec, dequantized_linear
 
@@ -59,6 +60,28 @@ def quant_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
             _fused_enabled = False
             warnings.warn(f"fused low-bit GEMV failed ({err!r}); using dequantize + matmul from now on", stacklevel=2)
     return dequantized_linear(x, weight)
+
+
+def expert_mlp(
+    x: torch.Tensor, w: dict[str, QuantizedWeight], coef: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out + coef * w2(silu(w1 x) * w3 x)`` (just the product when ``out`` is None; ``out`` is updated in
+    place) for a few rows of ``x``: Mixtral's expert, weighted by its routing coefficient ``coef`` (a
+    0-d device tensor) and summed into the layer output.
+
+    CUDA: two launches, ``w1``/``w3`` together, then ``w2`` with SiLU·mul in its input and the weighted
+    sum in its output. Elsewhere: the same arithmetic as separate torch ops.
+    """
+    global _fused_enabled
+    if use_fused_kernel(x, w["w1"]):
+        try:
+            return triton_expert_down(triton_expert_gate_up(x, w["w1"], w["w3"]), w["w2"], coef, out, x.dtype)
+        except Exception as err:
+            _fused_enabled = False
+            warnings.warn(f"fused expert kernels failed ({err!r}); using dequantize + matmul from now on", stacklevel=2)
+    h = F.silu(quant_linear(x, w["w1"])) * quant_linear(x, w["w3"])
+    y = quant_linear(h, w["w2"]) * coef
+    return y if out is None else out.add_(y)
 
 
 def use_fused_kernel(x: torch.Tensor, weight: QuantizedWeight) -> bool:
@@ -308,11 +331,242 @@ def triton_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | N
     return y.reshape(*x.shape[:-1], out_f)
 
 
+# --------------------------------------------------------------------------------------------------
+# the expert MLP in two launches: w1 and w3 together, then w2 with SiLU·mul in and the weighted sum out
+# --------------------------------------------------------------------------------------------------
+
+
+def _tile_update(acc, xv, wq_ptr, sq_ptr, ss_ptr, sz_ptr, zq_ptr, zero_scale, zero_zero, p, p_ok, shift, j, sj, c_ok,
+                 num_groups, NBITS: tl.constexpr):  # fmt: skip
+    """``acc += W_block * x`` for one block of columns: ``_gemv_kernel``'s loop body, op for op."""
+    step = (tl.load(sq_ptr + j, mask=c_ok, other=0).to(tl.float16) - tl.load(sz_ptr + sj, mask=c_ok, other=0.0)) * (
+        tl.load(ss_ptr + sj, mask=c_ok, other=0.0)
+    )
+    zero = (tl.load(zq_ptr + j, mask=c_ok, other=0).to(tl.float16) - zero_zero) * zero_scale
+    words = tl.load(wq_ptr + p[:, None] * num_groups + j[None, :], mask=p_ok & c_ok[None, :], other=0)
+    codes = ((words.to(tl.int32)[None, :, :] >> shift) & ((1 << NBITS) - 1)) | 0x6400
+    q = codes.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    w = (q - zero[None, None, :]) * step[None, None, :]
+    return acc + w.to(tl.float32) * xv[None, None, :]
+
+
+def _gate_up_kernel(
+    x_ptr,  # [N, in]
+    a_wq, a_sq, a_ss, a_sz, a_zq, a_zs, a_zz,  # w1's seven tensors
+    b_wq, b_sq, b_ss, b_sz, b_zq, b_zs, b_zz,  # w3's (same spec and shape)
+    h_ptr,  # [split, 2, N, out] fp32 partial sums of w1 x and w3 x
+    n_rows, in_features, out_features, num_groups, scale_cols, rows_per_group, chunk,
+    NBITS: tl.constexpr, GROUP: tl.constexpr, PACKED_ROWS: tl.constexpr, PER_WORD: tl.constexpr,
+    PER_WORD_PAD: tl.constexpr, TOP_SHIFT: tl.constexpr, P_BLOCK: tl.constexpr, N_PBLOCKS: tl.constexpr,
+    BLOCK_C: tl.constexpr, WRAP_ONCE: tl.constexpr,
+):  # fmt: skip
+    """``_gemv_kernel``'s programs, each reducing w1 and w3 over the same x block (x read once)."""
+    pid = tl.program_id(0)
+    n = pid % n_rows
+    t = pid // n_rows
+    pb = t % N_PBLOCKS
+    t = t // N_PBLOCKS
+    r0 = t % rows_per_group
+    s = t // rows_per_group
+    k = tl.arange(0, PER_WORD_PAD)
+    p = pb * P_BLOCK + tl.arange(0, P_BLOCK)
+    shift = tl.maximum(TOP_SHIFT - k * NBITS, 0)[:, None, None]
+    p_ok = (p < PACKED_ROWS)[:, None]
+    a_zscale, a_zzero = tl.load(a_zs), tl.load(a_zz)
+    b_zscale, b_zzero = tl.load(b_zs), tl.load(b_zz)
+    c_start = s * chunk
+    c_stop = tl.minimum(c_start + chunk, in_features)
+    col0 = r0 * in_features
+    acc_a = tl.zeros([PER_WORD_PAD, P_BLOCK, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([PER_WORD_PAD, P_BLOCK, BLOCK_C], dtype=tl.float32)
+    for c0 in range(c_start, c_stop, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < c_stop
+        j = col0 + c
+        if WRAP_ONCE:
+            sj = (col0 + c0) % scale_cols + tl.arange(0, BLOCK_C)
+            sj = tl.where(sj >= scale_cols, sj - scale_cols, sj)
+        else:
+            sj = j % scale_cols
+        xv = tl.load(x_ptr + n * in_features + c, mask=c_ok, other=0.0).to(tl.float32)
+        acc_a = _tile_update(acc_a, xv, a_wq, a_sq, a_ss, a_sz, a_zq, a_zscale, a_zzero, p, p_ok, shift, j, sj, c_ok,
+                             num_groups, NBITS)  # fmt: skip
+        acc_b = _tile_update(acc_b, xv, b_wq, b_sq, b_ss, b_sz, b_zq, b_zscale, b_zzero, p, p_ok, shift, j, sj, c_ok,
+                             num_groups, NBITS)  # fmt: skip
+    i = k[:, None] * PACKED_ROWS + p[None, :]
+    ok = (k[:, None] < PER_WORD) & (p < PACKED_ROWS)[None, :] & (i < GROUP)
+    dst = h_ptr + (2 * s * n_rows + n) * out_features + i * rows_per_group + r0
+    tl.store(dst, tl.sum(acc_a, axis=2), mask=ok)
+    tl.store(dst + n_rows * out_features, tl.sum(acc_b, axis=2), mask=ok)
+
+
+def _down_kernel(
+    h_ptr,  # [H_SPLIT, 2, N, in] fp32 from _gate_up_kernel
+    wq_ptr, sq_ptr, ss_ptr, sz_ptr, zq_ptr, zs_ptr, zz_ptr,  # w2's seven tensors
+    coef_ptr,  # [] routing coefficient
+    out_ptr,  # [N, out]: written, or added to when ACCUMULATE
+    n_rows, in_features, out_features, num_groups, scale_cols, rows_per_group, chunk,
+    H_SPLIT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    NBITS: tl.constexpr, GROUP: tl.constexpr, PACKED_ROWS: tl.constexpr, PER_WORD: tl.constexpr,
+    PER_WORD_PAD: tl.constexpr, TOP_SHIFT: tl.constexpr, P_BLOCK: tl.constexpr, N_PBLOCKS: tl.constexpr,
+    BLOCK_C: tl.constexpr, WRAP_ONCE: tl.constexpr,
+):  # fmt: skip
+    """``out (+)= coef * W2 (silu(gate) * up)``: one program per (row, packed-row block, row group), no split."""
+    pid = tl.program_id(0)
+    n = pid % n_rows
+    t = pid // n_rows
+    pb = t % N_PBLOCKS
+    r0 = t // N_PBLOCKS
+    k = tl.arange(0, PER_WORD_PAD)
+    p = pb * P_BLOCK + tl.arange(0, P_BLOCK)
+    shift = tl.maximum(TOP_SHIFT - k * NBITS, 0)[:, None, None]
+    p_ok = (p < PACKED_ROWS)[:, None]
+    zero_scale, zero_zero = tl.load(zs_ptr), tl.load(zz_ptr)
+    col0 = r0 * in_features
+    acc = tl.zeros([PER_WORD_PAD, P_BLOCK, BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, in_features, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < in_features
+        j = col0 + c
+        if WRAP_ONCE:
+            sj = (col0 + c0) % scale_cols + tl.arange(0, BLOCK_C)
+            sj = tl.where(sj >= scale_cols, sj - scale_cols, sj)
+        else:
+            sj = j % scale_cols
+        gate = tl.zeros([BLOCK_C], dtype=tl.float32)
+        up = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for hs in tl.static_range(H_SPLIT):
+            gate += tl.load(h_ptr + (2 * hs * n_rows + n) * in_features + c, mask=c_ok, other=0.0)
+            up += tl.load(h_ptr + ((2 * hs + 1) * n_rows + n) * in_features + c, mask=c_ok, other=0.0)
+        xv = gate * tl.sigmoid(gate) * up
+        acc = _tile_update(acc, xv, wq_ptr, sq_ptr, ss_ptr, sz_ptr, zq_ptr, zero_scale, zero_zero, p, p_ok, shift, j,
+                           sj, c_ok, num_groups, NBITS)  # fmt: skip
+    y = tl.sum(acc, axis=2) * tl.load(coef_ptr).to(tl.float32)
+    i = k[:, None] * PACKED_ROWS + p[None, :]
+    ok = (k[:, None] < PER_WORD) & (p < PACKED_ROWS)[None, :] & (i < GROUP)
+    dst = out_ptr + n * out_features + i * rows_per_group + r0
+    if ACCUMULATE:
+        y += tl.load(dst, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+if HAS_TRITON:  # the kernels call it by this global name, so it must be a jit function itself
+    _tile_update = triton.jit(_tile_update)
+_GATE_UP = triton.jit(_gate_up_kernel) if HAS_TRITON else None
+_DOWN = triton.jit(_down_kernel) if HAS_TRITON else None
+
+
+def _weight_args(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
+    return (w.W_q, w.scale_q, w.scale_scale, w.scale_zero, w.zero_q, w.zero_scale, w.zero_zero)
+
+
+def triton_expert_gate_up(
+    x: torch.Tensor, w1: QuantizedWeight, w3: QuantizedWeight, config: GemvConfig | None = None
+) -> torch.Tensor:
+    """``[split, 2, N, I]`` fp32 partial sums of ``w1 x`` and ``w3 x`` in one launch (``h`` for
+    ``triton_expert_down``); same devices and conditions as ``triton_gemv``."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    if w1.spec != w3.spec or tuple(w1.shape) != tuple(w3.shape):
+        raise ValueError(f"w1 {w1.spec} {list(w1.shape)} and w3 {w3.spec} {list(w3.shape)} differ")
+    out_f, in_f = w1.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features, weight {list(w1.shape)} expects {in_f}")
+    x2 = x.reshape(-1, in_f).contiguous()
+    rows = x2.shape[0]
+    if config is None:
+        plan = _default_plan(w1.spec, tuple(w1.shape), rows, x.device)
+    else:
+        plan = make_plan(w1.spec, tuple(w1.shape), rows, config)
+    h = torch.empty(plan.split, 2, rows, out_f, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return h
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _GATE_UP[plan.grid](x2, *_weight_args(w1), *_weight_args(w3), h, *plan.ints, **plan.constants)
+    return h
+
+
+@functools.lru_cache(maxsize=512)
+def _down_plan(spec: QuantSpec, shape: tuple[int, int], rows: int, device: torch.device) -> _Plan:
+    cfg = default_config(spec, shape, rows, device)
+    return make_plan(spec, shape, rows, GemvConfig(cfg.block_c, cfg.p_block, 1, cfg.num_warps))
+
+
+def triton_expert_down(
+    h: torch.Tensor,
+    w2: QuantizedWeight,
+    coef: torch.Tensor,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """``out + coef * w2(silu(gate) * up)`` from ``h = triton_expert_gate_up(...)`` in one launch; ``out``
+    (``[N, out]``) is updated in place, or a new ``[N, out]`` of ``dtype`` is returned when it is None."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    splits, _, rows, in_f = h.shape
+    out_f = w2.shape[0]
+    if in_f != w2.shape[1]:
+        raise ValueError(f"h has {in_f} features, weight {list(w2.shape)} expects {w2.shape[1]}")
+    if config is None:
+        plan = _down_plan(w2.spec, tuple(w2.shape), rows, h.device)
+    else:
+        plan = make_plan(w2.spec, tuple(w2.shape), rows, GemvConfig(config.block_c, config.p_block, 1))
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(rows, out_f, dtype=dtype or coef.dtype, device=h.device)
+    if rows == 0:
+        return out
+    with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
+        _DOWN[plan.grid](
+            h.contiguous(),
+            *_weight_args(w2),
+            coef,
+            out,
+            *plan.ints,
+            H_SPLIT=splits,
+            ACCUMULATE=accumulate,
+            **plan.constants,
+        )
+    return out
+
+
 def reference_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | None = None) -> torch.Tensor:
     """What ``triton_gemv`` computes, in torch (the kernel tests' and ``dispatch_count``'s stand-in)."""
     return dequantized_linear(x, weight)
 
 
+def reference_expert_gate_up(
+    x: torch.Tensor, w1: QuantizedWeight, w3: QuantizedWeight, config: GemvConfig | None = None
+) -> torch.Tensor:
+    """What ``triton_expert_gate_up`` computes: ``[1, 2, N, I]`` fp32 (one input split of w1 x and w3 x)."""
+    x2 = x.reshape(-1, w1.shape[1])
+    return torch.stack([dequantized_linear(x2, w1).float(), dequantized_linear(x2, w3).float()])[None]
+
+
+def reference_expert_down(
+    h: torch.Tensor,
+    w2: QuantizedWeight,
+    coef: torch.Tensor,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """What ``triton_expert_down`` computes from the gate/up partial sums ``h`` ``[S, 2, N, I]``."""
+    dtype = out.dtype if out is not None else (dtype or coef.dtype)
+    gate, up = h.sum(0)
+    y = (dequantized_linear((F.silu(gate) * up).to(dtype), w2).float() * coef.float()).to(dtype)
+    return y if out is None else out.add_(y)
+
+
 # each fused entry point, the launches it issues on CUDA, and its torch reference (for dispatch_count)
-FUSED_LAUNCHES: dict[str, int] = {"triton_gemv": 1}  # +2 (sum, cast) when a plan splits the input dimension
-REFERENCES = {"triton_gemv": reference_gemv}
+FUSED_LAUNCHES: dict[str, int] = {  # triton_gemv: +2 (sum, cast) when a plan splits the input dimension
+    "triton_gemv": 1,
+    "triton_expert_gate_up": 1,
+    "triton_expert_down": 1,
+}
+REFERENCES = {
+    "triton_gemv": reference_gemv,
+    "triton_expert_gate_up": reference_expert_gate_up,
+    "triton_expert_down": reference_expert_down,
+}

@@ -1,9 +1,14 @@
 """``OffloadedMoE``: a drop-in for transformers' ``MixtralSparseMoeBlock`` that reads experts from the cache.
 
-Per call: the router picks top-k experts per token (the one host sync: reading that choice), the
-layer runs resident experts first and misses after (so compute starts while copies land), then it
-applies the *next* layer's router to the same hidden state and starts copying the experts it
-predicts (speculative prefetch, arXiv 2312.17238 §3.2), never evicting one this layer still needs.
+One decode step of a layer, in the order the GPU should see it:
+
+1. the router, together with the next layers' routers on the same hidden state (one matmul), and
+   *one* host sync reading both this layer's choice and the guesses for the next layers;
+2. every demand copy this layer needs (``ExpertCache.demand``), before any expert is computed;
+3. the next layers' guesses (speculative prefetch, arXiv 2312.17238 §3.2), gated on the next router's
+   probability and capped in bytes per token, issued after this layer's demand copies on their own
+   lower-priority stream, so they overlap this layer's compute and never get ahead of a demand load;
+4. the experts, resident ones first, each a fused low-bit MLP that adds its weighted output in place.
 """
 
 from __future__ import annotations
@@ -14,29 +19,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .experts import ExpertCache
-from .kernels import quant_linear
 from .quant import QuantizedWeight
 
 
 @dataclass(frozen=True)
 class PrefetchConfig:
-    """Speculative prefetch: how many guessed experts per layer, and how many layers ahead."""
+    """Speculative prefetch: how many guesses per layer, how many layers ahead, and how much to spend."""
 
     enabled: bool = True
     experts: int = 2  # guesses per layer (top-n of the next router); Mixtral uses top-2
     lookahead: int = 1  # layers ahead to guess (1 = the paper's next-layer guess)
+    min_confidence: float = 0.0  # a guess needs at least this next-router probability (0: every top-n guess)
+    max_bytes_per_token: int | None = None  # speculative bytes per decode token over all layers (None: no cap)
 
 
 def expert_forward(x: torch.Tensor, w: dict[str, QuantizedWeight]) -> torch.Tensor:
     """Mixtral's expert: ``w2(silu(w1 x) * w3 x)``."""
-    return quant_linear(F.silu(quant_linear(x, w["w1"])) * quant_linear(x, w["w3"]), w["w2"])
+    return kernels.quant_linear(F.silu(kernels.quant_linear(x, w["w1"])) * kernels.quant_linear(x, w["w3"]), w["w2"])
 
 
 def _router_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A router's logits for ``x``; routers that script their choices (benchmarks) expose ``predict``."""
     predict = getattr(gate, "predict", None)
     return predict(x) if predict is not None else F.linear(x, gate.weight)
+
+
+def _plain_router(gate: nn.Module) -> bool:
+    """transformers' top-k router (a weight, softmax, top-k, renormalize), which ``_route_one`` can fuse."""
+    return type(gate).__name__ == "MixtralTopKRouter" and not hasattr(gate, "predict")
 
 
 class OffloadedMoE(nn.Module):
@@ -51,8 +63,12 @@ class OffloadedMoE(nn.Module):
         self.next_gates: list[nn.Module] = []  # routers of the following layers (set by ``link``)
         self._following: list[OffloadedMoE] = []
         self._pending_guess: set[int] | None = None
-        # observers(layer, experts [T][k], guesses [lookahead][n] or None): routing recorders, notebooks
+        self._routers: tuple[tuple[int, ...], torch.Tensor] | None = None  # (source pointers, stacked weights)
+        self._bars: torch.Tensor | None = None  # per-row confidence bars for the routing readback
+        # observers(layer, experts [T][k], guesses [lookahead][<=n] as issued, or None): recorders, notebooks
         self.observers: list = []
+
+    # ---- forward ---------------------------------------------------------------------------------
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         with self.cache.lock:  # one layer's cache step is atomic, whatever thread calls (see ExpertCache.lock)
@@ -61,55 +77,130 @@ class OffloadedMoE(nn.Module):
     def _step(self, hidden_states: torch.Tensor) -> torch.Tensor:
         bsz, seq, hidden = hidden_states.shape
         x = hidden_states.reshape(-1, hidden)  # [T, H]
-        _, weights, index = self.gate(x)  # [T, k], [T, k]
-        guess_index = self._guess(x) if seq * bsz == 1 else None  # [d, n] or None
-        index_list = index.tolist()  # the one host sync per layer
-        guesses = guess_index.tolist() if guess_index is not None else None
-        used = sorted({e for row in index_list for e in row})
+        if x.shape[0] == 1:
+            weights, choice, guesses = self._route_one(x)
+        else:  # prefill: no guesses (the next layer's own routing comes at once)
+            _, weights, index = self.gate(x)
+            choice, guesses = index.tolist(), None  # the one host sync
+        return self._cache_step(x, weights, choice, guesses).reshape(bsz, seq, hidden)
+
+    def _route_one(self, x: torch.Tensor) -> tuple[torch.Tensor, list[list[int]], list[list[int]] | None]:
+        """Decode routing: this layer's weights [1, k] and choice [[k]], plus the next layers' guesses
+        [d][<=n] (None without prefetch), read from the device in one host sync."""
+        k = self.gate.top_k
+        guessing = self.prefetch.enabled and bool(self.next_gates)
+        n = self.prefetch.experts if guessing else 0
+        if _plain_router(self.gate) and all(_plain_router(g) for g in self.next_gates):
+            rows = 1 + (len(self.next_gates) if guessing else 0)
+            logits = F.linear(x, self._router_weight(rows)).view(rows, -1)  # this router and the next d
+            probs = F.softmax(logits.float(), dim=-1)
+            values, index = probs.topk(max(k, n), dim=-1)
+            top = values[:1, :k]
+            weights = top / top.sum(dim=-1, keepdim=True)  # transformers' renormalized top-k
+        else:  # scripted or custom routers: their own forward, the guesses beside it
+            _, weights, choice_index = self.gate(x)
+            values = index = choice_index.reshape(1, k)
+            if guessing:
+                logits = torch.cat([_router_logits(g, x) for g in self.next_gates], dim=0)
+                g_values, g_index = F.softmax(logits.float(), dim=-1).topk(n, dim=-1)
+                width = max(k, n)
+                values = torch.cat([F.pad(values.float(), (0, width - k), value=1.0), F.pad(g_values, (0, width - n))])
+                index = torch.cat([F.pad(index, (0, width - k), value=-1), F.pad(g_index, (0, width - n), value=-1)])
+        if guessing and self.prefetch.min_confidence > 0:
+            index = torch.where(values >= self._thresholds(index), index, -1)
+        rows = index.tolist()  # the one host sync per layer
+        choice = [rows[0][:k]]
+        guesses = [[e for e in row[:n] if e >= 0] for row in rows[1:]] if guessing else None
+        return weights, choice, guesses
+
+    def _router_weight(self, rows: int) -> torch.Tensor:
+        """This router's weight stacked over the next ``rows - 1`` routers' (rebuilt if any was replaced)."""
+        sources = [self.gate.weight] + [g.weight for g in self.next_gates[: rows - 1]]
+        key = tuple(w.data_ptr() for w in sources)
+        if self._routers is None or self._routers[0] != key:
+            self._routers = (key, torch.cat(sources, dim=0) if rows > 1 else self.gate.weight)
+        return self._routers[1]
+
+    def _thresholds(self, index: torch.Tensor) -> torch.Tensor:
+        """Per row of the routing readback: no bar for this layer's choice, ``min_confidence`` for guesses."""
+        rows = index.shape[0]
+        if self._bars is None or self._bars.shape[0] != rows or self._bars.device != index.device:
+            bars = [[-1.0]] + [[self.prefetch.min_confidence]] * (rows - 1)
+            self._bars = torch.tensor(bars, device=index.device)
+        return self._bars
+
+    # ---- the cache step --------------------------------------------------------------------------
+
+    def _cache_step(
+        self, x: torch.Tensor, weights: torch.Tensor, choice: list[list[int]], guesses: list[list[int]] | None
+    ) -> torch.Tensor:
+        """Everything this layer does with the cache, in one call path (one lock can make it atomic)."""
+        cache, layer = self.cache, self.layer
+        if guesses is not None and layer == 0:
+            cache.begin_token(self.prefetch.max_bytes_per_token)
+        used = sorted({e for row in choice for e in row})
+        tried = self._plan_guesses(guesses) if guesses is not None else None
         for observe in self.observers:
-            observe(self.layer, index_list, guesses)
+            observe(layer, choice, tried)
         if self._pending_guess is not None:
-            self.cache.score_prediction(self.layer, self._pending_guess, set(used))
+            cache.score_prediction(layer, self._pending_guess, set(used))
             self._pending_guess = None
-        out = self._run_experts(x, weights, index, used)
-        if guesses is not None:
-            self._start_prefetch(guesses)
-        self.cache.end_step(self.layer)
-        return out.reshape(bsz, seq, hidden)
+        order = cache.demand(layer, used)  # every demand copy it can issue, before any compute
+        if tried is not None:
+            self._issue_guesses(tried)  # after the demand copies, overlapping this layer's compute
+        out = self._run_experts(x, weights, choice, order)
+        cache.end_step(layer)
+        return out
 
     def _run_experts(
-        self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, used: list[int]
+        self, x: torch.Tensor, weights: torch.Tensor, choice: list[list[int]], order: list[int]
     ) -> torch.Tensor:
         cache, layer = self.cache, self.layer
-        order = cache.order(layer, used)
+        if x.shape[0] == 1:  # decode: each expert adds its weighted output into ``out`` in place
+            coefs = weights[0].to(x.dtype)
+            out = None
+            for e in order:
+                out = kernels.expert_mlp(x, cache.weights(layer, e), coefs[choice[0].index(e)], out)
+                cache.release(layer, e)
+            return out
         out = torch.zeros_like(x)
-        single = x.shape[0] == 1
-        for i, e in enumerate(order):
-            w = cache.fetch(layer, e, keep=order[i + 1 :])
-            if single:  # decode: one token, no gather/scatter
-                coef = weights[0][(index[0] == e)].sum().to(x.dtype)
-                out += expert_forward(x, w) * coef
-            else:
-                tok, rank = torch.where(index == e)
-                y = expert_forward(x[tok], w) * weights[tok, rank, None].to(x.dtype)
-                out.index_add_(0, tok, y)
+        for e in order:
+            tok, rank = [], []  # from the host copy of the choice: no nonzero/boolean mask on the device
+            for t, row in enumerate(choice):
+                if e in row:
+                    tok.append(t)
+                    rank.append(row.index(e))
+            tok_i = torch.tensor(tok, device=x.device)
+            y = expert_forward(x[tok_i], cache.weights(layer, e))
+            out.index_add_(0, tok_i, y * weights[tok_i, torch.tensor(rank, device=x.device), None].to(x.dtype))
             cache.release(layer, e)
         return out
 
-    def _guess(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Next layers' routers on this hidden state: top-n expert guesses, [lookahead, n]."""
-        if not self.prefetch.enabled or not self.next_gates:
-            return None
-        n = self.prefetch.experts
-        logits = torch.cat([_router_logits(g, x) for g in self.next_gates], dim=0)  # [d, E]
-        return logits.topk(n, dim=-1).indices
+    def _plan_guesses(self, guesses: list[list[int]]) -> list[list[int]]:
+        """The guesses to try per following layer: in order, while the token's byte budget covers the ones
+        not resident. Decided before any copy, so a trace of them replays exactly."""
+        cache, nbytes = self.cache, self.cache.layout.nbytes
+        budget = cache.speculative_bytes_left
+        tried: list[list[int]] = []
+        for block, guess in zip(self._following, guesses, strict=False):
+            row: list[int] = []
+            for e in guess:
+                if e not in cache.slot_of[block.layer]:
+                    if budget < nbytes:
+                        break
+                    budget -= nbytes
+                row.append(e)
+            tried.append(row)
+        return tried
 
-    def _start_prefetch(self, guesses: list[list[int]]) -> None:
-        for step, (block, guess) in enumerate(zip(self._following, guesses, strict=False)):
+    def _issue_guesses(self, tried: list[list[int]]) -> None:
+        cache, nbytes = self.cache, self.cache.layout.nbytes
+        for step, (block, guess) in enumerate(zip(self._following, tried, strict=False)):
+            for e in guess:
+                if cache.prefetch(block.layer, e, keep=guess):
+                    cache.speculative_bytes_left -= nbytes
             if step == 0:
                 block._pending_guess = set(guess)
-            for e in guess:
-                self.cache.prefetch(block.layer, e, keep=guess)
 
     def link(self, following: list[OffloadedMoE]) -> None:
         """Tell this block which blocks come next, for prefetch (their routers and layer ids)."""
