@@ -199,7 +199,7 @@ class OffloadedMoE(nn.Module):
             for e in guess:
                 if cache.prefetch(block.layer, e, keep=guess):
                     cache.speculative_bytes_left -= nbytes
-            if step == 0:
+            if step == 0 and guess:  # an all-gated-out step scores nothing (a trace cannot tell it from none)
                 block._pending_guess = set(guess)
 
     def link(self, following: list[OffloadedMoE]) -> None:

@@ -1,15 +1,29 @@
-"""The offloaded model computes exactly what a plain transformers Mixtral with the same weights computes."""
+"""The offloaded model computes exactly what a plain transformers Mixtral with the same weights computes.
+
+Copies run through ``SimCopyEngine`` (asynchronous copies simulated on the CPU: a buffer in flight is
+poison until waited on, unordered accesses raise ``CopyHazard``), so these tests also check the stream
+ordering of every schedule; the last tests remove one wait each and must be caught.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from colab_helpers import experts
+from colab_helpers.copysim import CopyHazard, simulate_copies
 from colab_helpers.model import dequantized_reference, load_model
 from colab_helpers.moe import PrefetchConfig
 from colab_helpers.policies import POLICIES
 
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
+
+
+def simulated(path, **kw):
+    """``load_model`` with its copies run through the asynchronous-copy simulator."""
+    model = load_model(path, progress=False, **kw)
+    simulate_copies(model, compute_s=1e-4)
+    return model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,7 +43,7 @@ def pair(request, make_checkpoint):
 @pytest.mark.parametrize("k", range(1, 9))
 def test_logits_and_greedy_tokens_match_for_every_cache_size(pair, k: int) -> None:
     path, ref_logits, ref_greedy = pair
-    model = load_model(path, experts_on_device=k, progress=False)
+    model = simulated(path, experts_on_device=k)
     with torch.no_grad():
         assert rel_err(model(PROMPT).logits, ref_logits) < 1e-3
     assert torch.equal(model.generate(PROMPT, max_new_tokens=12, do_sample=False), ref_greedy)
@@ -45,13 +59,7 @@ def test_logits_and_greedy_tokens_match_for_every_cache_size(pair, k: int) -> No
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no_prefetch"])
 def test_parity_with_every_policy_and_prefetch_setting(pair, policy: str, prefetch: bool) -> None:
     path, ref_logits, ref_greedy = pair
-    model = load_model(
-        path,
-        experts_on_device=2,
-        policy=policy,
-        prefetch=PrefetchConfig(enabled=prefetch, lookahead=2),
-        progress=False,
-    )
+    model = simulated(path, experts_on_device=2, policy=policy, prefetch=PrefetchConfig(enabled=prefetch, lookahead=2))
     assert torch.equal(model.generate(PROMPT, max_new_tokens=12, do_sample=False), ref_greedy)
     assert (sum(model.expert_cache.stats.prefetch_loads) > 0) == prefetch
     model.expert_cache.check_invariants()
@@ -59,7 +67,7 @@ def test_parity_with_every_policy_and_prefetch_setting(pair, policy: str, prefet
 
 def test_per_layer_cache_sizes(pair) -> None:
     path, ref_logits, ref_greedy = pair
-    model = load_model(path, experts_on_device=[1, 8], progress=False)
+    model = simulated(path, experts_on_device=[1, 8])
     assert torch.equal(model.generate(PROMPT, max_new_tokens=8, do_sample=False), ref_greedy[:, : PROMPT.shape[1] + 8])
     assert model.expert_cache.stats.misses[1] == 0
 
@@ -90,7 +98,61 @@ def embedded_reference():
 @pytest.mark.parametrize("k", range(1, 9))
 def test_embedded_model_parity_for_every_cache_size(embedded_reference, k: int) -> None:
     path, ref_logits, ref_greedy = embedded_reference
-    model = load_model(path, experts_on_device=k, progress=False)
+    model = simulated(path, experts_on_device=k)
     with torch.no_grad():
         assert rel_err(model(PROMPT).logits, ref_logits) < 1e-3
     assert torch.equal(model.generate(PROMPT, max_new_tokens=16, do_sample=False), ref_greedy)
+
+
+@pytest.mark.parametrize(
+    "prefetch",
+    [
+        PrefetchConfig(min_confidence=0.3),
+        PrefetchConfig(max_bytes_per_token=0),
+        PrefetchConfig(experts=3, lookahead=3, max_bytes_per_token=400_000),
+    ],
+    ids=["confident_guesses", "no_speculative_bytes", "capped_bytes"],
+)
+@pytest.mark.parametrize("k", [1, 3])
+def test_embedded_model_parity_with_gated_and_capped_prefetch(embedded_reference, k: int, prefetch) -> None:
+    path, _, ref_greedy = embedded_reference
+    model = simulated(path, experts_on_device=k, prefetch=prefetch)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=16, do_sample=False), ref_greedy)
+    stats = model.expert_cache.stats
+    if prefetch.max_bytes_per_token == 0:
+        assert sum(stats.prefetch_loads) == 0
+    model.expert_cache.check_invariants()
+
+
+# --------------------------------------------------------------------------------------------------
+# the simulator catches a schedule with one wait removed
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_compute_that_skips_its_wait_is_caught(embedded_reference) -> None:
+    path, _, _ = embedded_reference
+    model = simulated(path, experts_on_device=2)
+    model.expert_cache.engine.compute_waits = lambda event: None  # compute no longer waits for its copies
+    with pytest.raises(CopyHazard, match="may still be writing"):
+        model.generate(PROMPT, max_new_tokens=4, do_sample=False)
+
+
+def test_without_hazard_checks_a_skipped_wait_computes_with_poison(embedded_reference) -> None:
+    path, _, _ = embedded_reference
+    model = load_model(path, experts_on_device=2, progress=False)
+    simulate_copies(model, strict=False).compute_waits = lambda event: None
+    with torch.no_grad():
+        assert model(PROMPT).logits.isnan().any()  # the in-flight expert read as NaN
+
+
+@pytest.mark.parametrize("kind", [experts.DEMAND, experts.WRITE_BACK])
+def test_a_copy_that_skips_its_waits_is_caught(embedded_reference, kind: str) -> None:
+    """Demand loads that ignore ``after`` reuse a slot before its write-back drained (or compute finished);
+    write-backs that ignore it overwrite a host buffer a load is still reading."""
+    path, _, _ = embedded_reference
+    model = simulated(path, experts_on_device=1, spare_slots=1)
+    engine = model.expert_cache.engine
+    issue = engine._issue
+    engine._issue = lambda dst, src, k, after: issue(dst, src, k, [] if k == kind else after)
+    with pytest.raises(CopyHazard, match="overwrites"):
+        model.generate(PROMPT, max_new_tokens=8, do_sample=False)
