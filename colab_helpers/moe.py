@@ -87,10 +87,10 @@ class OffloadedMoE(nn.Module):
     def _route_one(self, x: torch.Tensor) -> tuple[torch.Tensor, list[list[int]], list[list[int]] | None]:
         """Decode routing: this layer's weights [1, k] and choice [[k]], plus the next layers' guesses
         [d][<=n] (None without prefetch), read from the device in one host sync."""
-        k = self.gate.top_k
         guessing = self.prefetch.enabled and bool(self.next_gates)
         n = self.prefetch.experts if guessing else 0
         if _plain_router(self.gate) and all(_plain_router(g) for g in self.next_gates):
+            k = self.gate.top_k
             rows = 1 + (len(self.next_gates) if guessing else 0)
             logits = F.linear(x, self._router_weight(rows)).view(rows, -1)  # this router and the next d
             probs = F.softmax(logits.float(), dim=-1)
@@ -98,13 +98,14 @@ class OffloadedMoE(nn.Module):
             top = values[:1, :k]
             weights = top / top.sum(dim=-1, keepdim=True)  # transformers' renormalized top-k
         else:  # scripted or custom routers: their own forward, the guesses beside it
-            _, weights, choice_index = self.gate(x)
-            values = index = choice_index.reshape(1, k)
+            _, weights, index = self.gate(x)
+            k = index.shape[-1]
+            values = torch.ones(index.shape, device=index.device)  # this layer's choice passes any bar
             if guessing:
                 logits = torch.cat([_router_logits(g, x) for g in self.next_gates], dim=0)
                 g_values, g_index = F.softmax(logits.float(), dim=-1).topk(n, dim=-1)
                 width = max(k, n)
-                values = torch.cat([F.pad(values.float(), (0, width - k), value=1.0), F.pad(g_values, (0, width - n))])
+                values = torch.cat([F.pad(values, (0, width - k), value=1.0), F.pad(g_values, (0, width - n))])
                 index = torch.cat([F.pad(index, (0, width - k), value=-1), F.pad(g_index, (0, width - n), value=-1)])
         if guessing and self.prefetch.min_confidence > 0:
             index = torch.where(values >= self._thresholds(index), index, -1)
