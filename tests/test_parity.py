@@ -156,3 +156,16 @@ def test_a_copy_that_skips_its_waits_is_caught(embedded_reference, kind: str) ->
     engine._issue = lambda dst, src, k, after: issue(dst, src, k, [] if k == kind else after)
     with pytest.raises(CopyHazard, match="overwrites"):
         model.generate(PROMPT, max_new_tokens=8, do_sample=False)
+
+
+def test_a_slot_reloaded_before_its_write_back_drained_is_caught(embedded_reference) -> None:
+    class Forgetful(list):  # the cache never remembers a slot's write-back event
+        def __setitem__(self, i, value) -> None:
+            super().__setitem__(i, None)
+
+    path, _, _ = embedded_reference
+    model = simulated(path, experts_on_device=2)
+    cache = model.expert_cache
+    cache._slot_drained = Forgetful(cache._slot_drained)
+    with pytest.raises(CopyHazard, match="write_back copy .* may still be reading"):
+        model.generate(PROMPT, max_new_tokens=8, do_sample=False)
