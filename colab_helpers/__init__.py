@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "model",
-    "load_tokenizer": "model",
+    "load_tokenizer": "tokenizer",
     "OffloadConfig": "model",
     "save_checkpoint": "checkpoint",
     "Checkpoint": "checkpoint",

@@ -321,10 +321,10 @@ def _complete_local_copy(repo_id: str, revision: str, layout: Layout) -> Path | 
 
 def check_chat_template(path: Path, what: str) -> None:
     """The tokenizer loads from ``path`` and has a chat template; else a ``DownloadError`` naming the file."""
-    from transformers import AutoTokenizer
+    from .tokenizer import load_tokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = load_tokenizer(path, local_files_only=True)
     except Exception as err:
         found = sorted(p.name for p in path.iterdir() if p.name.startswith(("tokenizer", "special_tokens")))
         raise DownloadError(

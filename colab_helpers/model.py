@@ -22,6 +22,7 @@ from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, attention_shapes
 from .experts import ExpertCache, ExpertLayout
 from .moe import OffloadedMoE, PrefetchConfig
 from .quant import QuantizedWeight, QuantLinear
+from .tokenizer import load_tokenizer  # noqa: F401  (re-exported: model.load_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -175,13 +176,6 @@ def assemble_model(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = mcfg.eos_token_id
     return model
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer shipped in the checkpoint directory (the upstream mistralai repo is gated)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def dequantized_reference(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:

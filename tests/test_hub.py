@@ -117,7 +117,22 @@ def test_the_chat_template_file_is_fetched_and_loads(fake):
     assert load_tokenizer(path).chat_template
 
 
-def test_a_repo_without_a_chat_template_is_a_clear_error(fake, tmp_path):
+def test_a_mixtral_repo_without_a_chat_template_gets_mixtral_instructs(fake):
+    from colab_helpers.tokenizer import load_tokenizer
+
+    files = {p.name: p.read_bytes() for p in TINY_MODEL_DIR.iterdir() if p.name != "chat_template.jinja"}
+    fake.add_repo("fake/no-template", files=files)
+    path = download("fake/no-template", net=FAST)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert load_tokenizer(path).apply_chat_template(messages) == load_tokenizer(TINY_MODEL_DIR).apply_chat_template(
+        messages
+    )
+
+
+def test_a_repo_without_a_chat_template_is_a_clear_error(fake, monkeypatch):
+    from colab_helpers import tokenizer
+
+    monkeypatch.setattr(tokenizer, "_model_type", lambda path: "not-mixtral")  # no fallback template for it
     files = {p.name: p.read_bytes() for p in TINY_MODEL_DIR.iterdir() if p.name != "chat_template.jinja"}
     fake.add_repo("fake/no-template", files=files)
     with pytest.raises(DownloadError, match=r"no chat template.*chat_template\.jinja"):
