@@ -109,10 +109,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def build_model(config, quant: QuantConfig, settings: BenchSettings, k: int, prefetch: bool, policy: str):
+def build_model(config, quant: QuantConfig, settings: BenchSettings, k, prefetch: bool, policy: str):
     cfg = OffloadConfig(
         device=settings.device,
-        experts_on_device=k,
+        experts_on_device=k if isinstance(k, int) else tuple(k),  # per layer, as the planner gives it
         policy=policy,
         prefetch=PrefetchConfig(enabled=prefetch),
         progress=False,
