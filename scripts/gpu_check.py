@@ -167,7 +167,9 @@ def run_steps(ctx: Context, steps: list[Step], budget_s: float) -> dict:
     write_outputs(ctx.out, report)
     for step in steps:
         left = budget_s - (time.monotonic() - started)
-        if left < 5:
+        if ctx.facts.get("interrupted"):
+            result = {"name": step.name, "what": step.what, "status": "skipped", "why": "the run was interrupted"}
+        elif left < 5:
             result = {"name": step.name, "what": step.what, "status": "skipped", "why": "the time budget ran out"}
         else:
             result = run_step(ctx, step, left if ctx.smoke else min(step.timeout_s, left))
@@ -187,7 +189,8 @@ def run_steps(ctx: Context, steps: list[Step], budget_s: float) -> dict:
 def run_step(ctx: Context, step: Step, timeout_s: float) -> dict:
     """Run one step's command in its own process group; kill the group at the time box."""
     log_path = ctx.out / "logs" / f"{step.name}.log"
-    ctx.step_json(step.name).unlink(missing_ok=True)
+    for stale in (ctx.out / "steps").glob(f"{step.name}.*"):  # an earlier run's files must not pass for this one's
+        stale.unlink()
     result: dict = {"name": step.name, "what": step.what, "timeout_s": round(timeout_s), "log": str(log_path)}
     start = time.monotonic()
     try:
@@ -203,6 +206,10 @@ def run_step(ctx: Context, step: Step, timeout_s: float) -> dict:
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 result["status"] = "timeout"
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the step's processes too, keep the report
+                _kill_group(proc)
+                result["status"] = "interrupted"
+                ctx.facts["interrupted"] = True
     except Exception as err:  # the step could not even start: say why, keep going
         result["status"] = "failed"
         result["error"] = f"{type(err).__name__}: {err}"
@@ -683,10 +690,15 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown steps {unknown}; choose from {[s.name for s in STEPS]}")
         steps = [s for s in STEPS if s.name in wanted]
     out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed run still ends its steps and writes its report
     print(f"[gpu_check] {len(steps)} steps, budget {args.budget_s:.0f} s, writing {out}", flush=True)
     report = run_steps(ctx, steps, args.budget_s)
     print(f"[gpu_check] {'all steps passed' if report['ok'] else 'some steps did not pass'}: {out / 'gpu_check.md'}")
-    return 0 if report["ok"] else 1
+    return 130 if ctx.facts.get("interrupted") else 0 if report["ok"] else 1
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -112,3 +112,29 @@ def test_unknown_step_is_refused(flag: str, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         gpu_check.main([flag, "--out", str(tmp_path)])
     assert info.value.code == 2
+
+
+def test_sigterm_stops_the_running_step_and_still_writes_the_report(tmp_path: Path) -> None:
+    """A run killed from outside (a time limit) ends its step's processes and leaves gpu_check.json behind."""
+    import signal
+    import time
+
+    code = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT / "scripts")!r})
+import gpu_check
+gpu_check.STEPS[:] = [
+    gpu_check.Step("sleeps", "", 60, lambda ctx: [sys.executable, "-c", "import time; time.sleep(60)"]),
+    gpu_check.Step("after", "", 60, lambda ctx: [sys.executable, "-c", "pass"]),
+]
+raise SystemExit(gpu_check.main(["--out", {str(tmp_path)!r}, "--t4", "off"]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], env=ENV)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (tmp_path / "logs" / "sleeps.log").exists():
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["status"] for s in report["steps"]] == ["interrupted", "skipped"]
