@@ -165,8 +165,11 @@ def why_it_does_not_fit(config, quant: QuantConfig, settings: BenchSettings, k) 
     vram = here.vram
     if settings.cap_vram_gb is not None:
         vram = min(vram, int(settings.cap_vram_gb * 1e9) - torch.cuda.memory_reserved())
-    ram = here.ram if settings.ram_budget_gb is None else min(here.ram, int(settings.ram_budget_gb * 1e9))
-    return plan_reasons(config, quant, Budget(vram, ram, rss_now=here.rss_now, measured=True), settings, k)
+    if settings.ram_budget_gb is not None:  # the emulated machine's RAM, not this one's (which may grow on demand)
+        budget = Budget(vram, int(settings.ram_budget_gb * 1e9))
+    else:
+        budget = Budget(vram, here.ram, rss_now=here.rss_now, measured=True)
+    return plan_reasons(config, quant, budget, settings, k)
 
 
 def plan_reasons(config, quant: QuantConfig, budget, settings: BenchSettings, k) -> str | None:
