@@ -344,7 +344,8 @@ class ExpertCache:
         n_slots = sum(self.capacity) + self.spare
         self.device_buf = torch.empty(n_slots, layout.nbytes, dtype=torch.uint8, device=self.device)
         self.host_buf = host_buffer(n_host, layout.nbytes, pin=self.engine.cuda)
-        self._slot_weights = [layout.weights(self.device_buf[s]) for s in range(n_slots)]
+        self._slot_bufs = list(self.device_buf)  # one view per slot, made once (no per-token view creation)
+        self._slot_weights = [layout.weights(buf) for buf in self._slot_bufs]
         self.slot_of: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self.host_of: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self._free_slots: deque[int] = deque(range(n_slots))
@@ -468,7 +469,7 @@ class ExpertCache:
     def release(self, layer: int, expert: int) -> None:
         """The compute stream has queued its last read of this expert for now (guards slot reuse)."""
         slot = self.slot_of[layer][expert]
-        self._slot_used[slot] = self.engine.mark_compute(reads=self.device_buf[slot])
+        self._slot_used[slot] = self.engine.mark_compute(reads=self._slot_bufs[slot])
 
     def prefetch(self, layer: int, expert: int, keep: Iterable[int] = ()) -> bool:
         """Start loading a guessed expert; False when it is resident or no slot may be given up."""
@@ -547,7 +548,7 @@ class ExpertCache:
             else:
                 slot = self._take_free_slot()
                 ready = eng.copy(
-                    self.device_buf[slot],
+                    self._slot_bufs[slot],
                     self.host_buf[host],
                     kind,
                     after=(self._slot_used[slot], self._slot_drained[slot], self._host_written[host]),
@@ -558,7 +559,7 @@ class ExpertCache:
                 self.stats.h2d_bytes[layer] += nbytes
             drained = eng.copy(
                 self.host_buf[host],
-                self.device_buf[old],
+                self._slot_bufs[old],
                 WRITE_BACK,
                 after=(read_host, self._host_written[host], self._slot_ready[old]),
                 layer=layer,
