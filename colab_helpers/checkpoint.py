@@ -350,6 +350,47 @@ def expert_matrices(gate_up: torch.Tensor, down: torch.Tensor, expert: int) -> d
     return {"w1": gate_up[expert, :inter], "w2": down[expert], "w3": gate_up[expert, inter:]}
 
 
+def trunk_tensors(
+    sd: dict[str, torch.Tensor], cfg: MixtralConfig, quant: QuantConfig, optimize: bool = True
+) -> dict[str, torch.Tensor]:
+    """The trunk file's tensors under old names: float16 embeddings, norms and routers, quantized attention."""
+    from .quant import quantize
+
+    trunk: dict[str, torch.Tensor] = {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        trunk[name] = sd[name].half()
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        trunk[p + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"].half()
+        trunk[p + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"].half()
+        trunk[p + "block_sparse_moe.gate.weight"] = sd[p + "mlp.gate.weight"].half()
+        for proj in ATTENTION_PROJS:
+            qw = quantize(sd[f"{p}self_attn.{proj}.weight"], quant.attention, optimize=optimize)
+            for suffix, t in qw.tensors().items():
+                trunk[f"{p}self_attn.{proj}.{suffix}"] = t
+    return trunk
+
+
+def expert_tensors(
+    gate_up: torch.Tensor, down: torch.Tensor, expert: int, spec: QuantSpec, optimize: bool = True
+) -> dict[str, torch.Tensor]:
+    """One expert file's 21 tensors (keys relative to the expert: ``w1.W_q`` ...)."""
+    from .quant import quantize
+
+    tensors = {}
+    for mat, w in expert_matrices(gate_up, down, expert).items():
+        for suffix, t in quantize(w, spec, optimize=optimize).tensors().items():
+            tensors[f"{mat}.{suffix}"] = t
+    return tensors
+
+
+def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file, no metadata (like the public shards)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
 def save_checkpoint(
     model: torch.nn.Module,
     out_dir: str | os.PathLike,
@@ -364,10 +405,7 @@ def save_checkpoint(
     Attention is quantized to ``attn_bits``, experts to ``expert_bits`` (HQQ's optimizer refines
     scale/zero when ``optimize``); embeddings, norms, router and ``lm_head`` stay float16.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
-
-    from .quant import quantize
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -381,34 +419,19 @@ def save_checkpoint(
 
     def add(tensors: dict[str, torch.Tensor], file: str, prefix: str = "") -> None:
         nonlocal total
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out / file)
+        write_shard(tensors, out / file)
         for k, v in tensors.items():
             weight_map[prefix + k] = file
             total += v.numel() * v.element_size()
 
     bar = tqdm(total=n_files, desc="quantizing", unit="file", disable=not progress)
-    trunk: dict[str, torch.Tensor] = {}
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
-        trunk[name] = sd[name].half()
-    for layer in range(n_layers):
-        p = f"model.layers.{layer}."
-        trunk[p + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"].half()
-        trunk[p + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"].half()
-        trunk[p + "block_sparse_moe.gate.weight"] = sd[p + "mlp.gate.weight"].half()
-        for proj in ATTENTION_PROJS:
-            qw = quantize(sd[f"{p}self_attn.{proj}.weight"], quant.attention, optimize=optimize)
-            for suffix, t in qw.tensors().items():
-                trunk[f"{p}self_attn.{proj}.{suffix}"] = t
-    add(trunk, shard_name(1, n_files))
+    add(trunk_tensors(sd, cfg, quant, optimize), shard_name(1, n_files))
     bar.update(1)
     for layer in range(n_layers):
         p = f"model.layers.{layer}.mlp.experts."
         gate_up, down = sd[p + "gate_up_proj"], sd[p + "down_proj"]
         for e in range(n_exp):
-            tensors = {}
-            for mat, w in expert_matrices(gate_up, down, e).items():
-                for suffix, t in quantize(w, quant.experts, optimize=optimize).tensors().items():
-                    tensors[f"{mat}.{suffix}"] = t
+            tensors = expert_tensors(gate_up, down, e, quant.experts, optimize)
             add(tensors, shard_name(2 + layer * n_exp + e, n_files), prefix=expert_prefix(layer, e))
             bar.update(1)
     bar.close()
