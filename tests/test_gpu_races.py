@@ -96,8 +96,8 @@ def test_delayed_copies_one_expert_per_layer_with_prefetch(delayed_copies) -> No
     assert delayed_copies[0] > 0 and sum(stats.misses) > 0 and sum(stats.prefetch_loads) > 0  # copies really ran
     assert torch.equal(out.sequences.cpu(), ref.sequences.cpu())
     for step, (got, want) in enumerate(zip(out.scores, ref.scores, strict=True)):
-        rel = ((got - want).norm() / want.norm()).item()  # fp32; only the order of expert sums differs
-        assert rel < 1e-4, f"step {step}: logits differ by {rel:.2e}"
+        # fp32; only the order of the expert sums differs (EOS is -inf in both: min_new_tokens)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3, msg=lambda m, step=step: f"step {step}: {m}")
     model.expert_cache.check_invariants()
     for (layer, e), want in packed_checkpoint_experts(path).items():
         assert torch.equal(expert_bytes(model.expert_cache, layer, e), want), f"expert {layer}.{e} bytes changed"
