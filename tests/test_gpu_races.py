@@ -103,6 +103,27 @@ def test_delayed_copies_one_expert_per_layer_with_prefetch(delayed_copies) -> No
         assert torch.equal(expert_bytes(model.expert_cache, layer, e), want), f"expert {layer}.{e} bytes changed"
 
 
+def test_the_delay_exposes_a_missing_wait(delayed_copies, monkeypatch) -> None:
+    """Negative control: with compute no longer waiting for its copies, the delayed copies change the answer."""
+    from colab_helpers.experts import CopyEngine
+
+    if not hasattr(CopyEngine, "compute_waits"):
+        pytest.skip("CopyEngine.compute_waits is gone: update this control to the new copy schedule")
+    path = tiny_model_path()
+    ids = chat_prompt_ids(load_tokenizer(path), "Recite the Zen of Python.")
+    resident = load_model(path, device="cuda", dtype=torch.float32, experts_on_device=8, progress=False)
+    ref = greedy(resident, ids)
+    del resident
+    model = load_model(path, device="cuda", dtype=torch.float32, experts_on_device=1, progress=False)
+    monkeypatch.setattr(CopyEngine, "compute_waits", lambda self, event: None)  # the race, on purpose
+    out = greedy(model, ids)
+    torch.cuda.synchronize()
+    assert delayed_copies[0] > 0
+    assert not torch.equal(out.sequences.cpu(), ref.sequences.cpu()) or any(
+        not torch.allclose(g, w, rtol=1e-4, atol=1e-3) for g, w in zip(out.scores, ref.scores, strict=True)
+    )
+
+
 def test_fp16_logits_are_close_to_the_fp32_reference() -> None:
     """The fp16 GPU model (the Colab path) against the fp32 CPU reference on the reference's own greedy answer."""
     path = tiny_model_path()
