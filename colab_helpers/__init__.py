@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "model",
     "load_tokenizer": "tokenizer",
+    "close_model": "model",
     "OffloadConfig": "model",
     "save_checkpoint": "checkpoint",
     "Checkpoint": "checkpoint",

@@ -8,6 +8,7 @@ code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from .usage import (
@@ -81,20 +82,41 @@ def _planned_experts(path, device) -> int | list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import SamplingConfig, chat_prompt_ids, generate_stream
+    from .generation import (
+        PromptTooLongError,
+        SamplingConfig,
+        chat_prompt_ids,
+        check_prompt_fits,
+        generate_stream,
+        planned_context,
+    )
 
     model, tok = _load(args)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    if args.raw:
-        ids = tok(args.prompt, return_tensors="pt").input_ids
-    else:
-        ids = chat_prompt_ids(tok, args.prompt)
+    with _quiet_transformers():  # our own length check below says it better than the tokenizer's warning
+        ids = tok(args.prompt, return_tensors="pt").input_ids if args.raw else chat_prompt_ids(tok, args.prompt)
+    try:
+        check_prompt_fits(int(ids.shape[-1]), sampling.max_new_tokens, planned_context(model))
+    except PromptTooLongError as err:
+        raise UsageError(str(err)) from None
     result = generate_stream(model, tok, ids, sampling, on_text=lambda t: print(t, end="", flush=True))
     print()
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
     print(f"stats: {result.stats.line()}", file=sys.stderr)
     return 1 if result.error else 0
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

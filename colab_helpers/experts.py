@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -90,28 +89,15 @@ def _numel(shape: Sequence[int]) -> int:
 def host_buffer(rows: int, nbytes: int, pin: bool) -> torch.Tensor:
     """A ``[rows, nbytes]`` host store, page-locked when ``pin`` so copies to the GPU are async DMA.
 
-    torch's ``pin_memory=True`` rounds each allocation up to a power of two (a 5.6 GB store would
-    take 8.6 GB); registering an ordinary allocation with ``cudaHostRegister`` pins exactly its size.
+    Pinned with ``cudaHostRegister`` at exactly its size (``pinning.py``: chunks if the driver refuses
+    one piece, CUDA's error cleared, ``PinnedMemoryError`` when it cannot be done); torch's
+    ``pin_memory=True`` would round 5.4 GB up to 8.6 GB.
     """
-    buf = torch.empty(rows, nbytes, dtype=torch.uint8)
-    if not pin or buf.numel() == 0:
-        return buf
-    try:
-        cudart = torch.cuda.cudart()
-        if int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), 0)) == 0:
-            weakref.finalize(buf, _unregister, cudart, buf.data_ptr())
-            return buf
-    except (AttributeError, RuntimeError):
-        pass
-    print("colab_helpers: cudaHostRegister unavailable, falling back to pin_memory (rounds up to 2^n bytes)")
-    return torch.empty(rows, nbytes, dtype=torch.uint8, pin_memory=True)
+    if not pin:
+        return torch.empty(rows, nbytes, dtype=torch.uint8)
+    from .pinning import pinned_host_buffer
 
-
-def _unregister(cudart, ptr: int) -> None:
-    try:
-        cudart.cudaHostUnregister(ptr)
-    except Exception:  # interpreter shutdown: CUDA may already be gone
-        pass
+    return pinned_host_buffer(rows, nbytes)
 
 
 DEMAND, SPECULATIVE, WRITE_BACK = "demand", "speculative", "write_back"
@@ -307,6 +293,13 @@ def experts_per_layer(experts_on_device: int | Sequence[int], num_layers: int, n
     return ks
 
 
+class _Closed:
+    """Stands in for the placement tables of a closed cache: any lookup says so."""
+
+    def __getitem__(self, layer: int):
+        raise RuntimeError("the expert cache was closed (close_model): load the model again to use it")
+
+
 class ExpertCache:
     """Per-layer device slots over a host store, with a pluggable eviction policy and counters.
 
@@ -371,6 +364,7 @@ class ExpertCache:
         # threads (a widget callback on a kernel subshell and a cell) then interleave whole layer steps,
         # never half a swap. Re-entrant so a step may call ``fetch``/``prefetch`` freely.
         self.lock = threading.RLock()
+        self.closed = False
 
     # ---- load time -------------------------------------------------------------------------------
 
@@ -587,6 +581,26 @@ class ExpertCache:
             for w in self._slot_weights[slot].values():
                 w.dense = None
             self._slot_dense[slot] = False
+
+    # ---- teardown --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for every copy in flight, then free the device slots and unpin and free the host store.
+
+        Unpinning or freeing a buffer a copy stream still reads or writes is undefined, so this
+        synchronizes first. The cache cannot be used afterwards (a fetch raises); closing twice is fine.
+        """
+        if self.closed:
+            return
+        from .pinning import release
+
+        self.engine.synchronize()
+        release(self.host_buf)
+        self._slot_weights = []  # views of the device buffer
+        self.device_buf = torch.empty(0, self.layout.nbytes, dtype=torch.uint8, device=self.device)
+        self.host_buf = torch.empty(0, self.layout.nbytes, dtype=torch.uint8)
+        self.slot_of = self.host_of = _Closed()
+        self.closed = True
 
     # ---- inspection (tests, notebooks) -----------------------------------------------------------
 

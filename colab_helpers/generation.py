@@ -73,6 +73,36 @@ class GenerationStats:
         return s + f" [{self.stop_reason}]"
 
 
+class PromptTooLongError(ValueError):
+    """The prompt plus the answer would not fit the context the model was planned (and trained) for."""
+
+
+def planned_context(model) -> int:
+    """Tokens of prompt + answer the model is planned for: the memory plan's KV budget when it was
+    loaded with one (``load_model``), else ``OffloadConfig.context``, never above the position table."""
+    limit = int(model.config.max_position_embeddings)
+    plan = getattr(model, "memory_plan", None)
+    if plan is not None:
+        return min(int(plan.context), limit)
+    cfg = getattr(model, "offload_config", None)
+    return min(int(cfg.context), limit) if cfg is not None else limit
+
+
+def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """Raise ``PromptTooLongError`` (saying what to do) unless prompt + answer fit ``context`` tokens."""
+    if prompt_tokens + max_new_tokens <= context:
+        return
+    if prompt_tokens >= context:
+        raise PromptTooLongError(
+            f"prompt is {prompt_tokens} tokens but this model's context is {context} tokens (prompt + answer): "
+            "shorten the prompt"
+        )
+    raise PromptTooLongError(
+        f"prompt is {prompt_tokens} tokens and up to {max_new_tokens} new ones would pass this model's context "
+        f"of {context} tokens: lower max new tokens to {context - prompt_tokens} or shorten the prompt"
+    )
+
+
 def chat_prompt_ids(tokenizer, message: str) -> torch.Tensor:
     """One user message rendered with the tokenizer's chat template, ready for ``generate`` ([1, T])."""
     encoded = tokenizer.apply_chat_template(
@@ -162,8 +192,11 @@ def generate_stream(
 
     On an interrupt the partial answer is returned (``stop_reason="interrupted"``); setting ``stop``
     (from any thread) ends it after the current token (``"stopped"``); on CUDA out of memory the KV
-    cache is dropped, memory released, and ``error`` says what happened.
+    cache is dropped, memory released, and ``error`` says what happened. A prompt that with
+    ``max_new_tokens`` would not fit ``planned_context(model)`` raises ``PromptTooLongError`` before
+    anything runs (past the position table a model computes garbage).
     """
+    check_prompt_fits(int(input_ids.shape[-1]), sampling.max_new_tokens, planned_context(model))
     cache = getattr(model, "expert_cache", None)
     if cache is not None:
         cache.stats.reset()

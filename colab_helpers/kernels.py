@@ -23,7 +23,9 @@ import contextlib
 import functools
 import importlib.util
 import math
+import sys
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -52,13 +54,10 @@ _fused_enabled = True  # cleared (with a warning) if the fused kernel ever fails
 
 def quant_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """``x @ W.T`` for a low-bit ``W``: fused GEMV for decode on CUDA, else dequantize + matmul."""
-    global _fused_enabled
     if use_fused_kernel(x, weight):
-        try:
-            return triton_gemv(x, weight)
-        except Exception as err:  # never run on this GPU/driver before: keep the model usable, say so once
-            _fused_enabled = False
-            warnings.warn(f"fused low-bit GEMV failed ({err!r}); using dequantize + matmul from now on", stacklevel=2)
+        y = _fused_or_none(triton_gemv, (x, weight))
+        if y is not None:
+            return y
     return dequantized_linear(x, weight)
 
 
@@ -72,16 +71,85 @@ def expert_mlp(
     CUDA: two launches, ``w1``/``w3`` together, then ``w2`` with SiLU·mul in its input and the weighted
     sum in its output. Elsewhere: the same arithmetic as separate torch ops.
     """
-    global _fused_enabled
     if use_fused_kernel(x, w["w1"]):
-        try:
-            return triton_expert_down(triton_expert_gate_up(x, w["w1"], w["w3"]), w["w2"], coef, out, x.dtype)
-        except Exception as err:
-            _fused_enabled = False
-            warnings.warn(f"fused expert kernels failed ({err!r}); using dequantize + matmul from now on", stacklevel=2)
+        y = _fused_or_none(fused_expert, (x, w, coef, out), "fused expert kernels")
+        if y is not None:
+            return y
     h = F.silu(quant_linear(x, w["w1"])) * quant_linear(x, w["w3"])
     y = quant_linear(h, w["w2"]) * coef
     return y if out is None else out.add_(y)
+
+
+def fused_expert(
+    x: torch.Tensor, w: dict[str, QuantizedWeight], coef: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``expert_mlp``'s CUDA path, unconditionally: the two Triton launches."""
+    return triton_expert_down(triton_expert_gate_up(x, w["w1"], w["w3"]), w["w2"], coef, out, x.dtype)
+
+
+def _fused_or_none(launch, args: tuple, what: str = "fused low-bit GEMV") -> torch.Tensor | None:
+    """``launch(*args)``; None (fused kernels off for the session, with a warning) if it cannot compile
+    or launch here. Out of memory is re-raised: memory, not the kernel, failed, and the dequantize
+    fallback would need more of it (the caller's OOM handling drops the KV cache instead)."""
+    global _fused_enabled
+    try:
+        return launch(*args)
+    except Exception as err:
+        if is_out_of_memory(err):
+            raise
+        _fused_enabled = False  # never run on this GPU/driver before: keep the model usable, say so once
+        warnings.warn(f"{what} failed ({err!r}); using dequantize + matmul from now on", stacklevel=3)
+        return None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's OOM, or a driver/Triton error whose message says out of memory."""
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def warm_up(
+    linears: Iterable[QuantizedWeight],
+    experts: Iterable[dict[str, QuantizedWeight]],
+    dtype: torch.dtype,
+    device: str | torch.device,
+    progress: bool = True,
+    gemv=None,
+    expert=None,
+) -> int:
+    """Compile the decode kernels for each distinct weight geometry now (at load), not on the first token.
+
+    Single-row launches on zeros: ``triton_gemv`` for each (spec, shape) of ``linears`` (attention),
+    ``fused_expert`` (first and accumulating call) for each geometry of ``experts``. Returns how many
+    geometries were compiled; 0 where the fused path is off (no CUDA, no Triton, or disabled).
+    ``gemv``/``expert`` are test seams. A compile or launch failure switches the fused kernels off
+    with the same warning as at run time.
+    """
+    dev = torch.device(device)
+    if gemv is None or expert is None:
+        if not (HAS_TRITON and _fused_enabled and dev.type == "cuda"):
+            return 0
+        gemv, expert = gemv or triton_gemv, expert or fused_expert
+    shapes: dict[tuple, QuantizedWeight] = {}
+    for w in linears:
+        shapes.setdefault((w.spec, tuple(w.shape)), w)
+    mlps: dict[tuple, dict[str, QuantizedWeight]] = {}
+    for w in experts:
+        mlps.setdefault(tuple((k, v.spec, tuple(v.shape)) for k, v in sorted(w.items())), w)
+    if progress:
+        n = len(shapes) + len(mlps)
+        print(f"compiling fused low-bit kernels for {n} weight shapes...", file=sys.stderr, flush=True)
+    for w in shapes.values():
+        if _fused_or_none(gemv, (torch.zeros(1, w.shape[1], dtype=dtype, device=dev), w)) is None:
+            return 0
+    for w in mlps.values():
+        x = torch.zeros(1, w["w1"].shape[1], dtype=dtype, device=dev)
+        coef = torch.zeros((), dtype=dtype, device=dev)
+        out = _fused_or_none(expert, (x, w, coef), "fused expert kernels")
+        if out is None or _fused_or_none(expert, (x, w, coef, out), "fused expert kernels") is None:
+            return 0
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return len(shapes) + len(mlps)
 
 
 def use_fused_kernel(x: torch.Tensor, weight: QuantizedWeight) -> bool:

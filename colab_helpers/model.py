@@ -173,9 +173,30 @@ def assemble_model(
     model.expert_cache = cache
     model.offload_config = cfg
     install_attention(model, attention)
+    from . import kernels
+
+    quantized = [m.weight_q for m in model.modules() if isinstance(m, QuantLinear)]
+    kernels.warm_up(quantized, [cache.layout.weights(cache.device_buf[0])], dtype, dev, cfg.progress)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = mcfg.eos_token_id
     return model
+
+
+def close_model(model: MixtralForCausalLM) -> None:
+    """Free what a loaded model holds on the device and pinned on the host, safely, now.
+
+    Waits for every copy in flight (``ExpertCache.close``), unpins and frees the expert store and
+    slots, drops the trunk's tensors (the model moves to the meta device) and returns cached blocks
+    to the GPU. The model cannot be used afterwards; load it again.
+    """
+    cache = getattr(model, "expert_cache", None)
+    device = cache.device if cache is not None else next(model.parameters()).device
+    if cache is not None:
+        cache.close()
+    model.to("meta")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def dequantized_reference(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .generation import GenerationResult, SamplingConfig, generate_stream
+from .generation import GenerationResult, SamplingConfig, generate_stream, planned_context
 
 
 class SessionBusy(RuntimeError):
@@ -46,7 +46,7 @@ class ChatSession:
     model: object
     tokenizer: object
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    max_context: int | None = None  # tokens; default: the model's max_position_embeddings
+    max_context: int | None = None  # tokens; default: the context the model was planned for (planned_context)
     system_prompt: str | None = None
     turns: list[ChatTurn] = field(default_factory=list)
     last_result: GenerationResult | None = None
@@ -59,7 +59,7 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         if self.max_context is None:
-            self.max_context = int(self.model.config.max_position_embeddings)
+            self.max_context = planned_context(self.model)
 
     # ---- public ----------------------------------------------------------------------------------
 
@@ -198,7 +198,7 @@ class ChatSession:
 
     def _prompt_ids(self, message: str, max_new: int) -> tuple[list[int], int]:
         """Token ids of the conversation plus ``message``, dropping oldest turns to fit the context."""
-        budget = self.max_context - max_new
+        budget = min(self.max_context, planned_context(self.model)) - max_new
         for dropped in range(len(self.turns) + 1):
             ids = self._render(self.turns[dropped:], message)
             if len(ids) <= budget:
