@@ -8,7 +8,8 @@ the math kernel: fp32 ``[heads, T, T]`` scores (4.3 GB at 4096 tokens) and, per 
 expanded to 32 heads. Below capability 8 this module registers ``colab_sdpa``: decode folds the
 query heads that share a KV head into the query length (no K/V copy), prefill expands K/V to every
 head (what the memory-efficient kernel takes), and no call carries the GQA flag. On every GPU the
-prompt is prefilled in chunks, so activation memory is bounded by the chunk whatever kernel runs.
+prompt is prefilled in chunks (``generation.prefill``), so activation memory is bounded by the chunk
+whatever kernel runs.
 ``sdpa_backend`` models torch's kernel choice so a CPU test can check the path a T4 would take.
 """
 
@@ -94,11 +95,12 @@ def choose_attention(
 
 
 def install_attention(model, path: AttentionPath) -> None:
-    """Make ``model`` (a transformers causal LM) use ``path``: implementation name and prefill chunk."""
+    """Make ``model`` (a transformers causal LM) use ``path``; ``generation.generate_stream`` reads
+    ``model.attention_path.prefill_chunk`` and prefills in chunks itself (transformers'
+    ``prefill_chunk_size`` continues a non-empty KV cache wrongly in 5.15, the version Colab ships)."""
     if path.implementation == NO_GQA:
         register()
     model.config._attn_implementation = path.implementation
-    model.generation_config.prefill_chunk_size = path.prefill_chunk
     model.attention_path = path
 
 

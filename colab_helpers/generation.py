@@ -172,6 +172,27 @@ def _output_cache(out, passed):
     return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 
+def prefill(model, input_ids: torch.Tensor, cache, chunk: int) -> None:
+    """Run all prompt tokens but the last through ``model`` into ``cache``, ``chunk`` tokens at a time.
+
+    Activations then scale with the chunk, not the prompt (the memory plan counts one chunk);
+    ``generate`` afterwards sees the cache and feeds only the last token. Starts after what ``cache``
+    already holds (a chat continuation).
+    """
+    kv = _kv_cache_kwarg(model)
+    stop = int(input_ids.shape[-1]) - 1
+    with torch.no_grad():
+        for start in range(cache.get_seq_length(), stop, chunk):
+            end = min(start + chunk, stop)
+            mask = torch.ones(1, end, dtype=torch.long, device=input_ids.device)
+            model(input_ids=input_ids[:, start:end], attention_mask=mask, logits_to_keep=1, **{kv: cache})
+
+
+def _prefill_chunk(model) -> int | None:
+    path = getattr(model, "attention_path", None)
+    return getattr(path, "prefill_chunk", None)
+
+
 def _vram_gb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -210,6 +231,14 @@ def generate_stream(
     start = time.perf_counter()
     error = None
     try:
+        chunk = _prefill_chunk(model)
+        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if chunk and input_ids.shape[-1] - 1 - cached > chunk:  # a long prompt: bounded activations
+            if past_key_values is None:
+                from transformers import DynamicCache
+
+                past_key_values = DynamicCache(config=model.config)
+            prefill(model, input_ids, past_key_values, chunk)
         kv = {_kv_cache_kwarg(model): past_key_values} if past_key_values is not None else {}
         if stop is not None:
             kv["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(stop)])

@@ -4,6 +4,7 @@ and its logits and tokens equal stock transformers SDPA (whole prompt or chunked
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from colab_helpers.attention import (
     install_attention,
     sdpa_backend,
 )
-from colab_helpers.generation import _kv_cache_kwarg
+from colab_helpers.generation import SamplingConfig, generate_stream
 from colab_helpers.model import load_model
 
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
@@ -77,12 +78,22 @@ def _calls(monkeypatch) -> list[tuple]:
     return seen
 
 
+TOKENIZER = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+
+
+def _generate(model, ids, new_tokens: int, cache=None) -> list[int]:
+    """The package's generation path (it prefills in the path's chunks): greedy token ids."""
+    result = generate_stream(model, TOKENIZER, ids, SamplingConfig(new_tokens), past_key_values=cache)
+    assert result.error is None
+    return result.token_ids
+
+
 def _run(model, path, monkeypatch, new_tokens: int = 6):
     install_attention(model, path)
     calls = _calls(monkeypatch)
     with torch.no_grad():
         logits = model(PROMPT).logits
-    tokens = model.generate(PROMPT, max_new_tokens=new_tokens, do_sample=False)
+    tokens = _generate(model, PROMPT, new_tokens)
     monkeypatch.undo()
     return logits, tokens, calls
 
@@ -99,10 +110,11 @@ def test_simulated_t4_path_is_not_gqa_math_and_matches_stock(model, monkeypatch)
     # the chosen path: no GQA flag, and every call (whole prefill, chunks with a mask, decode) is fused
     assert calls and not any(c[3] for c in calls)
     assert {sdpa_backend(T4_CAPABILITY, *c) for c in calls} == {"memory_efficient"}
+    assert {c[0].shape[2] for c in calls if c[0].shape[1] == 8} >= {12, 5}  # whole forward, then 5-token chunks
     assert any(c[2] is not None for c in calls)  # chunks after the first carry a mask
     assert any(c[0].shape[2] == 4 and c[0].shape[1] == 2 for c in calls)  # decode: 4 query heads folded per KV head
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    assert torch.equal(tokens, ref_tokens)
+    assert tokens == ref_tokens and len(tokens) == 6
 
 
 def test_chat_continuation_with_a_cache_matches_stock(model) -> None:
@@ -112,21 +124,21 @@ def test_chat_continuation_with_a_cache_matches_stock(model) -> None:
     def two_turns(path):
         install_attention(model, path)
         cache = DynamicCache(config=model.config)
-        first = model.generate(PROMPT, max_new_tokens=4, do_sample=False, **{_kv_cache_kwarg(model): cache})
-        follow = torch.cat([first, PROMPT[:, :7]], dim=1)
-        return model.generate(follow, max_new_tokens=5, do_sample=False, **{_kv_cache_kwarg(model): cache})
+        first = _generate(model, PROMPT, 4, cache)
+        follow = torch.cat([PROMPT, torch.tensor([first]), PROMPT[:, :7]], dim=1)
+        return _generate(model, follow, 5, cache)
 
     try:
         ref = two_turns(STOCK)
         got = two_turns(replace(choose_attention("cpu", capability=T4_CAPABILITY), prefill_chunk=3))
     finally:
         install_attention(model, STOCK)
-    assert torch.equal(got, ref)
+    assert got == ref and len(got) == 5
 
 
 def test_load_model_installs_the_requested_path(make_checkpoint) -> None:
     t4 = choose_attention("cpu", capability=T4_CAPABILITY)
     m = load_model(make_checkpoint(2), experts_on_device=2, progress=False, attention=t4)
     assert m.config._attn_implementation == NO_GQA and m.attention_path == t4
-    assert m.generation_config.prefill_chunk_size == PREFILL_CHUNK
+    assert m.attention_path.prefill_chunk == PREFILL_CHUNK
     assert load_model(make_checkpoint(2), experts_on_device=2, progress=False).attention_path == STOCK
