@@ -590,17 +590,18 @@ class ExpertCache:
         Unpinning or freeing a buffer a copy stream still reads or writes is undefined, so this
         synchronizes first. The cache cannot be used afterwards (a fetch raises); closing twice is fine.
         """
-        if self.closed:
-            return
         from .pinning import release
 
-        self.engine.synchronize()
-        release(self.host_buf)
-        self._slot_weights = []  # views of the device buffer
-        self.device_buf = torch.empty(0, self.layout.nbytes, dtype=torch.uint8, device=self.device)
-        self.host_buf = torch.empty(0, self.layout.nbytes, dtype=torch.uint8)
-        self.slot_of = self.host_of = _Closed()
-        self.closed = True
+        with self.lock:  # not in the middle of another thread's layer step
+            if self.closed:
+                return
+            self.engine.synchronize()
+            release(self.host_buf)
+            self._slot_weights = []  # views of the device buffer
+            self.device_buf = torch.empty(0, self.layout.nbytes, dtype=torch.uint8, device=self.device)
+            self.host_buf = torch.empty(0, self.layout.nbytes, dtype=torch.uint8)
+            self.slot_of = self.host_of = _Closed()
+            self.closed = True
 
     # ---- inspection (tests, notebooks) -----------------------------------------------------------
 
