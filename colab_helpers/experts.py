@@ -614,7 +614,13 @@ class ExpertCache:
         return self.host_buf[self.host_of[layer][expert]].clone()
 
     def check_invariants(self) -> None:
-        """Each expert in exactly one place, no buffer shared, no layer over capacity."""
+        """Each expert in exactly one place, no buffer shared, no layer over capacity.
+
+        Holds the cache lock, so another thread's swap is never seen half done."""
+        with self.lock:
+            self._check_invariants()
+
+    def _check_invariants(self) -> None:
         slots, hosts = [], []
         for layer in range(self.num_layers):
             on_dev, on_host = set(self.slot_of[layer]), set(self.host_of[layer])
