@@ -162,11 +162,17 @@ def test_prefill_of_4096_tokens_stays_within_the_planned_vram() -> None:
     base = torch.cuda.memory_reserved()
     trunk = random_trunk(config, quant, "cpu")  # made in fp16 on the CPU: no fp32 temporaries on the GPU
     model = assemble_model(config, quant, trunk, random_experts(config, quant), cfg)
-    ids = torch.randint(3, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).cuda()
-    # generate's prefill, as the session runs it (in the attention path's chunks, with the KV cache), + 1 token
-    out = model.generate(ids, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    ids = torch.randint(3, config.vocab_size, (1, context - 1), generator=torch.Generator().manual_seed(0))
+    # the prefill as the CLI and the session run it: generate_stream feeds the attention path's chunks into
+    # the KV cache (generation.prefill), then 1 new token fills the planned 4096-token context
+    from types import SimpleNamespace
+
+    from colab_helpers.generation import SamplingConfig, generate_stream
+
+    no_text = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "")
+    result = generate_stream(model, no_text, ids, SamplingConfig(max_new_tokens=1))
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_reserved() - base
     print(f"4096-token prefill: measured {measured / 1e9:.3f} GB reserved, planned {plan.vram_peak / 1e9:.3f} GB")
-    assert torch.isfinite(out.scores[0]).all()
+    assert result.error is None and len(result.token_ids) == 1
     assert measured <= plan.vram_peak, plan.report()
