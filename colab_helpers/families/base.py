@@ -1,0 +1,163 @@
+"""What one mixture-of-experts architecture looks like, in the numbers offloading and planning need.
+
+Every family adapter (``mixtral.py``, ``olmoe.py`` ...) turns its transformers config into one frozen
+``MoEArchitecture``: which layers route tokens to experts, how many experts and how many per token,
+the matrix shapes of one expert, of the shared expert and of attention, and which small tensors
+(biases, q/k norms, LayerNorm biases) the trunk carries. Shapes are ``(out_features, in_features)``,
+as ``nn.Linear`` stores them. Parameter counts here are checked against tiny instantiated models of
+each class (``tests/test_families.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Shape = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class MoEArchitecture:
+    """One model's architecture as offloading sees it; built by a family adapter from a transformers config."""
+
+    family: str  # short name: "mixtral", "olmoe", ...
+    model_class: str  # the transformers class, e.g. "MixtralForCausalLM"
+    num_layers: int
+    moe_layers: tuple[int, ...]  # decoder layers whose MLP is a sparse MoE block (the rest are dense MLPs)
+    num_experts: int
+    top_k: int
+    norm_topk_prob: bool  # the top-k routing weights are renormalized to sum to 1
+    router: str  # "softmax_topk" or "sparsemixer" (Phi-3.5-MoE)
+    router_jitter: float  # multiplicative noise in training only; inference ignores it
+    hidden: int
+    expert_intermediate: int
+    dense_intermediate: int  # intermediate size of the dense MLP in non-MoE layers (0: no such layers)
+    shared_intermediate: int  # the always-on shared expert (0: none)
+    shared_expert_gate: bool  # the shared expert's output is scaled by sigmoid(a [1, hidden] gate)
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tie_embeddings: bool
+    qkv_bias: bool  # q/k/v projections carry a bias
+    o_bias: bool
+    q_norm: int  # elements of the q-norm weight per layer (0: none); OLMoE norms all of q, Qwen3 per head
+    k_norm: int
+    norm_bias: bool  # LayerNorm with bias (Phi-3.5-MoE) instead of RMSNorm
+    lm_head_bias: bool
+    router_param: str  # the router's parameter name inside the MoE block ("gate" or "router")
+
+    # ---- shapes ----------------------------------------------------------------------------------
+
+    @property
+    def expert_shapes(self) -> dict[str, Shape]:
+        """One routed expert: w1 = gate, w2 = down, w3 = up (Mixtral's names, the checkpoint's keys)."""
+        h, i = self.hidden, self.expert_intermediate
+        return {"w1": (i, h), "w2": (h, i), "w3": (i, h)}
+
+    @property
+    def fused_expert_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """The transformers 5 parameters of one MoE block: ``experts.gate_up_proj`` (gate rows first), ``down_proj``."""
+        h, i, e = self.hidden, self.expert_intermediate, self.num_experts
+        return {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i)}
+
+    @property
+    def shared_expert_shapes(self) -> dict[str, Shape]:
+        h, i = self.hidden, self.shared_intermediate
+        return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)} if i else {}
+
+    @property
+    def dense_mlp_shapes(self) -> dict[str, Shape]:
+        h, i = self.hidden, self.dense_intermediate
+        return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    @property
+    def attention_shapes(self) -> dict[str, Shape]:
+        q, kv, h = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.moe_layers)
+
+    # ---- parameter counts (elements) -------------------------------------------------------------
+
+    @property
+    def expert_params(self) -> int:
+        return sum(o * i for o, i in self.expert_shapes.values())
+
+    @property
+    def attention_params(self) -> int:
+        """q/k/v/o weights of one layer (what gets quantized)."""
+        return sum(o * i for o, i in self.attention_shapes.values())
+
+    @property
+    def attention_small_params(self) -> int:
+        """One layer's attention biases and q/k norms (kept in fp16)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return (q + 2 * kv) * self.qkv_bias + self.hidden * self.o_bias + self.q_norm + self.k_norm
+
+    @property
+    def shared_params(self) -> int:
+        """One MoE layer's shared expert weights (its gate not included)."""
+        return sum(o * i for o, i in self.shared_expert_shapes.values())
+
+    @property
+    def dense_mlp_params(self) -> int:
+        return sum(o * i for o, i in self.dense_mlp_shapes.values())
+
+    @property
+    def router_params(self) -> int:
+        """One MoE layer's router plus the shared-expert gate."""
+        return self.num_experts * self.hidden + self.hidden * self.shared_expert_gate
+
+    @property
+    def norm_params(self) -> int:
+        """One layer's two norms."""
+        return 2 * self.hidden * (1 + self.norm_bias)
+
+    @property
+    def embedding_params(self) -> int:
+        """Embeddings, lm_head (unless tied) and its bias, final norm."""
+        lm_head = 0 if self.tie_embeddings else self.vocab * self.hidden
+        return self.vocab * self.hidden + lm_head + self.vocab * self.lm_head_bias + self.hidden * (1 + self.norm_bias)
+
+    @property
+    def total_experts(self) -> int:
+        return len(self.moe_layers) * self.num_experts
+
+    @property
+    def total_params(self) -> int:
+        """Every parameter of the transformers model (tied embeddings counted once)."""
+        per_layer = self.attention_params + self.attention_small_params + self.norm_params
+        moe = self.num_experts * self.expert_params + self.router_params + self.shared_params
+        return (
+            self.num_layers * per_layer
+            + len(self.moe_layers) * moe
+            + len(self.dense_layers) * self.dense_mlp_params
+            + self.embedding_params
+        )
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token touches: everything but the experts it is not routed to."""
+        return self.total_params - len(self.moe_layers) * (self.num_experts - self.top_k) * self.expert_params
+
+    def describe(self) -> str:
+        shared = f", shared expert {self.shared_intermediate}" if self.shared_intermediate else ""
+        dense = f", {len(self.dense_layers)} dense layers" if self.dense_layers else ""
+        return (
+            f"{self.model_class}: {self.num_layers} layers ({len(self.moe_layers)} MoE{dense}), "
+            f"{self.num_experts} experts top-{self.top_k} of [{self.expert_intermediate} x {self.hidden}]{shared}; "
+            f"{self.total_params / 1e9:.2f} B params, {self.active_params / 1e9:.2f} B active"
+        )
+
+
+def sparse_layers(config) -> tuple[int, ...]:
+    """Qwen2/Qwen3-MoE's rule: layer i is MoE unless in ``mlp_only_layers`` or ``(i + 1) % decoder_sparse_step``."""
+    dense, step = set(config.mlp_only_layers or ()), config.decoder_sparse_step
+    n = config.num_hidden_layers
+    return tuple(i for i in range(n) if i not in dense and config.num_experts > 0 and (i + 1) % step == 0)
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -1,0 +1,47 @@
+"""OLMoE (``OlmoeForCausalLM``): every layer MoE, softmax top-k (renormalized only with ``norm_topk_prob``,
+false for OLMoE-1B-7B), q/k RMSNorm over the whole q and k projections, no shared expert.
+
+transformers 5: router ``mlp.gate`` [E, H]; fused ``mlp.experts.gate_up_proj`` / ``down_proj`` as Mixtral;
+``self_attn.q_norm`` [heads * head_dim], ``k_norm`` [kv_heads * head_dim]; optional ``attention_bias``.
+"""
+
+from __future__ import annotations
+
+from .base import MoEArchitecture, head_dim_of
+
+MODEL_TYPE = "olmoe"
+MODEL_CLASS = "OlmoeForCausalLM"
+CONFIG_CLASS = "OlmoeConfig"
+
+
+def from_config(config) -> MoEArchitecture:
+    hd = head_dim_of(config)
+    bias = bool(getattr(config, "attention_bias", False))
+    return MoEArchitecture(
+        family=MODEL_TYPE,
+        model_class=MODEL_CLASS,
+        num_layers=config.num_hidden_layers,
+        moe_layers=tuple(range(config.num_hidden_layers)),
+        num_experts=config.num_experts,
+        top_k=config.num_experts_per_tok,
+        norm_topk_prob=bool(config.norm_topk_prob),
+        router="softmax_topk",
+        router_jitter=0.0,
+        hidden=config.hidden_size,
+        expert_intermediate=config.intermediate_size,
+        dense_intermediate=0,
+        shared_intermediate=0,
+        shared_expert_gate=False,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=hd,
+        vocab=config.vocab_size,
+        tie_embeddings=bool(config.tie_word_embeddings),
+        qkv_bias=bias,
+        o_bias=bias,
+        q_norm=config.num_attention_heads * hd,
+        k_norm=config.num_key_value_heads * hd,
+        norm_bias=False,
+        lm_head_bias=False,
+        router_param="gate",
+    )

@@ -1,0 +1,50 @@
+"""Qwen3-MoE (``Qwen3MoeForCausalLM``; Qwen3-30B-A3B, Qwen3-235B-A22B): no shared expert, softmax top-k
+renormalized with ``norm_topk_prob`` (true for the released models), per-head q/k RMSNorm over
+``head_dim`` (which is not ``hidden / heads``: 128 for Qwen3-30B-A3B with hidden 2048 and 32 heads).
+
+Layers are MoE by the Qwen2-MoE rule (``mlp_only_layers``, ``decoder_sparse_step``). transformers 5:
+router ``mlp.gate`` [E, H]; fused ``mlp.experts.gate_up_proj`` / ``down_proj`` with
+I = ``moe_intermediate_size``; optional ``attention_bias`` on all four projections.
+"""
+
+from __future__ import annotations
+
+from .base import MoEArchitecture, head_dim_of, sparse_layers
+
+MODEL_TYPE = "qwen3_moe"
+MODEL_CLASS = "Qwen3MoeForCausalLM"
+CONFIG_CLASS = "Qwen3MoeConfig"
+
+
+def from_config(config) -> MoEArchitecture:
+    moe = sparse_layers(config)
+    hd = head_dim_of(config)
+    bias = bool(getattr(config, "attention_bias", False))
+    return MoEArchitecture(
+        family=MODEL_TYPE,
+        model_class=MODEL_CLASS,
+        num_layers=config.num_hidden_layers,
+        moe_layers=moe,
+        num_experts=config.num_experts,
+        top_k=config.num_experts_per_tok,
+        norm_topk_prob=bool(config.norm_topk_prob),
+        router="softmax_topk",
+        router_jitter=0.0,
+        hidden=config.hidden_size,
+        expert_intermediate=config.moe_intermediate_size,
+        dense_intermediate=config.intermediate_size if len(moe) < config.num_hidden_layers else 0,
+        shared_intermediate=0,
+        shared_expert_gate=False,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=hd,
+        vocab=config.vocab_size,
+        tie_embeddings=bool(config.tie_word_embeddings),
+        qkv_bias=bias,
+        o_bias=bias,
+        q_norm=hd,
+        k_norm=hd,
+        norm_bias=False,
+        lm_head_bias=False,
+        router_param="gate",
+    )
