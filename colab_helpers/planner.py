@@ -21,16 +21,9 @@ import torch
 from transformers import MixtralConfig
 
 from .attention import T4_CAPABILITY, AttentionPath, choose_attention
-from .checkpoint import (
-    QuantConfig,
-    attention_shapes,
-    config_from_dict,
-    expected_expert_tensors,
-    expected_trunk_tensors,
-    expert_shapes,
-    head_dim,
-)
-from .experts import ExpertLayout
+from .checkpoint import QUANT_CONFIG_KEY, QuantConfig, config_from_dict
+from .experts import _ALIGN
+from .families import MoEArchitecture, from_transformers
 from .quant import DEFAULT_EXPERT_SPECS, dequantize_peak_bytes
 
 GB = 10**9
@@ -96,43 +89,75 @@ class ModelSizes:
     expert_params: int  # weights of one expert's w1/w2/w3
     dequant_peak_fp16: int  # QuantizedWeight.dequantize of the largest matrix at its peak, result included
     dequant_peak_fp32: int
+    family: str = "Mixtral"
+    moe_layers: int = 0  # layers with routed experts (0: all); the rest have a dense MLP in the trunk
+    top_k: int = 2
+    resident_mlp_bytes: int = 0  # quantized shared experts and dense-layer MLPs, all layers (in the trunk)
 
     @classmethod
-    def of(cls, config: MixtralConfig, quant: QuantConfig) -> ModelSizes:
-        attn = sum(quant.attention.nbytes(shape) for shape in attention_shapes(config).values())
-        mats = [config.intermediate_size * config.hidden_size, *(o * i for o, i in attention_shapes(config).values())]
-        weights = [(quant.experts, shape) for shape in expert_shapes(config).values()]
-        weights += [(quant.attention, shape) for shape in attention_shapes(config).values()]
+    def of(cls, config: MixtralConfig | MoEArchitecture, quant: QuantConfig) -> ModelSizes:
+        """Sizes of any supported family (a transformers config or its ``MoEArchitecture``).
+
+        Shared experts and the MLPs of dense layers live in the trunk, quantized like attention (the
+        converter for these families is not written yet: this is the planned layout, issue 12).
+        """
+        a = config if isinstance(config, MoEArchitecture) else from_transformers(config)
+        attn_shapes = a.attention_shapes.values()
+        mlp_shapes = [*a.shared_expert_shapes.values()] + ([*a.dense_mlp_shapes.values()] if a.dense_layers else [])
+        attn = sum(quant.attention.nbytes(shape) for shape in attn_shapes)
+        mlp = len(a.moe_layers) * sum(quant.attention.nbytes(sh) for sh in a.shared_expert_shapes.values())
+        mlp += len(a.dense_layers) * sum(quant.attention.nbytes(sh) for sh in a.dense_mlp_shapes.values())
+        fp16 = a.embedding_params + a.num_layers * (a.norm_params + a.attention_small_params)
+        fp16 += len(a.moe_layers) * a.router_params
+        if a.tie_embeddings and a.family == "mixtral":  # the Mixtral trunk file stores lm_head even when tied
+            fp16 += a.vocab * a.hidden
+        mats = [a.expert_intermediate * a.hidden, *(o * i for o, i in (*attn_shapes, *mlp_shapes))]
+        weights = [(quant.experts, shape) for shape in a.expert_shapes.values()]
+        weights += [(quant.attention, shape) for shape in (*attn_shapes, *mlp_shapes)]
+        expert = [
+            _tensor_bytes({"t": spec})
+            for shape in a.expert_shapes.values()
+            for spec in quant.experts.tensor_specs(shape).values()
+        ]
         return cls(
-            num_layers=config.num_hidden_layers,
-            num_experts=config.num_local_experts,
-            hidden=config.hidden_size,
-            intermediate=config.intermediate_size,
-            vocab=config.vocab_size,
-            heads=config.num_attention_heads,
-            kv_heads=config.num_key_value_heads,
-            head_dim=head_dim(config),
+            num_layers=a.num_layers,
+            num_experts=a.num_experts,
+            hidden=a.hidden,
+            intermediate=max(a.expert_intermediate, a.shared_intermediate, a.dense_intermediate),
+            vocab=a.vocab,
+            heads=a.heads,
+            kv_heads=a.kv_heads,
+            head_dim=a.head_dim,
             attention_bits=quant.attention.nbits,
             expert_bits=quant.experts.nbits,
-            expert_bytes=_tensor_bytes(expected_expert_tensors(config, quant)),
-            slot_bytes=ExpertLayout.for_model(config, quant).nbytes,
+            expert_bytes=sum(expert),
+            slot_bytes=sum(-(-max(n, 1) // _ALIGN) * _ALIGN for n in expert),  # ExpertLayout's flat buffer
             attention_layer_bytes=attn,
-            trunk_bytes=_tensor_bytes(expected_trunk_tensors(config, quant)),
+            trunk_bytes=2 * fp16 + a.num_layers * attn + mlp,
             largest_matrix=max(mats),
-            attention_params=sum(o * i for o, i in attention_shapes(config).values()),
-            expert_params=3 * config.intermediate_size * config.hidden_size,
+            attention_params=a.attention_params,
+            expert_params=a.expert_params,
             dequant_peak_fp16=max(dequantize_peak_bytes(spec, shape, 2) for spec, shape in weights),
             dequant_peak_fp32=max(dequantize_peak_bytes(spec, shape, 4) for spec, shape in weights),
+            family=a.name,
+            moe_layers=len(a.moe_layers),
+            top_k=a.top_k,
+            resident_mlp_bytes=mlp,
         )
 
     @property
+    def expert_layers(self) -> int:
+        """Layers whose experts the cache holds (``moe_layers``; every layer when 0)."""
+        return self.moe_layers or self.num_layers
+
+    @property
     def total_experts(self) -> int:
-        return self.num_layers * self.num_experts
+        return self.expert_layers * self.num_experts
 
     @property
     def dense_trunk_bytes(self) -> int:
         """fp16 embeddings, lm_head, norms and routers: the part of the trunk a CPU run upcasts."""
-        return self.trunk_bytes - self.num_layers * self.attention_layer_bytes
+        return self.trunk_bytes - self.num_layers * self.attention_layer_bytes - self.resident_mlp_bytes
 
     def dequant_peak(self, itemsize: int) -> int:
         return self.dequant_peak_fp16 if itemsize <= 2 else self.dequant_peak_fp32
@@ -508,14 +533,16 @@ def _choose_cuda(
     fixed = sum(r.vram for r in _cuda_fixed_rows(s, context, m, attention))
     n_slots = max(0, (budget.vram or 0) - fixed) // s.slot_bytes
     if n_slots >= s.total_experts:
-        return (s.num_experts,) * s.num_layers, 0
-    return _spread(max(0, n_slots - spare), s.num_layers, s.num_experts), spare
+        return (s.num_experts,) * s.expert_layers, 0
+    return _spread(max(0, n_slots - spare), s.expert_layers, s.num_experts), spare
 
 
 def _normalize(k: int | Sequence[int], s: ModelSizes) -> tuple[int, ...]:
-    ks = (k,) * s.num_layers if isinstance(k, int) else tuple(int(x) for x in k)
-    if len(ks) != s.num_layers or any(not 1 <= x <= s.num_experts for x in ks):
-        raise ValueError(f"experts_on_device must be 1..{s.num_experts} per layer ({s.num_layers} layers), got {ks}")
+    ks = (k,) * s.expert_layers if isinstance(k, int) else tuple(int(x) for x in k)
+    if len(ks) != s.expert_layers or any(not 1 <= x <= s.num_experts for x in ks):
+        raise ValueError(
+            f"experts_on_device must be 1..{s.num_experts} per layer ({s.expert_layers} MoE layers), got {ks}"
+        )
     return ks
 
 
@@ -710,7 +737,7 @@ def _gb(n: int, show: bool = True) -> str:
 def _report_lines(plan: MemoryPlan) -> list[str]:
     s, b = plan.sizes, plan.budget
     lines = [
-        f"memory plan: Mixtral {s.num_layers} layers x {s.num_experts} experts on {plan.device}, "
+        f"memory plan: {s.family} {s.num_layers} layers{_moe_text(s)} x {s.num_experts} experts on {plan.device}, "
         f"context {plan.context} tokens (GB = 10^9 B)",
         f"  {plan.attention.describe()}",
         f"  one {s.expert_bits}-bit expert {s.expert_bytes:,} B (cache slot {s.slot_bytes:,} B); "
@@ -744,6 +771,11 @@ def _report_lines(plan: MemoryPlan) -> list[str]:
     return lines
 
 
+def _moe_text(s: ModelSizes) -> str:
+    """Empty when every layer is MoE (Mixtral's report unchanged), else how many are."""
+    return f" ({s.expert_layers} MoE)" if s.expert_layers != s.num_layers else ""
+
+
 def _arithmetic(plan: MemoryPlan) -> list[str]:
     s, b = plan.sizes, plan.budget
     if plan.device != "cuda":
@@ -753,8 +785,8 @@ def _arithmetic(plan: MemoryPlan) -> list[str]:
         ]
     fixed = sum(r.vram for r in _cuda_fixed_rows(s, plan.context, plan.margins, plan.attention))
     room = (b.vram or 0) - fixed
-    k, extra = divmod(plan.device_experts, s.num_layers)
-    split = f"{k} x {s.num_layers}" + (f" + {extra} (one more in layers 0-{extra - 1})" if extra else "")
+    k, extra = divmod(plan.device_experts, s.expert_layers)
+    split = f"{k} x {s.expert_layers}" + (f" + {extra} (one more in layers 0-{extra - 1})" if extra else "")
     return [
         f"arithmetic: {(b.vram or 0) / GB:.3f} GB free - {fixed / GB:.3f} GB (trunk, KV, activations, margins, "
         f"reserve) "
@@ -827,7 +859,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--expert-bits", type=int, default=2, choices=sorted(DEFAULT_EXPERT_SPECS), help="2 = the public checkpoint"
     )
-    p.add_argument("--model", default=None, help="checkpoint folder to read config and bit widths from")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a checkpoint folder (config and bit widths read from it), a folder or config.json of any supported "
+        "MoE family, or a hub repo id (shipped flagship configs offline, else config.json from the hub)",
+    )
     p.add_argument(
         "--device", type=device_name, default=None, help="cuda or cpu (default: cuda with --vram-gb or a GPU present)"
     )
@@ -863,6 +900,30 @@ def _cli_budget(args: argparse.Namespace, device: torch.device) -> Budget:
     return Budget(vram, ram, rss_now=here.rss_now if args.ram_gb is None else 0, measured=True)
 
 
+def _cli_model(model: str, expert_bits: int) -> tuple[MixtralConfig | MoEArchitecture, QuantConfig]:
+    """A converted checkpoint (its config and bit widths), else any family's config.json (``--expert-bits``)."""
+    from .checkpoint import INDEX_FILE, Checkpoint
+    from .families import UnsupportedFamilyError, architecture
+    from .families.configs import ConfigNotFoundError, load_config
+    from .usage import UsageError
+
+    if (Path(model) / INDEX_FILE).is_file():
+        ckpt = Checkpoint.open(Path(model), verify=False)
+        return ckpt.config, ckpt.quant
+    try:
+        cfg, source = load_config(model)
+        arch = architecture(cfg)
+    except (ConfigNotFoundError, UnsupportedFamilyError) as err:
+        raise UsageError(f"--model {model}: {err}") from err
+    print(f"planning {arch.describe()} (config: {source})", file=sys.stderr)
+    quant = QuantConfig.from_config_dict(cfg) if QUANT_CONFIG_KEY in cfg else QuantConfig.for_bits(4, expert_bits)
+    try:
+        ModelSizes.of(arch, quant)
+    except ValueError as err:  # a shape the bit width's group sizes do not divide
+        raise UsageError(f"--model {model}: {err}") from err
+    return arch, quant
+
+
 def cli_main(argv: Sequence[str] | None = None) -> int:
     """``python -m colab_helpers plan``: exit 0 when it fits, 2 when not (the report says why).
 
@@ -874,13 +935,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     device = _cli_device(args)
     if args.model:
-        from .checkpoint import Checkpoint
-
-        ckpt = Checkpoint.open(Path(args.model), verify=False)
-        config, quant = ckpt.config, ckpt.quant
+        config, quant = _cli_model(args.model, args.expert_bits)
     else:
         config, quant = stock_config(), QuantConfig.for_bits(4, args.expert_bits)
-    check_experts_on_device(args.experts_on_device, config.num_local_experts, args.model or "Mixtral-8x7B")
+    experts = ModelSizes.of(config, quant).num_experts
+    check_experts_on_device(args.experts_on_device, experts, args.model or "Mixtral-8x7B")
     plan = plan_memory(config, quant, _cli_budget(args, device), device, args.context, args.experts_on_device)
     print(plan.report(), file=sys.stderr if args.json else sys.stdout)
     if args.json:

@@ -19,7 +19,8 @@ Shape = tuple[int, int]
 class MoEArchitecture:
     """One model's architecture as offloading sees it; built by a family adapter from a transformers config."""
 
-    family: str  # short name: "mixtral", "olmoe", ...
+    family: str  # the config's model_type: "mixtral", "olmoe", ...
+    name: str  # for people: "Mixtral", "Qwen3-MoE", ...
     model_class: str  # the transformers class, e.g. "MixtralForCausalLM"
     num_layers: int
     moe_layers: tuple[int, ...]  # decoder layers whose MLP is a sparse MoE block (the rest are dense MLPs)

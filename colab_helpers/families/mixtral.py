@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import MoEArchitecture, head_dim_of
 
+NAME = "Mixtral"
 MODEL_TYPE = "mixtral"
 MODEL_CLASS = "MixtralForCausalLM"
 CONFIG_CLASS = "MixtralConfig"
@@ -17,6 +18,7 @@ CONFIG_CLASS = "MixtralConfig"
 def from_config(config) -> MoEArchitecture:
     return MoEArchitecture(
         family=MODEL_TYPE,
+        name=NAME,
         model_class=MODEL_CLASS,
         num_layers=config.num_hidden_layers,
         moe_layers=tuple(range(config.num_hidden_layers)),

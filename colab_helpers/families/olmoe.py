@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import MoEArchitecture, head_dim_of
 
+NAME = "OLMoE"
 MODEL_TYPE = "olmoe"
 MODEL_CLASS = "OlmoeForCausalLM"
 CONFIG_CLASS = "OlmoeConfig"
@@ -19,6 +20,7 @@ def from_config(config) -> MoEArchitecture:
     bias = bool(getattr(config, "attention_bias", False))
     return MoEArchitecture(
         family=MODEL_TYPE,
+        name=NAME,
         model_class=MODEL_CLASS,
         num_layers=config.num_hidden_layers,
         moe_layers=tuple(range(config.num_hidden_layers)),

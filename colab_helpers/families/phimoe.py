@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .base import MoEArchitecture, head_dim_of
 
+NAME = "Phi-3.5-MoE"
 MODEL_TYPE = "phimoe"
 MODEL_CLASS = "PhimoeForCausalLM"
 CONFIG_CLASS = "PhimoeConfig"
@@ -21,6 +22,7 @@ def from_config(config) -> MoEArchitecture:
     bias = bool(config.attention_bias)
     return MoEArchitecture(
         family=MODEL_TYPE,
+        name=NAME,
         model_class=MODEL_CLASS,
         num_layers=config.num_hidden_layers,
         moe_layers=tuple(range(config.num_hidden_layers)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .base import MoEArchitecture, head_dim_of, sparse_layers
 
+NAME = "Qwen2-MoE"
 MODEL_TYPE = "qwen2_moe"
 MODEL_CLASS = "Qwen2MoeForCausalLM"
 CONFIG_CLASS = "Qwen2MoeConfig"
@@ -21,6 +22,7 @@ def from_config(config) -> MoEArchitecture:
     moe = sparse_layers(config)
     return MoEArchitecture(
         family=MODEL_TYPE,
+        name=NAME,
         model_class=MODEL_CLASS,
         num_layers=config.num_hidden_layers,
         moe_layers=moe,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .base import MoEArchitecture, head_dim_of, sparse_layers
 
+NAME = "Qwen3-MoE"
 MODEL_TYPE = "qwen3_moe"
 MODEL_CLASS = "Qwen3MoeForCausalLM"
 CONFIG_CLASS = "Qwen3MoeConfig"
@@ -22,6 +23,7 @@ def from_config(config) -> MoEArchitecture:
     bias = bool(getattr(config, "attention_bias", False))
     return MoEArchitecture(
         family=MODEL_TYPE,
+        name=NAME,
         model_class=MODEL_CLASS,
         num_layers=config.num_hidden_layers,
         moe_layers=moe,

@@ -1,0 +1,155 @@
+"""The planner for every supported MoE family: sizes from the family adapter, ``plan --model`` offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+
+from colab_helpers.checkpoint import QuantConfig, expected_expert_tensors, expected_trunk_tensors
+from colab_helpers.cli import main
+from colab_helpers.experts import ExpertLayout
+from colab_helpers.families import architecture, from_transformers
+from colab_helpers.families.configs import shipped
+from colab_helpers.planner import GB, Budget, ModelSizes, _tensor_bytes, cli_main, plan_memory, stock_config
+
+T4 = Budget.given(15, 12.7)
+QUANTS = [QuantConfig(), *(QuantConfig.for_bits(a, e) for a in (2, 3, 4) for e in (2, 3, 4))]
+TINY_MIXTRAL = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    vocab_size=101,
+    head_dim=64,
+)
+
+
+def _checkpoint_sizes(config, quant):
+    """What the Mixtral checkpoint layout and the expert cache allocate (the planner's former source)."""
+    return (
+        _tensor_bytes(expected_expert_tensors(config, quant)),
+        ExpertLayout.for_model(config, quant).nbytes,
+        _tensor_bytes(expected_trunk_tensors(config, quant)),
+    )
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("tied", [False, True])
+def test_mixtral_sizes_equal_the_checkpoint_layout(quant, tied):
+    for config in (stock_config(), transformers.MixtralConfig(**TINY_MIXTRAL, tie_word_embeddings=tied)):
+        s = ModelSizes.of(config, quant)
+        assert (s.expert_bytes, s.slot_bytes, s.trunk_bytes) == _checkpoint_sizes(config, quant)
+        assert s == ModelSizes.of(from_transformers(config), quant)
+
+
+def test_stock_mixtral_numbers_are_unchanged():
+    """Numbers the planner printed before the family adapters (demo quantization: 4-bit attention, 2-bit experts)."""
+    s = ModelSizes.of(stock_config(), QuantConfig())
+    assert (s.expert_bytes, s.slot_bytes, s.trunk_bytes) == (66_404_364, 66_404_736, 1_240_277_504)
+    assert (s.num_layers, s.moe_layers, s.num_experts, s.intermediate, s.family) == (32, 32, 8, 14336, "Mixtral")
+
+
+def test_shipped_mixtral_plans_exactly_like_the_default(capsys):
+    assert cli_main(["--vram-gb", "15", "--ram-gb", "12.7", "--json"]) == 0
+    default = capsys.readouterr().out
+    assert (
+        cli_main(["--model", "mistralai/Mixtral-8x7B-Instruct-v0.1", "--vram-gb", "15", "--ram-gb", "12.7", "--json"])
+        == 0
+    )
+    assert capsys.readouterr().out == default
+
+
+@pytest.mark.parametrize("repo", sorted(shipped()))
+def test_plan_model_offline_for_every_shipped_config(repo, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = cli_main(["--model", repo, "--vram-gb", "15", "--ram-gb", "12.7", "--json"])
+    out, err = capsys.readouterr()
+    plan = json.loads(out)
+    assert rc == (0 if plan["fits"] else 2)
+    arch = architecture(json.loads(shipped()[repo].read_text()))
+    assert f"memory plan: {arch.name} {arch.num_layers} layers" in err
+    assert (
+        plan["host_experts"]
+        + sum(
+            plan["experts_on_device"]
+            if isinstance(plan["experts_on_device"], list)
+            else [plan["experts_on_device"]] * arch.num_layers
+        )
+        == arch.total_experts
+    )
+
+
+def test_dense_layers_and_shared_experts_are_in_the_trunk():
+    """Qwen2-MoE with dense layers: experts per MoE layer only; shared expert + dense MLPs quantized in the trunk."""
+    cfg = transformers.Qwen2MoeConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mlp_only_layers=[0],
+        vocab_size=128,
+    )
+    arch = from_transformers(cfg)
+    quant = QuantConfig()
+    s = ModelSizes.of(arch, quant)
+    assert (s.num_layers, s.moe_layers, s.total_experts) == (4, 3, 24)
+    mlp = 3 * sum(quant.attention.nbytes(x) for x in arch.shared_expert_shapes.values())
+    mlp += sum(quant.attention.nbytes(x) for x in arch.dense_mlp_shapes.values())
+    assert s.resident_mlp_bytes == mlp
+    assert s.intermediate == 512  # the widest MLP sets the prefill activations
+    plan = plan_memory(arch, quant, Budget.given(None, 64), "cpu")
+    assert plan.fits and len(plan.per_layer) == 3
+    gpu = plan_memory(arch, quant, Budget.given(15, 12.7), "cuda")
+    assert gpu.per_layer == (8, 8, 8) and gpu.host_experts == 0
+    assert "memory plan: Qwen2-MoE 4 layers (3 MoE) x 8 experts" in gpu.report()
+
+
+def test_qwen3_30b_a3b_fits_a_free_t4_at_two_bits():
+    arch = architecture(json.loads(shipped()["Qwen/Qwen3-30B-A3B"].read_text()))
+    plan = plan_memory(arch, QuantConfig.for_bits(4, 2), T4, "cuda")
+    assert plan.fits and plan.host_experts == 0 and plan.vram_peak < 15 * GB
+
+
+def _run(argv, capsys):
+    rc = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_unsupported_family_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    rc, out, err = _run(["--model", str(tmp_path), "--vram-gb", "15", "--ram-gb", "12.7"], capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and "'llama' is not supported" in err and "Qwen3MoeForCausalLM" in err
+
+
+@pytest.mark.parametrize(
+    "model, says",
+    [("./no/such/folder", "no such folder or file"), ("nobody/NoSuchMoE-1B", "could not get its config.json")],
+)
+def test_missing_config_is_one_line_exit_2(model, says, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, out, err = _run(["--model", model, "--vram-gb", "15", "--ram-gb", "12.7"], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and says in err
+    assert "Qwen/Qwen3-30B-A3B" in err  # the shipped configs are named
+
+
+def test_folder_without_config_is_one_line(tmp_path, capsys):
+    rc, _, err = _run(["--model", str(tmp_path), "--vram-gb", "15", "--ram-gb", "12.7"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "config.json: file is missing" in err
+
+
+def test_a_config_file_is_planned(tmp_path, capsys):
+    path = tmp_path / "olmoe.json"
+    path.write_text(shipped()["allenai/OLMoE-1B-7B-0924"].read_text())
+    rc, out, err = _run(["--model", str(path), "--vram-gb", "15", "--ram-gb", "12.7", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["experts_on_device"] == 64 and "memory plan: OLMoE" in err
