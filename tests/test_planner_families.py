@@ -6,6 +6,7 @@ import json
 
 import pytest
 import transformers
+from huggingface_hub import constants
 
 from colab_helpers.checkpoint import QuantConfig, expected_expert_tensors, expected_trunk_tensors
 from colab_helpers.cli import main
@@ -66,6 +67,7 @@ def test_shipped_mixtral_plans_exactly_like_the_default(capsys):
 @pytest.mark.parametrize("repo", sorted(shipped()))
 def test_plan_model_offline_for_every_shipped_config(repo, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import; the download checks this
     rc = cli_main(["--model", repo, "--vram-gb", "15", "--ram-gb", "12.7", "--json"])
     out, err = capsys.readouterr()
     plan = json.loads(out)
@@ -138,6 +140,7 @@ def test_unsupported_family_is_one_line_exit_2(tmp_path, capsys):
 )
 def test_missing_config_is_one_line_exit_2(model, says, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import; the download checks this
     rc, out, err = _run(["--model", model, "--vram-gb", "15", "--ram-gb", "12.7"], capsys)
     assert rc == 2 and out == "" and err.count("\n") == 1 and says in err
     assert "Qwen/Qwen3-30B-A3B" in err  # the shipped configs are named
