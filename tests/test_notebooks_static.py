@@ -22,7 +22,7 @@ NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 REQUIRED = {"quickstart", "how_mixtral_fits", "hqq_quantization", "expert_cache_and_prefetch"}
 BADGE = re.compile(
     r"\[!\[Open In Colab\]\(https://colab\.research\.google\.com/assets/colab-badge\.svg\)\]"
-    r"\(https://colab\.research\.google\.com/github/(?P<repo>[\w.-]+/[\w.-]+)/blob/main/(?P<path>[\w./-]+\.ipynb)\)"
+    r"\(https://colab\.research\.google\.com/github/(?P<repo>[\w.-]+/[\w.-]+)/blob/(?P<ref>[\w.-]+)/(?P<path>[\w./-]+\.ipynb)\)"
 )
 NBVAL_MARKERS = {"# NBVAL_CHECK_OUTPUT", "# NBVAL_SKIP", "# NBVAL_IGNORE_OUTPUT", "# NBVAL_RAISES_EXCEPTION"}
 MAX_CODE_LINES = 25  # thin cells: logic belongs in colab_helpers

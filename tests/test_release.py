@@ -1,0 +1,110 @@
+"""``scripts/release.py``: every badge, install cell, README mention and the hub pin agree; one run restamps them."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "release.py"
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("release", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["release"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+release = _load()
+
+
+def _check_agreement(root: Path) -> tuple[str, str, str | None]:
+    found = list(release.stamps(root))
+    repos = {s.repo for s in found if s.repo is not None}
+    refs = {s.ref for s in found if s.kind != "demo_revision"}
+    assert len(repos) == 1, f"several repositories named: {sorted(repos)}"
+    assert len(refs) == 1, f"several refs named: {sorted(refs)}"
+    for path in sorted((root / "notebooks").glob("*.ipynb")):
+        kinds = {s.kind for s in found if s.file == f"notebooks/{path.name}"}
+        assert kinds == {"badge", "install"}, f"{path.name} has {kinds}"
+    readme_badges = [s for s in found if s.kind == "badge" and s.file == "README.md"]
+    assert len(readme_badges) == len(list((root / "notebooks").glob("*.ipynb"))), readme_badges
+    assert any(s.kind == "readme" for s in found), "the README sentence naming repository and release"
+    (demo,) = [s.ref for s in found if s.kind == "demo_revision"]
+    assert demo == "main" or release.COMMIT.fullmatch(demo), f"DEMO_REVISION must be 'main' or a commit: {demo!r}"
+    return repos.pop(), refs.pop(), demo
+
+
+def test_every_badge_install_cell_and_readme_link_agree() -> None:
+    _check_agreement(ROOT)
+
+
+def _copy(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    shutil.copytree(ROOT / "notebooks", root / "notebooks")
+    (root / "colab_helpers").mkdir()
+    shutil.copy(ROOT / "colab_helpers" / "hub.py", root / "colab_helpers" / "hub.py")
+    shutil.copy(ROOT / "README.md", root / "README.md")
+    return root
+
+
+def test_release_restamps_everything_once_and_is_idempotent(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    old_repo, old_ref, _ = _check_agreement(root)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    args = ["someone/mixtral-on-t4", "v9.8.7", "--demo-revision", commit, "--root", str(root)]
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert _check_agreement(root) == ("someone/mixtral-on-t4", "v9.8.7", commit)
+    for path in [*root.glob("notebooks/*.ipynb"), root / "README.md"]:
+        assert old_repo not in path.read_text(), f"{path.name} still names {old_repo}"
+    for path in root.glob("notebooks/*.ipynb"):
+        nbformat.validate(nbformat.read(path, as_version=4))
+        badge = next(s for s in release.stamps(root) if s.kind == "badge" and s.file.endswith(path.name))
+        assert badge.ref == "v9.8.7" and badge.repo == "someone/mixtral-on-t4"
+    assert f'DEMO_REVISION = "{commit}"' in (root / "colab_helpers" / "hub.py").read_text()
+    again = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "nothing to change" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["not-a-repo", "v1"], "OWNER/NAME"),
+        (["a/b", "v1", "--demo-revision", "main"], "40-hex"),
+        (["a/b", "bad ref!"], "ref must be"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path: Path, args, message) -> None:
+    root = _copy(tmp_path)
+    before = {p: p.read_text() for p in root.rglob("*") if p.is_file()}
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--root", str(root)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert {p: p.read_text() for p in root.rglob("*") if p.is_file()} == before, "nothing changed"
+
+
+def test_readme_two_commands_section_shows_exactly_two_commands_and_links_inside_the_repository() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Fresh machine: the two commands", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("\n", 1)[1] for b in section.split("```")[1::2]]
+    install, commands = blocks[0], blocks[-1]
+    lines = [ln for ln in commands.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert len(blocks) == 2 and len(lines) == 2, f"two commands, got {lines}"
+    assert "download.pytorch.org/whl/cpu" in install and "CPU build of torch first" in section
+    for target in re.findall(r"\]\(([^)]+)\)", readme):
+        if target.startswith("https://colab.research.google.com/"):
+            continue  # the badges: checked above, they open this repository's notebooks
+        assert "://" not in target and not target.startswith(".."), f"README links outside the repository: {target}"
+        assert (ROOT / target.split("#")[0]).exists(), f"README links to a missing file: {target}"
