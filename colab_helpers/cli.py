@@ -120,21 +120,38 @@ def _quiet_transformers():
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    """Terminal chat. Leaving always says so: Ctrl-C at the prompt asks before quitting, and the goodbye line
+    says how many turns are forgotten (nothing is saved); ``/clear`` confirms what it forgot."""
     from .generation import SamplingConfig
     from .session import ChatSession
 
     model, tok = _load(args)
     session = ChatSession(model, tok, SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed))
-    print("chat: empty line or Ctrl-D quits, Ctrl-C stops an answer, /clear forgets the conversation", file=sys.stderr)
+    print(
+        "chat: /quit, Ctrl-D or an empty line quits; Ctrl-C stops an answer; /clear forgets the conversation",
+        file=sys.stderr,
+    )
+    interrupted = False  # the last prompt ended with Ctrl-C
     while True:
         try:
             msg = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            return 0
-        if not msg:
-            return 0
+        except KeyboardInterrupt:
+            if interrupted or not session.turns:
+                return _bye(session)
+            interrupted = True
+            print(
+                f"\n(Ctrl-C again to quit and forget {len(session.turns)} turn(s); or type a message)", file=sys.stderr
+            )
+            continue
+        except EOFError:
+            return _bye(session)
+        interrupted = False
+        if not msg or msg == "/quit":
+            return _bye(session)
         if msg == "/clear":
+            n = len(session.turns)
             session.clear()
+            print(f"(conversation cleared: {n} turn(s) forgotten)", file=sys.stderr)
             continue
         try:
             result = session.send(msg, on_text=lambda t: print(t, end="", flush=True))
@@ -143,6 +160,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         print()
         print(f"[{result.stats.line()}]", file=sys.stderr)
+
+
+def _bye(session) -> int:
+    n = len(session.turns)
+    print(f"\nbye ({n} turn(s) forgotten: the conversation is not saved)" if n else "\nbye", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
