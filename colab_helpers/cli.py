@@ -1,4 +1,4 @@
-"""``python -m colab_helpers``: generate, chat, plan, replay — the same engine the notebooks use.
+"""``python -m colab_helpers``: generate, chat, plan, replay, twin — the same engine the notebooks use.
 
 A mistake on the command line, or a library error whose message already says what to do (a broken
 checkpoint folder, a failed download, a model that does not fit), ends in one line on stderr and exit
@@ -221,6 +221,10 @@ def _run(argv: list[str]) -> int:
         from .trace import cli_main
 
         return cli_main(argv[1:])
+    if argv and argv[0] == "twin":
+        from .twin import cli_main
+
+        return cli_main(argv[1:])
     parser = ArgumentParser(prog="python -m colab_helpers", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt, streaming, then print stats")
@@ -233,5 +237,6 @@ def _run(argv: list[str]) -> int:
     c.set_defaults(func=cmd_chat)
     sub.add_parser("plan", help="memory plan: experts per layer for given VRAM/RAM (see plan --help)")
     sub.add_parser("replay", help="replay a routing trace through eviction policies (see replay --help)")
+    sub.add_parser("twin", help="T4 twin: calibrate on the paper (--paper) or project ours (see twin --help)")
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,377 @@
+"""Record our engine's decode schedule for the twin, on a CPU, at Mixtral-8x7B's sizes.
+
+The engine runs a *narrow* Mixtral: the real 32 layers x 8 experts, top-2, 32 heads / 8 KV heads, but
+every width divided by 16 (hidden 256, FFN 896, head_dim 8, vocab 2000), fp16, random weights in the
+real quantized layout, routing scripted from the real trace. While it decodes, the recorder sees:
+
+- every dispatched ATen op that would launch a GPU kernel (views, aliases and allocations excluded), with
+  the bytes it reads and writes; a low-bit matmul the CUDA path would run as one fused Triton GEMV
+  (``kernels.quant_linear`` with <= ``MAX_GEMV_ROWS`` rows) is recorded as that one launch;
+- every copy, at the engine's single copy seam (``CopyEngine.copy``): bytes, direction, stream, and the
+  events it waits for; the compute stream's waits (``compute_waits``) and marks (``mark_compute``);
+- every op that makes the host wait for the GPU on CUDA (``.tolist()``, ``.item()``, ``bool(t)``,
+  ``nonzero`` and everything built on it).
+
+Bytes are then scaled to full size: a weight (a model buffer/parameter) reads 256x its narrow bytes
+(both matrix dimensions are 16x), an expert buffer reads or moves ``EXPERT_BYTES / narrow expert bytes``,
+an activation 16x (one dimension). The embedding lookup reads one row, not the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import MixtralConfig
+
+from . import kernels
+from .experts import CopyEngine
+from .synthetic import ScriptedRouter
+from .twin import EXPERT_BYTES, Op, Schedule
+
+WIDTH = 16  # full size / narrow size, per dimension
+
+# ATen ops that launch nothing on a GPU: views, aliases, metadata, allocations
+_FREE = {
+    "aten::detach",
+    "aten::alias",
+    "aten::_unsafe_view",
+    "aten::lift_fresh",
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+    "aten::new_empty",
+    "aten::new_empty_strided",
+    "aten::_to_copy_noop",
+    "aten::set_",
+    "aten::resize_",
+    "aten::sym_size",
+    "aten::sym_stride",
+    "aten::sym_numel",
+}
+# ATen ops that make the host wait for the device on CUDA
+_SYNCING = {
+    "aten::_local_scalar_dense",  # .item(), int(t)
+    "aten::is_nonzero",  # bool(t)
+    "aten::nonzero",  # torch.where(cond), boolean-mask indexing
+    "aten::unique",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::masked_select",
+    "aten::nonzero_static",
+}
+
+
+def narrow_mixtral_config(num_layers: int = 32) -> MixtralConfig:
+    """Mixtral-8x7B with every width divided by ``WIDTH`` (quantization group constraints still hold)."""
+    from .synthetic import mixtral_8x7b_config
+
+    full = mixtral_8x7b_config()
+    return MixtralConfig(
+        hidden_size=full.hidden_size // WIDTH,
+        intermediate_size=full.intermediate_size // WIDTH,
+        num_hidden_layers=num_layers,
+        num_attention_heads=full.num_attention_heads,
+        num_key_value_heads=full.num_key_value_heads,
+        head_dim=full.hidden_size // full.num_attention_heads // WIDTH,
+        num_local_experts=full.num_local_experts,
+        num_experts_per_tok=full.num_experts_per_tok,
+        vocab_size=full.vocab_size // WIDTH,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+class NoisyScriptedRouter(ScriptedRouter):
+    """Routes like ``ScriptedRouter``; its ``predict`` (the previous layer's guess) is right with prob. ``recall``.
+
+    Each of a row's k experts is kept with probability ``recall``, else replaced by a random expert the
+    row does not use, so precision = recall for k guesses. Deterministic for a seed.
+    """
+
+    def __init__(self, choices: np.ndarray, num_experts: int, recall: float, seed: int) -> None:
+        super().__init__(choices, num_experts)
+        rng = np.random.default_rng(seed)
+        rows = self.choices.numpy()
+        keep = rng.random(rows.shape) < recall
+        order = np.argsort(rng.random((len(rows), num_experts)), axis=1)  # a random order of the experts
+        unused = ~(order[:, :, None] == rows[:, None, :]).any(axis=2)  # [T, E]: that expert is not in the row
+        wrong = np.stack([order[i][unused[i]][: rows.shape[1]] for i in range(len(rows))])  # first k unused
+        guesses = np.where(keep, rows, wrong)
+        self.guesses = torch.as_tensor(guesses)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.reshape(-1, x.shape[-1]).shape[0]
+        idx = torch.arange(self.step, self.step + n) % len(self.guesses)
+        return torch.zeros(n, self.num_experts, dtype=x.dtype).scatter_(1, self.guesses[idx], 1.0)
+
+
+class _Event:
+    """Stands in for a CUDA event: fires when op ``op`` of the schedule is done (None: before recording)."""
+
+    __slots__ = ("op",)
+
+    def __init__(self, op: int | None) -> None:
+        self.op = op
+
+
+class ScheduleRecorder(TorchDispatchMode):
+    """Collects a ``Schedule`` while the wrapped engine decodes (see the module docstring)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        cache = model.expert_cache
+        self.expert_ratio = EXPERT_BYTES / cache.layout.nbytes
+        self.expert_storage = cache.device_buf.untyped_storage().data_ptr()
+        self.weight_storages = {
+            t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel() > 1
+        }
+        self.schedule = Schedule()
+        self.active = False  # recording (decode tokens only)
+        self.paused = 0  # inside a fused call: its CPU fallback ops are not launches
+        self.waits: list[int] = []  # events the next compute op waits for
+        self.last_compute: int | None = None
+        self.window: dict[str, int] = {}  # cache counters over the recorded steps
+
+    # ---- bytes ------------------------------------------------------------------------------------
+
+    def full_bytes(self, t: torch.Tensor) -> float:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr == self.expert_storage:
+            return t.nbytes * self.expert_ratio
+        if ptr in self.weight_storages:
+            return t.nbytes * WIDTH * WIDTH
+        return t.nbytes * WIDTH
+
+    def _tensors_bytes(self, *items) -> float:
+        total = 0.0
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                total += self.full_bytes(item)
+            elif isinstance(item, (list, tuple)):
+                total += self._tensors_bytes(*item)
+            elif isinstance(item, dict):
+                total += self._tensors_bytes(*item.values())
+        return total
+
+    # ---- ops --------------------------------------------------------------------------------------
+
+    def add_compute(self, kind: str, nbytes: float, tag: str) -> None:
+        if not self.active:
+            return
+        op = Op(kind, nbytes=nbytes, after=tuple(self.waits), tag=tag)
+        self.waits = []
+        self.last_compute = self.schedule.add(op)
+
+    def add_sync(self, tag: str) -> None:
+        if self.active:
+            self.schedule.add(Op("sync", tag=tag))
+
+    def add_copy(self, nbytes: float, to_device: bool, stream: str, after: Sequence[int]) -> int | None:
+        if not self.active:
+            return None
+        op = Op("copy", stream, nbytes, to_device, tuple(after), tag="load" if to_device else "writeback")
+        return self.schedule.add(op)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.paused or not self.active:
+            return out
+        name = func._schema.name
+        if name in _SYNCING:
+            self.add_sync(name.removeprefix("aten::"))
+            if name in ("aten::_local_scalar_dense", "aten::is_nonzero"):
+                return out
+        if func.is_view or name in _FREE:
+            return out
+        if name == "aten::embedding":  # reads the looked-up rows only
+            nbytes = 2 * self._tensors_bytes(out)
+        else:
+            nbytes = self._tensors_bytes(args, kwargs, out)
+        self.add_compute("eager", nbytes, name.removeprefix("aten::"))
+        return out
+
+
+class RecordingCopyEngine(CopyEngine):
+    """The engine's copy seam, CUDA-shaped: copies happen at once, but return events and feed the recorder."""
+
+    def __init__(self, device: torch.device, recorder: ScheduleRecorder) -> None:
+        super().__init__(torch.device("cpu"))
+        self.cuda = True  # take the cache's CUDA bookkeeping paths (events guarding slot reuse)
+        self.rec = recorder
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, to_device: bool, after, *args, **kwargs) -> _Event:
+        rec = self.rec
+        rec.paused += 1
+        try:
+            dst.copy_(src)
+        finally:
+            rec.paused -= 1
+        stream = kwargs.get("stream") or ("h2d" if to_device else "d2h")
+        deps = [e.op for e in after if isinstance(e, _Event) and e.op is not None]
+        return _Event(rec.add_copy(dst.nbytes * rec.expert_ratio, to_device, str(stream), deps))
+
+    def compute_waits(self, event: object) -> None:
+        if isinstance(event, _Event) and event.op is not None and self.rec.active:
+            self.rec.waits.append(event.op)
+
+    def mark_compute(self) -> _Event:
+        return _Event(self.rec.last_compute if self.rec.active else None)
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _counters(cache) -> dict[str, int]:
+    s = cache.stats
+    return {name: sum(getattr(s, name)) for name in s.COUNTERS}
+
+
+@contextlib.contextmanager
+def recording(model, skip_tokens: int = 0) -> Iterator[ScheduleRecorder]:
+    """Record ``model``'s decode steps after the first ``skip_tokens``: ``with recording(model) as rec: ...``.
+
+    ``rec.window`` then holds the cache counters of the recorded steps only.
+    """
+    rec = ScheduleRecorder(model)
+    decode_steps = 0
+    start: dict[str, int] = {}
+    entered: list[ScheduleRecorder] = []
+    cache = model.expert_cache
+    old_engine = cache.engine
+    cache.engine = RecordingCopyEngine(cache.device, rec)
+
+    original_ql = kernels.quant_linear
+
+    @functools.wraps(original_ql)
+    def fused_quant_linear(x, weight):
+        rows = x.numel() // max(1, x.shape[-1])
+        if rec.paused or rows > kernels.MAX_GEMV_ROWS:
+            return original_ql(x, weight)
+        # Routing is scripted, so the values computed here steer nothing: skip the CPU's dequantize + matmul
+        rec.paused += 1
+        try:
+            out = x.new_zeros(*x.shape[:-1], weight.shape[0])
+        finally:
+            rec.paused -= 1
+        nbytes = sum(rec.full_bytes(t) for t in weight.tensors().values()) + rec.full_bytes(x) + rec.full_bytes(out)
+        rec.add_compute("fused", nbytes, "gemv")
+        return out
+
+    original_tolist = torch.Tensor.tolist
+
+    def tolist(t):
+        if rec.active and not rec.paused:
+            rec.add_sync("tolist")
+        return original_tolist(t)
+
+    def on_forward(module, args, kwargs):
+        nonlocal decode_steps
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        decoding = ids is not None and ids.shape[-1] == 1
+        decode_steps += decoding
+        rec.active = decoding and decode_steps > skip_tokens
+        if rec.active:  # a recorded decode step starts: a new token
+            if not start:  # the first one: start intercepting ops (warm-up runs at full speed)
+                start.update(_counters(cache))
+                rec.__enter__()
+                entered.append(rec)
+            rec.schedule.start_token()
+
+    from . import moe
+
+    patched = [(kernels, "quant_linear"), *([(moe, "quant_linear")] if hasattr(moe, "quant_linear") else [])]
+    handle = model.register_forward_pre_hook(on_forward, with_kwargs=True)
+    for mod, name in patched:
+        setattr(mod, name, fused_quant_linear)
+    torch.Tensor.tolist = tolist
+    try:
+        yield rec
+        end = _counters(cache)
+        rec.window = {k: end[k] - start.get(k, 0) for k in end}
+    finally:
+        if entered:
+            rec.__exit__(None, None, None)
+        torch.Tensor.tolist = original_tolist
+        for mod, name in patched:
+            setattr(mod, name, original_ql)
+        handle.remove()
+        cache.engine = old_engine
+
+
+# --------------------------------------------------------------------------------------------------
+# building and running the narrow engine
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """Which engine configuration decodes, on which routing, for how long."""
+
+    experts_on_device: tuple[int, ...]
+    policy: str = "lfu_decay"
+    prefetch: bool = True
+    recall: float = 0.8  # of the next-layer guesses (precision equal: as many guesses as experts used)
+    prompt_tokens: int = 16
+    decode_tokens: int = 48
+    warmup_tokens: int = 0  # decode steps run (not recorded) before the recorded window, to warm the cache
+    seed: int = 0
+
+
+def build_narrow_engine(run: EngineRun, routing: np.ndarray):
+    """The narrow Mixtral, offloaded like the real one, its routers replaying ``routing`` [T, L, k]."""
+    from .checkpoint import QuantConfig
+    from .model import OffloadConfig, assemble_model
+    from .moe import PrefetchConfig
+    from .synthetic import random_experts, random_trunk
+
+    config = narrow_mixtral_config(len(run.experts_on_device))
+    quant = QuantConfig()
+    cfg = OffloadConfig(
+        device="cpu",
+        dtype=torch.float16,
+        experts_on_device=tuple(run.experts_on_device),
+        policy=run.policy,
+        prefetch=PrefetchConfig(enabled=run.prefetch),
+        dense_on_cpu=False,
+        check_memory=False,
+        progress=False,
+    )
+    torch.manual_seed(run.seed)
+    model = assemble_model(config, quant, random_trunk(config, quant), random_experts(config, quant), cfg)
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.gate = NoisyScriptedRouter(routing[:, i], config.num_local_experts, run.recall, run.seed + i)
+    blocks = [layer.mlp for layer in model.model.layers]
+    for i, block in enumerate(blocks):
+        block.link(blocks[i + 1 : i + 1 + block.prefetch.lookahead])
+    return model
+
+
+def record_engine(run: EngineRun, routing: np.ndarray) -> Schedule:
+    """Decode ``run.decode_tokens`` tokens with the engine and return its recorded schedule."""
+    model = build_narrow_engine(run, routing)
+    gen = torch.Generator().manual_seed(run.seed)
+    ids = torch.randint(3, model.config.vocab_size, (1, run.prompt_tokens), generator=gen)
+    n = run.warmup_tokens + run.decode_tokens + 1  # the first new token comes from the prefill forward
+    with torch.inference_mode(), recording(model, skip_tokens=run.warmup_tokens) as rec:
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    s, w = rec.schedule, rec.window
+    s.hit_rate = w["hits"] / max(w["hits"] + w["misses"], 1)
+    s.notes = {
+        "misses_per_token": w["misses"] / max(s.tokens, 1),
+        "prefetch_loads_per_token": w["prefetch_loads"] / max(s.tokens, 1),
+        "prefetch_precision": w["correct"] / max(w["predicted"], 1),
+        "prefetch_recall": w["correct"] / max(w["needed"], 1),
+    }
+    return s
