@@ -4,13 +4,13 @@ The engine runs a *narrow* Mixtral: the real 32 layers x 8 experts, top-2, 32 he
 every width divided by 16 (hidden 256, FFN 896, head_dim 8, vocab 2000), fp16, random weights in the
 real quantized layout, routing scripted from the real trace. While it decodes, the recorder sees:
 
-- every dispatched ATen op that would launch a GPU kernel (views, aliases and allocations excluded), with
-  the bytes it reads and writes; a low-bit matmul the CUDA path would run as one fused Triton GEMV
-  (``kernels.quant_linear`` with <= ``MAX_GEMV_ROWS`` rows) is recorded as that one launch;
+- every dispatched ATen op that would launch a GPU kernel, with the bytes it reads and writes, and every
+  op that makes the host wait for the GPU on CUDA, classified as ``dispatch_count`` does (the same
+  harness the sync budget is tested with); a fused entry point (``kernels.FUSED_LAUNCHES``, e.g. the
+  Triton GEMV the CUDA path takes for a few rows) is recorded as its launches;
 - every copy, at the engine's single copy seam (``CopyEngine.copy``): bytes, direction, stream, and the
   events it waits for; the compute stream's waits (``compute_waits``) and marks (``mark_compute``);
-- every op that makes the host wait for the GPU on CUDA (``.tolist()``, ``.item()``, ``bool(t)``,
-  ``nonzero`` and everything built on it).
+- HF ``generate``'s own per-token ops and syncs, which a real run pays too.
 
 Bytes are then scaled to full size: a weight (a model buffer/parameter) reads 256x its narrow bytes
 (both matrix dimensions are 16x), an expert buffer reads or moves ``EXPERT_BYTES / narrow expert bytes``,
@@ -20,7 +20,6 @@ an activation 16x (one dimension). The embedding lookup reads one row, not the t
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,42 +29,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MixtralConfig
 
 from . import kernels
-from .experts import CopyEngine
+from .dispatch_count import _PATCHED_METHODS, _is_launch, _is_sync
+from .experts import CopyEngine, ExpertCache
 from .synthetic import ScriptedRouter
 from .twin import EXPERT_BYTES, Op, Schedule
 
 WIDTH = 16  # full size / narrow size, per dimension
 
-# ATen ops that launch nothing on a GPU: views, aliases, metadata, allocations
-_FREE = {
-    "aten::detach",
-    "aten::alias",
-    "aten::_unsafe_view",
-    "aten::lift_fresh",
-    "aten::empty",
-    "aten::empty_like",
-    "aten::empty_strided",
-    "aten::new_empty",
-    "aten::new_empty_strided",
-    "aten::_to_copy_noop",
-    "aten::set_",
-    "aten::resize_",
-    "aten::sym_size",
-    "aten::sym_stride",
-    "aten::sym_numel",
-}
-# ATen ops that make the host wait for the device on CUDA
-_SYNCING = {
-    "aten::_local_scalar_dense",  # .item(), int(t)
-    "aten::is_nonzero",  # bool(t)
-    "aten::nonzero",  # torch.where(cond), boolean-mask indexing
-    "aten::unique",
-    "aten::_unique2",
-    "aten::unique_dim",
-    "aten::unique_consecutive",
-    "aten::masked_select",
-    "aten::nonzero_static",
-}
+# bool(t) reaches dispatch as is_nonzero (its inner _local_scalar_dense does not): a sync, not a launch
+_ALSO_SYNCING = {"is_nonzero"}
 
 
 def narrow_mixtral_config(num_layers: int = 32) -> MixtralConfig:
@@ -113,6 +85,9 @@ class NoisyScriptedRouter(ScriptedRouter):
         n = x.reshape(-1, x.shape[-1]).shape[0]
         idx = torch.arange(self.step, self.step + n) % len(self.guesses)
         return torch.zeros(n, self.num_experts, dtype=x.dtype).scatter_(1, self.guesses[idx], 1.0)
+
+
+_MISSING = object()
 
 
 class _Event:
@@ -188,18 +163,16 @@ class ScheduleRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if self.paused or not self.active:
             return out
-        name = func._schema.name
-        if name in _SYNCING:
-            self.add_sync(name.removeprefix("aten::"))
-            if name in ("aten::_local_scalar_dense", "aten::is_nonzero"):
-                return out
-        if func.is_view or name in _FREE:
+        name = func._schema.name.split("::")[-1]
+        if name in _ALSO_SYNCING or _is_sync(func, args, kwargs):
+            self.add_sync(name)
+        if name in _ALSO_SYNCING or not _is_launch(func):
             return out
-        if name == "aten::embedding":  # reads the looked-up rows only
+        if name == "embedding":  # reads the looked-up rows only
             nbytes = 2 * self._tensors_bytes(out)
         else:
             nbytes = self._tensors_bytes(args, kwargs, out)
-        self.add_compute("eager", nbytes, name.removeprefix("aten::"))
+        self.add_compute("eager", nbytes, name)
         return out
 
 
@@ -252,29 +225,38 @@ def recording(model, skip_tokens: int = 0) -> Iterator[ScheduleRecorder]:
     old_engine = cache.engine
     cache.engine = RecordingCopyEngine(cache.device, rec)
 
-    original_ql = kernels.quant_linear
+    def fused(name: str, launches: int):
+        """A fused entry point, as the CUDA path issues it: ``launches`` launches reading its arguments."""
+        reference = kernels.REFERENCES[name]
 
-    @functools.wraps(original_ql)
-    def fused_quant_linear(x, weight):
-        rows = x.numel() // max(1, x.shape[-1])
-        if rec.paused or rows > kernels.MAX_GEMV_ROWS:
-            return original_ql(x, weight)
-        # Routing is scripted, so the values computed here steer nothing: skip the CPU's dequantize + matmul
-        rec.paused += 1
-        try:
-            out = x.new_zeros(*x.shape[:-1], weight.shape[0])
-        finally:
-            rec.paused -= 1
-        nbytes = sum(rec.full_bytes(t) for t in weight.tensors().values()) + rec.full_bytes(x) + rec.full_bytes(out)
-        rec.add_compute("fused", nbytes, "gemv")
-        return out
+        def run(x, weight, *args, **kwargs):
+            rec.paused += 1  # routing is scripted, so the values steer nothing: skip the CPU's dequantize
+            try:
+                out = x.new_zeros(*x.shape[:-1], weight.shape[0]) if name == "triton_gemv" else None
+                out = reference(x, weight, *args, **kwargs) if out is None else out
+            finally:
+                rec.paused -= 1
+            read = sum(rec.full_bytes(t) for t in weight.tensors().values()) + rec.full_bytes(x)
+            rec.add_compute("fused", read + rec.full_bytes(out), name)
+            for _ in range(launches - 1):
+                rec.add_compute("eager", rec.full_bytes(out), name)
+            return out
 
-    original_tolist = torch.Tensor.tolist
+        return run
 
-    def tolist(t):
-        if rec.active and not rec.paused:
-            rec.add_sync("tolist")
-        return original_tolist(t)
+    def host_read(method: str):
+        original = getattr(torch.Tensor, method)
+
+        def read(t, *args, **kwargs):
+            if rec.active and not rec.paused:
+                rec.add_sync(method)
+            rec.paused += 1
+            try:
+                return original(t, *args, **kwargs)
+            finally:
+                rec.paused -= 1
+
+        return read
 
     def on_forward(module, args, kwargs):
         nonlocal decode_steps
@@ -289,13 +271,14 @@ def recording(model, skip_tokens: int = 0) -> Iterator[ScheduleRecorder]:
                 entered.append(rec)
             rec.schedule.start_token()
 
-    from . import moe
-
-    patched = [(kernels, "quant_linear"), *([(moe, "quant_linear")] if hasattr(moe, "quant_linear") else [])]
+    patches = [(kernels, name, fused(name, n)) for name, n in kernels.FUSED_LAUNCHES.items()]
+    patches += [(kernels, "use_fused_kernel", kernels.would_use_fused_kernel)]
+    patches += [(ExpertCache, "_make_dense", lambda cache, slot: None)]
+    patches += [(torch.Tensor, m, host_read(m)) for m in _PATCHED_METHODS]
+    saved = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name, _ in patches]
     handle = model.register_forward_pre_hook(on_forward, with_kwargs=True)
-    for mod, name in patched:
-        setattr(mod, name, fused_quant_linear)
-    torch.Tensor.tolist = tolist
+    for owner, name, value in patches:
+        setattr(owner, name, value)
     try:
         yield rec
         end = _counters(cache)
@@ -303,9 +286,14 @@ def recording(model, skip_tokens: int = 0) -> Iterator[ScheduleRecorder]:
     finally:
         if entered:
             rec.__exit__(None, None, None)
-        torch.Tensor.tolist = original_tolist
-        for mod, name in patched:
-            setattr(mod, name, original_ql)
+        for name, events in vars(cache).items():  # no stand-in event may outlive the recording engine
+            if isinstance(events, list) and any(isinstance(e, _Event) for e in events):
+                setattr(cache, name, [None if isinstance(e, _Event) else e for e in events])
+        for owner, name, value in reversed(saved):
+            if value is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
         handle.remove()
         cache.engine = old_engine
 
@@ -363,8 +351,12 @@ def record_engine(run: EngineRun, routing: np.ndarray) -> Schedule:
     model = build_narrow_engine(run, routing)
     gen = torch.Generator().manual_seed(run.seed)
     ids = torch.randint(3, model.config.vocab_size, (1, run.prompt_tokens), generator=gen)
+    from .dispatch_count import count_decode
+
+    counts = count_decode(model, ids[:, :4], tokens=2)  # the harness's own numbers, engine forward only
     n = run.warmup_tokens + run.decode_tokens + 1  # the first new token comes from the prefill forward
-    with torch.inference_mode(), recording(model, skip_tokens=run.warmup_tokens) as rec:
+    # no_grad, not inference_mode: under inference_mode the mode sees ops before decomposition (to, sdpa)
+    with torch.no_grad(), recording(model, skip_tokens=run.warmup_tokens) as rec:
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     s, w = rec.schedule, rec.window
     s.hit_rate = w["hits"] / max(w["hits"] + w["misses"], 1)
@@ -373,5 +365,9 @@ def record_engine(run: EngineRun, routing: np.ndarray) -> Schedule:
         "prefetch_loads_per_token": w["prefetch_loads"] / max(s.tokens, 1),
         "prefetch_precision": w["correct"] / max(w["predicted"], 1),
         "prefetch_recall": w["correct"] / max(w["needed"], 1),
+        "harness_syncs_per_token": counts.syncs_per_token,
+        "harness_launches_per_token": counts.launches_per_token,
+        "harness_syncs_per_layer_token": counts.syncs_per_layer_token,
+        "harness_launches_per_layer_token": counts.launches_per_layer_token,
     }
     return s
