@@ -309,7 +309,11 @@ def decode_rows(trace: dict, names: Sequence[str] | None = None) -> list[np.ndar
     """Each sequence's decode steps ``[T, L, k]`` from a trace mapping (``*_decode_experts`` keys)."""
     from .trace import sequence_names
 
-    return [np.asarray(trace[f"{n}_decode_experts"]) for n in (names or sequence_names(trace))]
+    known = sequence_names(trace)
+    unknown = [n for n in names or () if n not in known]
+    if unknown:
+        raise ValueError(f"no sequence {unknown} in the trace; it has {known}")
+    return [np.asarray(trace[f"{n}_decode_experts"]) for n in (names or known)]
 
 
 def paper_schedule(variant: Variant, sequences: Sequence[np.ndarray], setup: PaperSetup = PaperSetup()) -> Schedule:
@@ -532,6 +536,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", action="store_true", help="the paper's four T4 variants vs its Table 2")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--trace", type=Path, default=None, help="routing trace .npz (default: ../shared/traces/...)")
+    p.add_argument("--sequences", default=None, help="comma-separated sequence names of the trace (default: all)")
     p.add_argument("--hardware", choices=sorted(PRESETS), default="t4")
     p.add_argument("--h2d-gbs", type=positive_float, default=None, help="override pinned host->device GB/s (measured)")
     p.add_argument("--d2h-gbs", type=positive_float, default=None, help="override pinned device->host GB/s (measured)")
@@ -599,10 +604,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         trace = dict(np.load(find_trace(args.trace)))
+        names = [n.strip() for n in args.sequences.split(",")] if args.sequences else None
         hw = _hardware(args)
         if args.paper:
             setup = PaperSetup()
-            figures = paper_tok_s(decode_rows(trace), setup, hw)
+            figures = paper_tok_s(decode_rows(trace, names), setup, hw)
             print(paper_report(figures, setup, hw))
             if args.json:
                 fitted = {n: getattr(setup, n) for n in FITTED}
@@ -612,7 +618,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             ks = (args.experts_on_device,) * NUM_LAYERS
         else:
             ks = planned_experts(args.vram_gb, args.ram_gb)
-        routing = np.concatenate(decode_rows(trace))
+        routing = np.concatenate(decode_rows(trace, names))
         proj = project_ours(routing, ks, hw, args.recall, args.policy, not args.no_prefetch, args.tokens, args.warmup)
     except (OSError, ValueError, KeyError) as err:
         print(f"twin: {err}", file=sys.stderr)
