@@ -521,6 +521,43 @@ def project_ours(
     )
 
 
+def compare_with_offload(report: dict, trace: dict, tokens: int = 24, warmup: int = 16) -> dict:
+    """The twin next to a GPU run of ``benchmarks/gpu_offload.py`` (its ``--json`` report): same plan, policy
+    and routing, this GPU's measured copy and kernel bandwidth; predicted vs measured tok/s of "ours (full)".
+
+    The benchmark scripts its routers from the trace, so their prefetch guesses are an oracle: recall 1.0.
+    """
+    results = {r["name"]: r for r in report.get("results", [])}
+    full = results.get("ours (full)")
+    if not full or not full.get("tokens_per_s"):
+        raise ValueError("the offload report has no measured 'ours (full)' tokens/s")
+    device = str(report.get("device", ""))
+    bw, kb = report.get("bandwidth") or {}, report.get("kernel") or {}
+    base = T4 if "T4" in device else H200
+    measured = {
+        "h2d_bytes_per_s": bw["h2d_gbs"] * 1e9 if bw.get("h2d_gbs") else None,
+        "d2h_bytes_per_s": bw["d2h_gbs"] * 1e9 if bw.get("d2h_gbs") else None,
+        "hbm_bytes_per_s": kb["peak_gbs"] * 1e9 if kb.get("peak_gbs") else None,
+        "kernel_efficiency": kb.get("fraction_of_peak") if kb.get("fused_kernel", True) else None,
+    }
+    hw = replace(base.with_measured(**measured), name=f"{device or base.name} (measured copies and kernel)")
+    ks = full["experts_on_device"]
+    ks = [int(ks)] * NUM_LAYERS if isinstance(ks, int) else [int(k) for k in ks]
+    settings = report.get("settings") or {}
+    names = ["gsm8k0"] if settings.get("trace") and "gsm8k0_decode_experts" in trace else None
+    routing = np.concatenate(decode_rows(trace, names))
+    proj = project_ours(routing, ks, hw, 1.0, settings.get("policy", "lfu_decay"), True, tokens, warmup)
+    predicted = proj.timeline.tok_s
+    return {
+        "predicted_tok_s": round(predicted, 3),
+        "measured_tok_s": round(full["tokens_per_s"], 3),
+        "predicted_over_measured": round(predicted / full["tokens_per_s"], 3),
+        "device": device,
+        "inputs": {k: v for k, v in measured.items() if v is not None},
+        "twin": proj.to_dict(),
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # command line: python -m colab_helpers twin [--paper] [--json]
 # --------------------------------------------------------------------------------------------------
@@ -548,8 +585,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--policy", default="lfu_decay")
     p.add_argument("--tokens", type=positive_int, default=24, help="decode steps recorded (default 24)")
-    p.add_argument("--warmup", type=int, default=16, help="decode steps run before recording (default 16)")
+    p.add_argument("--warmup", type=_non_negative_int, default=16, help="decode steps run first, unrecorded")
+    p.add_argument(
+        "--compare-offload",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="benchmarks/gpu_offload.py --json report: predict its 'ours (full)' tok/s with its measured bandwidth",
+    )
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON object to this file")
     return p
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
 
 
 def find_trace(path: Path | None) -> Path:
@@ -606,13 +658,21 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         trace = dict(np.load(find_trace(args.trace)))
         names = [n.strip() for n in args.sequences.split(",")] if args.sequences else None
         hw = _hardware(args)
+        if args.compare_offload is not None:
+            got = compare_with_offload(json.loads(args.compare_offload.read_text()), trace, args.tokens, args.warmup)
+            print(
+                f"twin vs {got['device']}: predicted {got['predicted_tok_s']:.2f} tok/s, measured "
+                f"{got['measured_tok_s']:.2f} (x{got['predicted_over_measured']:.2f}); inputs {got['inputs']}"
+            )
+            _emit(got, args)
+            return 0
         if args.paper:
             setup = PaperSetup()
             figures = paper_tok_s(decode_rows(trace, names), setup, hw)
             print(paper_report(figures, setup, hw))
             if args.json:
                 fitted = {n: getattr(setup, n) for n in FITTED}
-                print(json.dumps({**{k: round(v, 3) for k, v in figures.items()}, **fitted}))
+                _emit({**{k: round(v, 3) for k, v in figures.items()}, **fitted}, args)
             return 0
         if args.experts_on_device:
             ks = (args.experts_on_device,) * NUM_LAYERS
@@ -624,6 +684,12 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         print(f"twin: {err}", file=sys.stderr)
         return 2
     print(ours_report(proj))
-    if args.json:
-        print(json.dumps(proj.to_dict()))
+    _emit(proj.to_dict(), args)
     return 0
+
+
+def _emit(obj: dict, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(obj))
+    if args.out is not None:
+        args.out.write_text(json.dumps(obj, indent=2))

@@ -143,3 +143,19 @@ def test_cli_bad_trace_is_one_line_exit_2(capsys, tmp_path):
     assert twin.cli_main(["--trace", str(tmp_path / "missing.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("twin:")
+
+
+def test_compare_with_an_offload_report_uses_its_measurements():
+    report = {
+        "results": [{"name": "ours (full)", "experts_on_device": [3, 2, 3, 2], "tokens_per_s": 20.0}],
+        "bandwidth": {"h2d_gbs": 50.0, "d2h_gbs": 45.0},
+        "kernel": {"peak_gbs": 4800.0, "fraction_of_peak": 0.3, "fused_kernel": True},
+        "settings": {"trace": None, "policy": "lru"},
+        "device": "NVIDIA H200",
+    }
+    trace = {"seq_decode_experts": _routing()}
+    got = twin.compare_with_offload(report, trace, tokens=2, warmup=0)
+    assert got["measured_tok_s"] == 20.0 and got["predicted_tok_s"] > 0
+    assert got["predicted_over_measured"] == pytest.approx(got["predicted_tok_s"] / 20.0, rel=1e-2)
+    assert got["inputs"]["h2d_bytes_per_s"] == 50e9 and got["twin"]["experts_on_device"] == [3, 2, 3, 2]
+    assert got["twin"]["policy"] == "lru" and got["twin"]["prefetch_recall_assumed"] == 1.0
