@@ -597,6 +597,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _trace_for(report: dict, path: Path | None) -> dict:
+    """The routing trace a GPU run used; a run on its model's own (random) routers gets seeded random routing."""
+    try:
+        return dict(np.load(find_trace(path)))
+    except FileNotFoundError:
+        if (report.get("settings") or {}).get("trace"):
+            raise
+        rng = np.random.default_rng(0)
+        rows = np.argsort(rng.random((256, NUM_LAYERS, NUM_EXPERTS)), axis=2)[:, :, :TOP_K]
+        return {"random_decode_experts": rows.astype(np.int8)}
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text) if text.lstrip("-").isdigit() else -1
     if value < 0:
@@ -655,17 +667,19 @@ def ours_report(p: EngineProjection) -> str:
 def cli_main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        trace = dict(np.load(find_trace(args.trace)))
         names = [n.strip() for n in args.sequences.split(",")] if args.sequences else None
         hw = _hardware(args)
         if args.compare_offload is not None:
-            got = compare_with_offload(json.loads(args.compare_offload.read_text()), trace, args.tokens, args.warmup)
+            report = json.loads(args.compare_offload.read_text())
+            trace = _trace_for(report, args.trace)
+            got = compare_with_offload(report, trace, args.tokens, args.warmup)
             print(
                 f"twin vs {got['device']}: predicted {got['predicted_tok_s']:.2f} tok/s, measured "
                 f"{got['measured_tok_s']:.2f} (x{got['predicted_over_measured']:.2f}); inputs {got['inputs']}"
             )
             _emit(got, args)
             return 0
+        trace = dict(np.load(find_trace(args.trace)))
         if args.paper:
             setup = PaperSetup()
             figures = paper_tok_s(decode_rows(trace, names), setup, hw)

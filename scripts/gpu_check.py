@@ -11,6 +11,8 @@ step costs only that step; the run as a whole stays inside --budget-s, 450 s by 
                   pinned host bytes; each next to the planner's number
   kernel_bench    benchmarks/kernel_bench.py: fused low-bit GEMV GB/s (CUDA events over CUDA graphs)
   offload_bench   benchmarks/gpu_offload.py: tokens/s of every variant, copy and kernel bandwidth
+  twin            python -m colab_helpers twin --compare-offload: the twin with this GPU's measured copy and
+                  kernel bandwidth, same plan and routing, predicted vs measured tok/s of "ours (full)"
 
 On a GPU bigger than a T4 (more than 17 GB) the memory and offload steps emulate a free Colab T4
 (--t4 auto): the caching allocator is capped to the T4's free 15.0 GB and the cache is planned for
@@ -115,6 +117,13 @@ def _offload_command(ctx: Context) -> list[str]:
     return cmd + ["--new-tokens", "32"] + (["--emulate-t4"] if ctx.emulate_t4 else [])
 
 
+def _twin_command(ctx: Context) -> list[str]:
+    """The T4 twin with this GPU's measured bandwidth (from offload_bench), predicting its 'ours (full)'."""
+    cmd = [ctx.python, "-m", "colab_helpers", "twin", "--compare-offload", str(ctx.step_json("offload_bench"))]
+    cmd += ["--out", str(ctx.step_json("twin"))]
+    return cmd + (["--tokens", "2", "--warmup", "0"] if ctx.smoke else [])
+
+
 def _collect_junit(ctx: Context, log: str) -> dict | None:
     path = ctx.out / "steps" / "cuda_tests.xml"
     if not path.is_file():
@@ -143,6 +152,7 @@ STEPS: list[Step] = [
     Step("memory_margins", "the planner's assumptions, measured", 150, _in_process("memory_margins")),
     Step("kernel_bench", "fused low-bit GEMV GB/s", 100, _kernel_command),
     Step("offload_bench", "decode tok/s of every variant", 300, _offload_command),
+    Step("twin", "the twin's tok/s with this GPU's measured bandwidth vs measured", 90, _twin_command),
 ]
 
 
@@ -388,12 +398,25 @@ def _offload_rows(d: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _twin_rows(d: dict) -> list[tuple[str, str]]:
+    t = d.get("twin") or {}
+    tok_s = f"{_num(d.get('predicted_tok_s'))} / {_num(d.get('measured_tok_s'))} tok/s"
+    per_token = f"{t.get('loads_per_token')}, {t.get('syncs_per_token')}, {t.get('launches_per_token')}"
+    return [
+        ("ours (full): twin predicted / measured", tok_s),
+        ("predicted / measured", _num(d.get("predicted_over_measured"), ".2f", "x")),
+        ("twin inputs (measured)", _cell(d.get("inputs"))),
+        ("twin: loads, syncs, launches per token", per_token),
+    ]
+
+
 SUMMARIES: dict[str, Callable[[dict], list[tuple[str, str]]]] = {
     "environment": _env_rows,
     "cuda_tests": _test_rows,
     "memory_margins": _margin_rows,
     "kernel_bench": _kernel_rows,
     "offload_bench": _offload_rows,
+    "twin": _twin_rows,
 }
 MARGINS = [  # keys of the memory_margins step, each {"measured_gb": x, "planned_gb": y}
     ("cuda_context", "CUDA context, device"),
