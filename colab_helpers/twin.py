@@ -494,8 +494,8 @@ def project_ours(
     recall: float = PAPER_RECALL,
     policy: str = "lfu_decay",
     prefetch: bool = True,
-    tokens: int = 24,
-    warmup: int = 16,
+    tokens: int = 48,
+    warmup: int = 32,
 ) -> EngineProjection:
     """Record our engine decoding ``routing`` [T, L, k] at ``experts_on_device`` and simulate it on ``hw``."""
     from .twin_record import EngineRun, record_engine
@@ -521,7 +521,7 @@ def project_ours(
     )
 
 
-def compare_with_offload(report: dict, trace: dict, tokens: int = 24, warmup: int = 16) -> dict:
+def compare_with_offload(report: dict, trace: dict, tokens: int = 48, warmup: int = 32) -> dict:
     """The twin next to a GPU run of ``benchmarks/gpu_offload.py`` (its ``--json`` report): same plan, policy
     and routing, this GPU's measured copy and kernel bandwidth; predicted vs measured tok/s of "ours (full)".
 
@@ -584,8 +584,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recall", type=float, default=PAPER_RECALL, help="prefetch guess recall (= precision)")
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--policy", default="lfu_decay")
-    p.add_argument("--tokens", type=positive_int, default=24, help="decode steps recorded (default 24)")
-    p.add_argument("--warmup", type=_non_negative_int, default=16, help="decode steps run first, unrecorded")
+    p.add_argument("--tokens", type=positive_int, default=48, help="decode steps recorded (default 48)")
+    p.add_argument("--warmup", type=_non_negative_int, default=32, help="decode steps run first (default 32)")
     p.add_argument(
         "--compare-offload",
         type=Path,
