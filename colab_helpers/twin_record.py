@@ -30,7 +30,7 @@ from transformers import MixtralConfig
 
 from . import kernels
 from .dispatch_count import _PATCHED_METHODS, _is_launch, _is_sync
-from .experts import CopyEngine, ExpertCache
+from .experts import WRITE_BACK, CopyEngine, ExpertCache
 from .synthetic import ScriptedRouter
 from .twin import EXPERT_BYTES, Op, Schedule
 
@@ -155,7 +155,7 @@ class ScheduleRecorder(TorchDispatchMode):
     def add_copy(self, nbytes: float, to_device: bool, stream: str, after: Sequence[int]) -> int | None:
         if not self.active:
             return None
-        op = Op("copy", stream, nbytes, to_device, tuple(after), tag="load" if to_device else "writeback")
+        op = Op("copy", stream, nbytes, to_device, tuple(after), tag=stream)
         return self.schedule.add(op)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -177,29 +177,31 @@ class ScheduleRecorder(TorchDispatchMode):
 
 
 class RecordingCopyEngine(CopyEngine):
-    """The engine's copy seam, CUDA-shaped: copies happen at once, but return events and feed the recorder."""
+    """The engine's copy seam, CUDA-shaped: copies happen at once, but return events and feed the recorder.
+
+    ``CopyEngine.copy`` (the one place copies are issued) calls ``_issue`` with the copy's kind, which
+    is its stream: demand and speculative loads and write-backs each have their own.
+    """
 
     def __init__(self, device: torch.device, recorder: ScheduleRecorder) -> None:
         super().__init__(torch.device("cpu"))
-        self.cuda = True  # take the cache's CUDA bookkeeping paths (events guarding slot reuse)
         self.rec = recorder
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, to_device: bool, after, *args, **kwargs) -> _Event:
+    def _issue(self, dst: torch.Tensor, src: torch.Tensor, kind: str, after: list) -> _Event:
         rec = self.rec
         rec.paused += 1
         try:
             dst.copy_(src)
         finally:
             rec.paused -= 1
-        stream = kwargs.get("stream") or ("h2d" if to_device else "d2h")
         deps = [e.op for e in after if isinstance(e, _Event) and e.op is not None]
-        return _Event(rec.add_copy(dst.nbytes * rec.expert_ratio, to_device, str(stream), deps))
+        return _Event(rec.add_copy(dst.nbytes * rec.expert_ratio, kind != WRITE_BACK, kind, deps))
 
     def compute_waits(self, event: object) -> None:
         if isinstance(event, _Event) and event.op is not None and self.rec.active:
             self.rec.waits.append(event.op)
 
-    def mark_compute(self) -> _Event:
+    def mark_compute(self, reads: torch.Tensor | None = None) -> _Event:
         return _Event(self.rec.last_compute if self.rec.active else None)
 
     def synchronize(self) -> None:
