@@ -31,6 +31,7 @@ from transformers import MixtralConfig
 from . import kernels
 from .dispatch_count import _PATCHED_METHODS, _is_launch, _is_sync
 from .experts import WRITE_BACK, CopyEngine, ExpertCache
+from .quant import QuantizedWeight
 from .synthetic import ScriptedRouter
 from .twin import EXPERT_BYTES, Op, Schedule
 
@@ -227,19 +228,34 @@ def recording(model, skip_tokens: int = 0) -> Iterator[ScheduleRecorder]:
     old_engine = cache.engine
     cache.engine = RecordingCopyEngine(cache.device, rec)
 
+    shapes: dict[tuple, tuple] = {}  # (entry point, argument shapes) -> output shape and dtype
+
     def fused(name: str, launches: int):
-        """A fused entry point, as the CUDA path issues it: ``launches`` launches reading its arguments."""
+        """A fused entry point, as the CUDA path issues it: ``launches`` launches reading its arguments.
+
+        Routing is scripted, so the values computed here steer nothing: the torch reference runs once per
+        shape (muted) to learn the output's shape, later calls return zeros (or ``out`` as it was)."""
         reference = kernels.REFERENCES[name]
 
-        def run(x, weight, *args, **kwargs):
-            rec.paused += 1  # routing is scripted, so the values steer nothing: skip the CPU's dequantize
+        def run(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            weights = [a for a in (*args, *kwargs.values()) if isinstance(a, QuantizedWeight)]
+            out_arg = kwargs.get("out", args[3] if name == "triton_expert_down" and len(args) > 3 else None)
+            key = (name, *(tuple(t.shape) for t in tensors), *(w.shape for w in weights))
+            rec.paused += 1
             try:
-                out = x.new_zeros(*x.shape[:-1], weight.shape[0]) if name == "triton_gemv" else None
-                out = reference(x, weight, *args, **kwargs) if out is None else out
+                if out_arg is not None and key in shapes:
+                    out = out_arg
+                elif key in shapes:
+                    out = torch.zeros(shapes[key][0], dtype=shapes[key][1])
+                else:
+                    out = reference(*args, **kwargs)
+                    shapes[key] = (tuple(out.shape), out.dtype)
             finally:
                 rec.paused -= 1
-            read = sum(rec.full_bytes(t) for t in weight.tensors().values()) + rec.full_bytes(x)
-            rec.add_compute("fused", read + rec.full_bytes(out), name)
+            read = sum(rec.full_bytes(t) for w in weights for t in w.tensors().values())
+            read += sum(rec.full_bytes(t) for t in tensors) + rec.full_bytes(out)
+            rec.add_compute("fused", read, name)
             for _ in range(launches - 1):
                 rec.add_compute("eager", rec.full_bytes(out), name)
             return out
