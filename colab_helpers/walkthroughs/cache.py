@@ -197,7 +197,7 @@ def t4_projection(choice, ks: Sequence[int], lfu_decay_rates: Sequence[float], t
     Mixtral's own routing when this run recorded it (a GPU with the real model) or when ``trace`` names a
     recorded trace; otherwise the tiny model's, labelled an illustration.
     """
-    from ..trace import TimingModel
+    from ..timing import TimingModel
 
     if trace is not None:
         ks = list(range(2, 7))
@@ -208,9 +208,10 @@ def t4_projection(choice, ks: Sequence[int], lfu_decay_rates: Sequence[float], t
     else:
         source = "the embedded tiny model's routing (an illustration of the method only: not Mixtral's routing)"
     timing = TimingModel()
-    lines = [f"projected T4 decode speed for Mixtral-8x7B from {source} (lfu_decay):"]
+    lines = [f"idealized T4 bound for Mixtral-8x7B from {source} (lfu_decay; no host cost):"]
     for k, h in zip(ks, lfu_decay_rates, strict=True):
         p = timing.project_hit_rate(h)
         speeds = f"{p.serialized:5.2f} tok/s serialized, {p.overlapped:5.2f} tok/s overlapped"
         lines.append(f"  K={k}: hit rate {h:.2f} -> {speeds}")
+    lines.append("the calibrated T4 twin (host launches, syncs, streams): python -m colab_helpers twin")
     return "\n".join(lines)
