@@ -73,7 +73,7 @@ def write_checkpoint(root: Path) -> int:
 
 
 CHILD = r"""
-import json, resource, sys, threading, time
+import json, sys, threading, time
 import psutil
 from colab_helpers.model import load_model
 from colab_helpers.planner import plan_for_checkpoint
@@ -94,6 +94,10 @@ def sample():
                     peak[key] = max(peak[key], int(line.split()[1]) * 1024)
         time.sleep(0.005)
 
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
 baseline = psutil.Process().memory_info().rss
 thread = threading.Thread(target=sample, daemon=True)
 thread.start()
@@ -105,7 +109,9 @@ thread.join()
 cache = model.expert_cache
 print(json.dumps({
     "baseline": baseline,
-    "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report the forking pytest
+    # process's RSS (2 GB late in a full run); VmHWM belongs to this process's own address space
+    "peak": hwm(),
     "peak_anon": peak["RssAnon"],
     "peak_file": peak["RssFile"],
     "buffers": cache.device_bytes + cache.host_bytes,
