@@ -350,45 +350,154 @@ def expert_matrices(gate_up: torch.Tensor, down: torch.Tensor, expert: int) -> d
     return {"w1": gate_up[expert, :inter], "w2": down[expert], "w3": gate_up[expert, inter:]}
 
 
-def trunk_tensors(
-    sd: dict[str, torch.Tensor], cfg: MixtralConfig, quant: QuantConfig, optimize: bool = True
+def num_files(cfg: MixtralConfig) -> int:
+    """One trunk file plus one file per expert."""
+    return 1 + cfg.num_hidden_layers * cfg.num_local_experts
+
+
+def trunk_file(cfg: MixtralConfig) -> str:
+    return shard_name(1, num_files(cfg))
+
+
+def expert_file(cfg: MixtralConfig, layer: int, expert: int) -> str:
+    return shard_name(2 + layer * cfg.num_local_experts + expert, num_files(cfg))
+
+
+def stored_dense(weight: torch.Tensor) -> torch.Tensor:
+    """Embeddings, norms, router and ``lm_head`` are stored as float16."""
+    return weight.detach().to("cpu", torch.float16).contiguous()
+
+
+def quantize_matrix(
+    weight: torch.Tensor, spec: QuantSpec, optimize: bool = True, device: torch.device | str | None = None
 ) -> dict[str, torch.Tensor]:
-    """The trunk file's tensors under old names: float16 embeddings, norms and routers, quantized attention."""
+    """The 7 stored tensors (``{suffix: tensor}``, on the CPU) of one linear; quantized on ``device``.
+
+    The one per-tensor path of every writer: ``save_checkpoint`` and the streaming converter.
+    """
     from .quant import quantize
 
-    trunk: dict[str, torch.Tensor] = {}
+    w = weight.detach()
+    if device is not None:
+        w = w.to(device)
+    qw = quantize(w, spec, optimize=optimize)
+    return {k: t.to("cpu").contiguous() for k, t in qw.tensors().items()}
+
+
+def stored_attention(
+    name: str, weight: torch.Tensor, quant: QuantConfig, optimize: bool = True, device=None
+) -> dict[str, torch.Tensor]:
+    """``...self_attn.q_proj.weight`` -> its 7 stored tensors under full names."""
+    base = name.removesuffix(".weight")
+    return {f"{base}.{k}": t for k, t in quantize_matrix(weight, quant.attention, optimize, device).items()}
+
+
+def stored_expert_matrix(
+    mat: str, weight: torch.Tensor, quant: QuantConfig, optimize: bool = True, device=None
+) -> dict[str, torch.Tensor]:
+    """One of an expert's ``w1``/``w2``/``w3`` -> its 7 stored tensors under keys relative to the expert."""
+    return {f"{mat}.{k}": t for k, t in quantize_matrix(weight, quant.experts, optimize, device).items()}
+
+
+def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file, no metadata (like the public shards), written atomically: a crash leaves either
+    the old file or the complete new one, never half of one (the converter resumes on that)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def layout_index(cfg: MixtralConfig, quant: QuantConfig) -> dict:
+    """The index of a checkpoint in this layout, from config and settings alone (sizes are exact)."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for key, (dtype, shape) in expected_trunk_tensors(cfg, quant).items():
+        weight_map[key] = trunk_file(cfg)
+        total += _nbytes(dtype, shape)
+    rel = expected_expert_tensors(cfg, quant)
+    for layer in range(cfg.num_hidden_layers):
+        for e in range(cfg.num_local_experts):
+            for key, (dtype, shape) in rel.items():
+                weight_map[expert_prefix(layer, e) + key] = expert_file(cfg, layer, e)
+                total += _nbytes(dtype, shape)
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def layout_config(cfg: MixtralConfig, quant: QuantConfig) -> dict:
+    """``config.json`` of a written checkpoint: architecture fields and our quantization settings."""
+    cfg_dict = {k: v for k, v in cfg.to_dict().items() if k in ARCHITECTURE_FIELDS or k == "model_type"}
+    cfg_dict["model_type"] = "mixtral"
+    cfg_dict["architectures"] = ["MixtralForCausalLM"]
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    cfg_dict["rope_theta"] = rope.get("rope_theta", getattr(cfg, "rope_theta", 1e6))
+    cfg_dict["torch_dtype"] = "float16"
+    cfg_dict[QUANT_CONFIG_KEY] = quant.to_dict()
+    return cfg_dict
+
+
+def write_layout_metadata(out: Path, cfg: MixtralConfig, quant: QuantConfig) -> None:
+    """Index, ``config.json`` and ``generation_config.json`` (the shards are written separately)."""
+    write_text(out / INDEX_FILE, json.dumps(layout_index(cfg, quant), indent=2) + "\n")
+    write_text(out / CONFIG_FILE, json.dumps(layout_config(cfg, quant), indent=2, sort_keys=True) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+
+
+def model_to_layout_names(sd: dict[str, torch.Tensor], cfg: MixtralConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """A transformers 5 state dict's trunk tensors under the layout's (old) names; experts excluded."""
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
-        trunk[name] = sd[name].half()
+        yield name, sd[name]
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}."
-        trunk[p + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"].half()
-        trunk[p + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"].half()
-        trunk[p + "block_sparse_moe.gate.weight"] = sd[p + "mlp.gate.weight"].half()
+        yield p + "input_layernorm.weight", sd[p + "input_layernorm.weight"]
+        yield p + "post_attention_layernorm.weight", sd[p + "post_attention_layernorm.weight"]
+        yield p + "block_sparse_moe.gate.weight", sd[p + "mlp.gate.weight"]
         for proj in ATTENTION_PROJS:
-            qw = quantize(sd[f"{p}self_attn.{proj}.weight"], quant.attention, optimize=optimize)
-            for suffix, t in qw.tensors().items():
-                trunk[f"{p}self_attn.{proj}.{suffix}"] = t
+            yield f"{p}self_attn.{proj}.weight", sd[f"{p}self_attn.{proj}.weight"]
+
+
+def stored_trunk_tensor(
+    name: str, weight: torch.Tensor, quant: QuantConfig, optimize: bool = True, device=None
+) -> dict[str, torch.Tensor]:
+    """One source trunk tensor (layout name) -> what the trunk file stores for it."""
+    if ".self_attn." in name:
+        return stored_attention(name, weight, quant, optimize, device)
+    return {name: stored_dense(weight)}
+
+
+def trunk_tensors(
+    sd: dict[str, torch.Tensor], cfg: MixtralConfig, quant: QuantConfig, optimize: bool = True, device=None
+) -> dict[str, torch.Tensor]:
+    """The trunk file's tensors under old names: float16 embeddings, norms and routers, quantized attention."""
+    trunk: dict[str, torch.Tensor] = {}
+    for name, weight in model_to_layout_names(sd, cfg):
+        trunk.update(stored_trunk_tensor(name, weight, quant, optimize, device))
     return trunk
 
 
 def expert_tensors(
-    gate_up: torch.Tensor, down: torch.Tensor, expert: int, spec: QuantSpec, optimize: bool = True
+    gate_up: torch.Tensor, down: torch.Tensor, expert: int, spec: QuantSpec, optimize: bool = True, device=None
 ) -> dict[str, torch.Tensor]:
     """One expert file's 21 tensors (keys relative to the expert: ``w1.W_q`` ...)."""
-    from .quant import quantize
-
     tensors = {}
     for mat, w in expert_matrices(gate_up, down, expert).items():
-        for suffix, t in quantize(w, spec, optimize=optimize).tensors().items():
-            tensors[f"{mat}.{suffix}"] = t
+        tensors.update({f"{mat}.{k}": t for k, t in quantize_matrix(w, spec, optimize, device).items()})
     return tensors
-
-
-def write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """One safetensors file, no metadata (like the public shards)."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
 
 
 def save_checkpoint(
@@ -399,11 +508,14 @@ def save_checkpoint(
     tokenizer=None,
     optimize: bool = True,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> Path:
     """Write a transformers 5 ``MixtralForCausalLM`` in the offloading-demo layout.
 
     Attention is quantized to ``attn_bits``, experts to ``expert_bits`` (HQQ's optimizer refines
-    scale/zero when ``optimize``); embeddings, norms, router and ``lm_head`` stay float16.
+    scale/zero when ``optimize``; on ``device`` when given); embeddings, norms, router and ``lm_head``
+    stay float16. The same per-tensor functions serve the streaming converter (``convert.py``), so a
+    model saved here and the same model converted from its ``save_pretrained`` shards are byte-identical.
     """
     from tqdm.auto import tqdm
 
@@ -412,41 +524,19 @@ def save_checkpoint(
     cfg: MixtralConfig = model.config
     quant = QuantConfig.for_bits(attn_bits, expert_bits)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    n_layers, n_exp = cfg.num_hidden_layers, cfg.num_local_experts
-    n_files = 1 + n_layers * n_exp
-    weight_map: dict[str, str] = {}
-    total = 0
-
-    def add(tensors: dict[str, torch.Tensor], file: str, prefix: str = "") -> None:
-        nonlocal total
-        write_shard(tensors, out / file)
-        for k, v in tensors.items():
-            weight_map[prefix + k] = file
-            total += v.numel() * v.element_size()
-
-    bar = tqdm(total=n_files, desc="quantizing", unit="file", disable=not progress)
-    add(trunk_tensors(sd, cfg, quant, optimize), shard_name(1, n_files))
+    bar = tqdm(total=num_files(cfg), desc="quantizing", unit="file", disable=not progress)
+    write_shard(trunk_tensors(sd, cfg, quant, optimize, device), out / trunk_file(cfg))
     bar.update(1)
-    for layer in range(n_layers):
+    for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}.mlp.experts."
         gate_up, down = sd[p + "gate_up_proj"], sd[p + "down_proj"]
-        for e in range(n_exp):
-            tensors = expert_tensors(gate_up, down, e, quant.experts, optimize)
-            add(tensors, shard_name(2 + layer * n_exp + e, n_files), prefix=expert_prefix(layer, e))
+        for e in range(cfg.num_local_experts):
+            write_shard(
+                expert_tensors(gate_up, down, e, quant.experts, optimize, device), out / expert_file(cfg, layer, e)
+            )
             bar.update(1)
     bar.close()
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    cfg_dict = {k: v for k, v in cfg.to_dict().items() if k in ARCHITECTURE_FIELDS or k == "model_type"}
-    cfg_dict["model_type"] = "mixtral"
-    cfg_dict["architectures"] = ["MixtralForCausalLM"]
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    cfg_dict["rope_theta"] = rope.get("rope_theta", getattr(cfg, "rope_theta", 1e6))
-    cfg_dict["torch_dtype"] = "float16"
-    cfg_dict[QUANT_CONFIG_KEY] = quant.to_dict()
-    (out / CONFIG_FILE).write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_layout_metadata(out, cfg, quant)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out

@@ -1,4 +1,4 @@
-"""``python -m colab_helpers``: generate, chat, plan, replay, twin — the same engine the notebooks use.
+"""``python -m colab_helpers``: generate, chat, plan, convert, replay, twin — the same engine the notebooks use.
 
 A mistake on the command line, or a library error whose message already says what to do (a broken
 checkpoint folder, a failed download, a model that does not fit), ends in one line on stderr and exit
@@ -217,6 +217,10 @@ def _run(argv: list[str]) -> int:
         from .planner import cli_main
 
         return cli_main(argv[1:])
+    if argv and argv[0] == "convert":
+        from .convert import cli_main as convert_main
+
+        return convert_main(argv[1:])
     if argv and argv[0] == "replay":
         from .trace import cli_main
 
@@ -236,6 +240,7 @@ def _run(argv: list[str]) -> int:
     _add_model_args(c)
     c.set_defaults(func=cmd_chat)
     sub.add_parser("plan", help="memory plan: experts per layer for given VRAM/RAM (see plan --help)")
+    sub.add_parser("convert", help="quantize any Mixtral checkpoint (hub repo or folder) into this layout")
     sub.add_parser("replay", help="replay a routing trace through eviction policies (see replay --help)")
     sub.add_parser("twin", help="T4 twin: calibrate on the paper (--paper) or project ours (see twin --help)")
     args = parser.parse_args(argv)
