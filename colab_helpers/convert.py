@@ -231,6 +231,32 @@ class ConversionPlan:
             self.max_shard_bytes + hqq_scratch_bytes(self.config, self.device), 2 * self.trunk_bytes
         )
 
+    @property
+    def output_files(self) -> int:
+        return 1 + self.config.num_hidden_layers * self.config.num_local_experts
+
+    def machine_check(self, out: str | os.PathLike) -> str:
+        """This plan against this machine: free disk where ``out`` goes, available RAM, and a GPU or not."""
+        import psutil
+
+        from .hub import _existing_parent
+
+        free = shutil.disk_usage(_existing_parent(Path(out))).free
+        ram = psutil.virtual_memory().available
+        ok = {True: "enough", False: "NOT ENOUGH"}
+        gpu = (
+            "a GPU: HQQ runs there" if torch.cuda.is_available() else "no GPU: HQQ runs on the CPU (slow at full size)"
+        )
+        return "\n".join(
+            [
+                f"disk: {free / GB:.1f} GB free at {out}, the conversion needs {self.disk_bytes / GB:.2f} GB: "
+                f"{ok[free >= self.disk_bytes]}",
+                f"RAM:  {ram / GB:.1f} GB available, the conversion needs {self.ram_bytes / GB:.2f} GB: "
+                f"{ok[ram >= self.ram_bytes]}",
+                f"this machine has {gpu}",
+            ]
+        )
+
     def report(self) -> str:
         c, q = self.config, self.quant
         eta = self.quantize_seconds + self.download_seconds
@@ -242,10 +268,10 @@ class ConversionPlan:
         lines = [
             f"convert {self.source.description}: Mixtral {c.num_hidden_layers} layers x {c.num_local_experts} experts, "
             f"hidden {c.hidden_size}, {self.params / 1e9:.2f} B parameters in {len(self.shards)} shards "
-            f"({self.source_bytes / GB:.2f} GB, largest {self.max_shard_bytes / GB:.2f} GB)",
+            f"({_size(self.source_bytes)}, largest {_size(self.max_shard_bytes)})",
             f"  to {q.experts.nbits}-bit experts (group {q.experts.group_size}), {q.attention.nbits}-bit attention "
             f"(group {q.attention.group_size}), HQQ optimizer on {self.device}",
-            f"  output: {self.output_bytes / GB:.3f} GB ({1 + c.num_hidden_layers * c.num_local_experts} files)",
+            f"  output: {self.output_bytes / GB:.3f} GB ({self.output_files} files)",
             f"  disk:   {self.disk_bytes / GB:.3f} GB at the peak (output + staged trunk"
             + (f" + {held})" if self.source.remote else "; the source folder is read in place)"),
             f"  RAM:    {self.ram_bytes / GB:.3f} GB at the peak (Python + one source shard + HQQ scratch)",
@@ -277,6 +303,10 @@ def hqq_scratch_bytes(config: MixtralConfig, device: str) -> int:
     """Host memory HQQ's optimizer needs for the biggest matrix (an expert's w1) on ``device``."""
     per = HQQ_SCRATCH_PER_PARAM["cuda" if str(device).startswith("cuda") else "cpu"]
     return per * config.intermediate_size * config.hidden_size
+
+
+def _size(n: int) -> str:
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / MB:.1f} MB"
 
 
 def _duration(seconds: float) -> str:
@@ -323,8 +353,7 @@ def plan_conversion(
     except ValueError as err:
         raise ConvertError(str(err)) from None
     source = open_source(src, revision, token)
-    if delete_source and not source.remote:
-        raise ConvertError(f"{src}: --delete-source only deletes shards this command downloads, not a local folder")
+    delete_source = delete_source and source.remote  # only shards this converter downloads, never a user's folder
     meta = meta_dir if source.remote else None
     cfg_dict = _read_json_file(source, CONFIG_FILE, meta)
     config = _mixtral_config(cfg_dict, source)
@@ -759,12 +788,19 @@ def convert(
     return out
 
 
-def push(out: Path, repo_id: str, token: str | None = None) -> None:
-    """Upload a finished conversion (shards, index, config, tokenizer, model card) to a hub model repo."""
+def push(out: Path, repo_id: str | None, token: str | None = None) -> None:
+    """Upload a finished conversion (shards, index, config, tokenizer, model card) to a hub model repo.
+
+    The token comes from ``token``, ``HF_TOKEN`` or Colab's secret of that name (huggingface_hub reads
+    both); it needs write access. ``repo_id=None`` only says how to push.
+    """
     import huggingface_hub as hf
 
     from .hub import _explained
 
+    if repo_id is None:
+        print(f"not pushed: set a hub repo id ('you/name') to upload {out}")
+        return
     if not _REPO_ID.match(repo_id):
         raise ConvertError(f"--push-to-hub {repo_id!r}: expected a repo id 'owner/name'")
     with _explained(repo_id, "main", out, token):
@@ -808,6 +844,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        if args.delete_source and Path(args.src).expanduser().is_dir():
+            raise ConvertError(f"{args.src}: --delete-source only deletes shards it downloads, not a local folder")
         if args.plan_only:
             plan = plan_conversion(
                 args.src, args.expert_bits, args.attn_bits, args.revision, args.delete_source, args.device

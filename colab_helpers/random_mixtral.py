@@ -93,3 +93,21 @@ def save_example_source(out: str | os.PathLike, max_shard_size: str | int = "300
 
     model = dequantized_reference(tiny_model_path())
     return save_hub_format(model, out, max_shard_size, torch.bfloat16, tokenizer_from=tiny_model_path())
+
+
+def conversion_paths(source: str | None, out: str | os.PathLike | None, expert_bits: int) -> tuple[str, Path]:
+    """The notebook's source and output folder: ``None`` source is the offline example (saved now, in a
+    fresh temporary folder); ``None`` output is ``<repo name>-<bits>bit`` beside it. Prints both."""
+    import tempfile
+
+    if source is None:
+        root = Path(tempfile.mkdtemp(prefix="colab_helpers_convert_"))
+        source = str(save_example_source(root / "example-source"))
+        print(f"SOURCE: the embedded tiny model saved like a hub Mixtral (bf16 shards) in {source} (offline example)")
+        default = root / f"example-{expert_bits}bit"
+    else:
+        print(f"SOURCE: {source}")
+        default = Path(f"{Path(str(source).rstrip('/')).name}-{expert_bits}bit")
+    folder = Path(out).expanduser() if out is not None else default
+    print(f"OUTPUT: {folder}")
+    return source, folder

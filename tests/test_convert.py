@@ -280,7 +280,7 @@ def test_missing_disk_is_refused_before_writing(sources, tmp_path, monkeypatch) 
         (["SRC"], "required"),
         (["SRC", "OUT", "--expert-bits", "5"], "invalid choice"),
         (["no/such/dir/x", "OUT"], "no such folder"),
-        (["SRC", "OUT", "--delete-source"], "local folder"),
+        (["SRC", "OUT", "--delete-source"], "not a local folder"),
         (["SRC", "OUT", "--revision", "abc"], "local folder"),
     ],
 )
