@@ -340,3 +340,26 @@ def test_peak_rss_is_one_source_shard_plus_fixed_overhead(tmp_path) -> None:
     print(f"source {total / 1e6:.0f} MB, largest shard {biggest / 1e6:.1f} MB, RSS grew {grew / 1e6:.1f} MB")
     assert total > 8 * biggest  # the test means something: everything at once would be far above the bound
     assert grew <= biggest + fixed, f"peak RSS grew {grew / 1e6:.1f} MB; bound {(biggest + fixed) / 1e6:.1f} MB"
+
+
+def test_converted_checkpoint_is_accepted_like_the_demo_repo(tmp_path) -> None:
+    """The planner CLI, the notebooks' model chooser and the generate CLI take the output folder as it is."""
+    from colab_helpers.notebook import choose_model
+    from colab_helpers.random_mixtral import save_example_source
+
+    src = save_example_source(tmp_path / "src")  # the embedded model as bf16 hub shards, with its tokenizer
+    out = cv.convert(src, tmp_path / "out", expert_bits=3, optimize=False, progress=False, log=print)
+    cli = [sys.executable, "-m", "colab_helpers"]
+    plan = subprocess.run(
+        [*cli, "plan", "--model", str(out), "--vram-gb", "15", "--ram-gb", "12", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert plan.returncode == 0, plan.stderr
+    data = json.loads(plan.stdout.strip().splitlines()[-1])
+    assert data["fits"] and data["expert_bits"] == 3
+    assert choose_model(out).path == out
+    gen = subprocess.run(
+        [*cli, "generate", "hello", "--raw", "--model", str(out), "--max-new-tokens", "3"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert gen.returncode == 0 and "stats:" in gen.stderr, gen.stderr[-1000:]
