@@ -19,8 +19,9 @@ from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding,
 
 from .attention import AttentionPath, choose_attention, install_attention, register
 from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, attention_shapes
-from .experts import ExpertCache, ExpertLayout
+from .experts import ExpertCache, ExpertLayout, experts_per_layer
 from .moe import OffloadedMoE, PrefetchConfig
+from .placement import ExpertCacheGroup, LayerPlacement, place_layers
 from .quant import QuantizedWeight, QuantLinear
 from .tokenizer import load_tokenizer  # noqa: F401  (re-exported: model.load_tokenizer)
 
@@ -41,6 +42,7 @@ class OffloadConfig:
     check_memory: bool = True  # refuse (MemoryPlanError, with the plan) when the model will not fit
     progress: bool = True
     attention: AttentionPath | None = None  # default: chosen by the device's compute capability (attention.py)
+    placement: LayerPlacement | None = None  # whole layers split across devices (several GPUs); None: all on device
 
     def attention_path(self) -> AttentionPath:
         return self.attention or choose_attention(resolve_device(self.device))
@@ -77,7 +79,9 @@ def load_model(
     cfg = config or OffloadConfig(device=str(dev), experts_on_device=ks, **overrides)
     ckpt = Checkpoint.open(Path(path), verify=cfg.verify)
     plan = None
-    if cfg.check_memory:
+    if cfg.placement is None and dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        plan, cfg = _every_gpu(ckpt, cfg)  # layers split across all visible GPUs, experts per layer planned
+    elif cfg.check_memory and cfg.placement is None:
         from .planner import check_fits, measure_budget, plan_memory
 
         plan = plan_memory(
@@ -97,6 +101,26 @@ def load_model(
     model.checkpoint_path = str(path)
     model.memory_plan = plan
     return model
+
+
+def _every_gpu(ckpt: Checkpoint, cfg: OffloadConfig):
+    """Plan whole layers per visible GPU (``multigpu.plan_gpus``) and the config that loads that plan."""
+    from dataclasses import replace
+
+    from .multigpu import plan_gpus
+    from .planner import MemoryPlanError, measure_budget
+
+    n = torch.cuda.device_count()
+    vram = [torch.cuda.mem_get_info(i)[0] for i in range(n)]
+    budget = measure_budget("cpu")
+    plan = plan_gpus(ckpt.config, ckpt.quant, vram, budget.ram, context_tokens(cfg, ckpt.config), cfg.spare_slots)
+    if cfg.check_memory and not plan.fits:
+        err = MemoryPlanError("the model does not fit these GPUs:\n" + plan.report())
+        err.plan = plan
+        raise err
+    placement = plan.placement([f"cuda:{i}" for i in range(n)])
+    cfg = replace(cfg, device="cuda:0", placement=placement, experts_on_device=plan.per_layer)
+    return plan, cfg
 
 
 def context_tokens(cfg: OffloadConfig, mcfg: MixtralConfig) -> int:
@@ -121,6 +145,13 @@ def assemble_model(
     dev = resolve_device(cfg.device)
     dtype = cfg.compute_dtype
     attention = cfg.attention_path()
+    placement = cfg.placement
+    if placement is not None and placement.num_layers != mcfg.num_hidden_layers:
+        raise ValueError(f"placement covers {placement.num_layers} layers, the model has {mcfg.num_hidden_layers}")
+
+    def device_of(layer: int) -> torch.device:
+        return dev if placement is None else placement.device(layer)
+
     register()  # the skeleton may be built with the no-GQA implementation
     mcfg._attn_implementation = attention.implementation
     with torch.device("meta"):
@@ -131,16 +162,18 @@ def assemble_model(
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}."
         for proj, shape in attention_shapes(mcfg).items():
-            tensors = {s: trunk.pop(f"{p}self_attn.{proj}.{s}").to(dev) for s in SUFFIXES}
+            tensors = {s: trunk.pop(f"{p}self_attn.{proj}.{s}").to(device_of(i)) for s in SUFFIXES}
             qw = QuantizedWeight.from_tensors(quant.attention, shape, tensors)
             setattr(layer.self_attn, proj, QuantLinear(qw, dense_on_cpu=cfg.dense_on_cpu))
         gate = MixtralTopKRouter(mcfg)
-        gate.weight = torch.nn.Parameter(trunk.pop(p + "mlp.gate.weight").to(dev, dtype), requires_grad=False)
+        gate.weight = torch.nn.Parameter(trunk.pop(p + "mlp.gate.weight").to(device_of(i), dtype), requires_grad=False)
         block = OffloadedMoE(gate, i, None, cfg.prefetch)  # the cache is attached below
         layer.mlp = block
         blocks.append(block)
     for i, block in enumerate(blocks):
-        block.link(blocks[i + 1 : i + 1 + cfg.prefetch.lookahead])
+        following = blocks[i + 1 : i + 1 + cfg.prefetch.lookahead]
+        # prefetch guesses stay on one device: the next router must see this layer's hidden state
+        block.link([b for b in following if placement is None or placement.same_device(b.layer, i)])
 
     # the rest of the trunk: embeddings, norms, lm_head (names match the skeleton's)
     _, unexpected = model.load_state_dict({k: v.to(dev, dtype) for k, v in trunk.items()}, strict=False, assign=True)
@@ -149,18 +182,17 @@ def assemble_model(
     if unexpected or [n for n in still_meta if "rotary_emb" not in n]:
         raise RuntimeError(f"trunk mismatch: unexpected {unexpected[:5]}, unset {still_meta[:5]}")
     model.model.rotary_emb = MixtralRotaryEmbedding(mcfg)
-    model.to(dev)
-
-    cache = ExpertCache(
-        ExpertLayout.for_model(mcfg, quant),
-        mcfg.num_hidden_layers,
-        mcfg.num_local_experts,
-        cfg.experts_on_device,
-        device=dev,
-        policy=cfg.policy,
-        spare_slots=cfg.spare_slots,
-        dense_dtype=dtype if cfg.dense_on_cpu else None,
-    )
+    if placement is None:
+        model.to(dev)
+        cache = _expert_cache(mcfg, quant, mcfg.num_hidden_layers, cfg.experts_on_device, dev, cfg)
+    else:
+        model.boundary_hooks = place_layers(model, placement)
+        ks = experts_per_layer(cfg.experts_on_device, mcfg.num_hidden_layers, mcfg.num_local_experts)
+        caches = [
+            _expert_cache(mcfg, quant, n, ks[start : start + n], torch.device(d), cfg)
+            for d, start, n in zip(placement.devices, placement.starts, placement.counts, strict=True)
+        ]
+        cache = ExpertCacheGroup(caches, placement)
     for block in blocks:
         block.cache = cache
     total = mcfg.num_hidden_layers * mcfg.num_local_experts
@@ -197,6 +229,19 @@ def close_model(model: MixtralForCausalLM) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+def _expert_cache(mcfg: MixtralConfig, quant: QuantConfig, layers: int, ks, device: torch.device, cfg: OffloadConfig):
+    return ExpertCache(
+        ExpertLayout.for_model(mcfg, quant),
+        layers,
+        mcfg.num_local_experts,
+        ks,
+        device=device,
+        policy=cfg.policy,
+        spare_slots=cfg.spare_slots,
+        dense_dtype=cfg.compute_dtype if cfg.dense_on_cpu else None,
+    )
 
 
 def dequantized_reference(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:

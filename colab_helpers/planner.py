@@ -763,6 +763,7 @@ def _report_lines(plan: MemoryPlan) -> list[str]:
     lines += ["", *_arithmetic(plan), ""]
     if plan.fits:
         lines.append(f"FITS: {_placement(plan)}")
+        lines += [f"  better: {x}" for x in plan.suggestions]  # a wider bit width that also fits
     else:
         lines.append("DOES NOT FIT:")
         lines += [f"  - {r}" for r in plan.reasons]
@@ -869,6 +870,9 @@ def _parser() -> argparse.ArgumentParser:
         "--device", type=device_name, default=None, help="cuda or cpu (default: cuda with --vram-gb or a GPU present)"
     )
     p.add_argument("--experts-on-device", type=positive_int, default=None, help="check this k instead of choosing one")
+    p.add_argument(
+        "--gpus", type=positive_int, default=1, help="GPUs of --vram-gb each (Kaggle: 2); layers are split across them"
+    )
     p.add_argument("--json", action="store_true", help="print only the plan as a JSON object (report to stderr)")
     return p
 
@@ -940,7 +944,36 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         config, quant = stock_config(), QuantConfig.for_bits(4, args.expert_bits)
     experts = ModelSizes.of(config, quant).num_experts
     check_experts_on_device(args.experts_on_device, experts, args.model or "Mixtral-8x7B")
+    if args.gpus > 1:
+        return _cli_multi_gpu(args, config, quant)
     plan = plan_memory(config, quant, _cli_budget(args, device), device, args.context, args.experts_on_device)
+    if plan.fits and args.experts_on_device is None:
+        from .multigpu import single_gpu_upgrades
+
+        plan = single_gpu_upgrades(plan, config, quant)
+    print(plan.report(), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+    return 0 if plan.fits else 2
+
+
+def _cli_multi_gpu(args: argparse.Namespace, config: MixtralConfig, quant: QuantConfig) -> int:
+    """``plan --gpus N``: whole layers per GPU (see ``multigpu.py``); each GPU measured here when present."""
+    from .multigpu import plan_gpus
+    from .usage import UsageError
+
+    if args.experts_on_device is not None:
+        raise UsageError("--experts-on-device is chosen per GPU with --gpus; leave it out")
+    if not isinstance(config, MixtralConfig):
+        raise UsageError("--gpus plans Mixtral checkpoints only so far (other families: one GPU)")
+    if args.vram_gb is not None:
+        vram = [int(args.vram_gb * GB)] * args.gpus
+    elif torch.cuda.device_count() >= args.gpus:
+        vram = [torch.cuda.mem_get_info(i)[0] for i in range(args.gpus)]
+    else:
+        raise UsageError(f"this machine has fewer than {args.gpus} GPUs to measure: give --vram-gb (per GPU)")
+    ram = int(args.ram_gb * GB) if args.ram_gb is not None else measure_budget("cpu").ram
+    plan = plan_gpus(config, quant, vram, ram, args.context)
     print(plan.report(), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(plan.to_dict()))

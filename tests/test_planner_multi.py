@@ -1,0 +1,154 @@
+"""Several GPUs: the plan's arithmetic for Kaggle 2 x T4, Colab L4 and A100, the bit-width upgrade it
+suggests, and the placement code path (layers split across devices, hidden states moved at the boundary)
+run with a device list of identical CPU devices (no machine here has two GPUs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from colab_helpers.checkpoint import QuantConfig
+from colab_helpers.generation import SamplingConfig, generate_stream
+from colab_helpers.model import OffloadConfig, dequantized_reference, load_model
+from colab_helpers.multigpu import plan_gpus
+from colab_helpers.placement import ExpertCacheGroup, LayerPlacement
+from colab_helpers.planner import GB, Budget, ModelSizes, plan_memory, stock_config
+
+PROMPT = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7]])
+
+
+def quant(bits: int) -> QuantConfig:
+    return QuantConfig.for_bits(4, bits)
+
+
+# ---- the plan ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_kaggle_two_t4s_hold_every_expert_without_offloading(bits: int) -> None:
+    plan = plan_gpus(stock_config(), quant(bits), [15 * GB, 15 * GB], 29 * GB)
+    assert plan.fits and not plan.offloading and plan.host_experts == 0
+    assert plan.experts_on_device == 8 and plan.layers_per_gpu == (16, 16)
+    s = ModelSizes.of(stock_config(), quant(bits))
+    for g in plan.gpus:
+        assert g.vram_peak <= 15 * GB
+        slots = next(r for r in g.rows if r.item.startswith("expert slots"))
+        assert slots.vram == 16 * 8 * s.slot_bytes  # every expert of its 16 layers, no spare slots
+    # the two shares of the trunk add up to the whole trunk exactly
+    trunks = [next(r for r in g.rows if r.item.startswith("trunk")).vram for g in plan.gpus]
+    assert sum(trunks) == s.trunk_bytes
+    assert plan.to_dict()["vram_peak_gb"] == [round(v / GB, 3) for v in plan.vram_peaks]
+
+
+def test_small_gpus_split_layers_and_offload_the_rest() -> None:
+    plan = plan_gpus(stock_config(), quant(2), [8 * GB, 8 * GB], 29 * GB)
+    s = ModelSizes.of(stock_config(), quant(2))
+    assert plan.fits and plan.offloading and plan.layers_per_gpu == (16, 16)
+    assert 0 < plan.host_experts < s.total_experts
+    pinned = next(r for r in plan.ram_rows if r.item.startswith("pinned"))
+    assert pinned.ram == plan.host_experts * s.slot_bytes
+    assert all(g.spare_slots == 2 for g in plan.gpus)
+
+
+def test_too_little_ram_is_refused_with_the_reason() -> None:
+    plan = plan_gpus(stock_config(), quant(2), [4 * GB, 4 * GB], 8 * GB)
+    assert not plan.fits and any(r.startswith("host RAM") for r in plan.reasons)
+
+
+def test_uneven_gpus_get_layers_by_their_size() -> None:
+    plan = plan_gpus(stock_config(), quant(2), [24 * GB, 12 * GB], 29 * GB)
+    assert plan.fits and plan.layers_per_gpu[0] > plan.layers_per_gpu[1]
+
+
+def test_l4_fits_every_2bit_expert_and_suggests_3bit() -> None:
+    from colab_helpers.multigpu import single_gpu_upgrades
+
+    plan = plan_memory(stock_config(), quant(2), Budget.given(24, 50), "cuda")
+    assert plan.fits and plan.experts_on_device == 8
+    plan = single_gpu_upgrades(plan, stock_config(), quant(2))
+    assert any(x.startswith("3-bit experts fit") for x in plan.suggestions)
+    assert "better: 3-bit" in plan.report()
+
+
+def test_a100_holds_every_3bit_and_4bit_expert() -> None:
+    for bits in (3, 4):
+        plan = plan_memory(stock_config(), quant(bits), Budget.given(40, 80), "cuda")
+        assert plan.fits and plan.experts_on_device == 8 and plan.host_experts == 0
+
+
+def _plan_json(*args: str) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-m", "colab_helpers", "plan", *args, "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout)
+
+
+def test_cli_contract_kaggle_and_l4() -> None:
+    kaggle = _plan_json("--gpus", "2", "--vram-gb", "15", "--ram-gb", "29")
+    assert {"fits", "experts_on_device", "expert_bits", "vram_peak_gb", "ram_peak_gb"} <= kaggle.keys()
+    assert kaggle["fits"] and kaggle["experts_on_device"] == 8 and len(kaggle["vram_peak_gb"]) == 2
+    l4 = _plan_json("--vram-gb", "24", "--ram-gb", "50")
+    assert {"fits", "experts_on_device", "expert_bits", "vram_peak_gb", "ram_peak_gb"} <= l4.keys()
+    assert l4["fits"] and any(s.startswith("3-bit experts fit") for s in l4["suggestions"])
+
+
+# ---- the placement, on identical CPU devices -----------------------------------------------------------
+
+
+def test_placement_map() -> None:
+    p = LayerPlacement.even(["cpu", "cpu", "cpu"], 8)
+    assert p.counts == (3, 3, 2) and p.starts == (0, 3, 6)
+    assert [p.device_index(i) for i in range(8)] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert p.same_device(1, 2) and not p.same_device(2, 3)
+    with pytest.raises(IndexError):
+        p.device_index(8)
+    with pytest.raises(ValueError):
+        LayerPlacement(("cpu", "cpu"), (4, 0))
+
+
+def test_split_model_matches_the_reference_and_crosses_the_boundary(make_checkpoint) -> None:
+    path = make_checkpoint(expert_bits=3, layers=4)
+    placement = LayerPlacement.even(["cpu", "cpu"], 4)
+    cfg = OffloadConfig(device="cpu", experts_on_device=(2, 3, 2, 1), placement=placement, progress=False)
+    model = load_model(path, config=cfg)
+    ref = dequantized_reference(path)
+    assert isinstance(model.expert_cache, ExpertCacheGroup)
+    assert [c.num_layers for c in model.expert_cache.caches] == [2, 2]
+    assert [c.capacity for c in model.expert_cache.caches] == [[2, 3], [2, 1]]
+    blocks = [layer.mlp for layer in model.model.layers]
+    assert [len(b._following) for b in blocks] == [1, 0, 1, 0]  # no prefetch guess across the boundary
+    with torch.no_grad():
+        out, want = model(PROMPT).logits, ref(PROMPT).logits
+    assert ((out - want).norm() / want.norm()).item() < 1e-3
+    assert model.boundary_hooks.crossings == 1  # one forward, one boundary
+    stats = model.expert_cache.stats
+    assert stats.accesses > 0 and len(stats.hits) == 4
+    result = generate_stream(model, _tokenizer_stub(), PROMPT, SamplingConfig(4))
+    assert result.error is None and model.boundary_hooks.crossings > 1
+    model.expert_cache.check_invariants()
+
+
+def _tokenizer_stub():
+    class Tok:
+        def decode(self, ids, **kw):
+            return " ".join(str(i) for i in ids)
+
+    return Tok()
+
+
+def test_every_gpu_path_plans_one_range_per_visible_gpu(make_checkpoint, monkeypatch) -> None:
+    """``load_model(device="cuda")`` with two visible GPUs: the config it builds (no GPU here to load onto)."""
+    from colab_helpers import model as model_mod
+    from colab_helpers.checkpoint import Checkpoint
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (15 * GB, 15 * GB))
+    ckpt = Checkpoint.open(make_checkpoint(expert_bits=2, layers=4))
+    plan, cfg = model_mod._every_gpu(ckpt, OffloadConfig(device="cuda", progress=False))
+    assert plan.fits and cfg.placement.devices == ("cuda:0", "cuda:1") and cfg.placement.counts == (2, 2)
+    assert cfg.experts_on_device == (8, 8, 8, 8)
