@@ -10,6 +10,7 @@ with a device list of identical CPU devices, which is how it is tested here (no 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,6 +111,15 @@ class ExpertCacheGroup:
         self.num_experts = self.caches[0].num_experts
         self.device = self.caches[0].device
         self.layout = self.caches[0].layout
+        self.lock = threading.RLock()  # one layer step at a time across every device (as ExpertCache.lock)
+        self.speculative_bytes_left: float = float("inf")  # one per-token prefetch budget for all devices
+        self.slot_of = _PerLayer(self, "slot_of")
+        self.host_of = _PerLayer(self, "host_of")
+
+    def begin_token(self, speculative_bytes: float | None = None) -> None:
+        self.speculative_bytes_left = float("inf") if speculative_bytes is None else speculative_bytes
+        for c in self.caches:
+            c.begin_token(speculative_bytes)
 
     def locate(self, layer: int) -> tuple[ExpertCache, int]:
         i = self.placement.device_index(layer)
@@ -144,6 +154,20 @@ class ExpertCacheGroup:
         return sum(c.host_bytes() for c in self.caches)
 
 
+class _PerLayer:
+    """``group.slot_of[layer]``: the owning device cache's per-layer table, by global layer number."""
+
+    def __init__(self, group: ExpertCacheGroup, name: str) -> None:
+        self.group, self.name = group, name
+
+    def __getitem__(self, layer: int):
+        cache, local = self.group.locate(layer)
+        return getattr(cache, self.name)[local]
+
+    def __len__(self) -> int:
+        return self.group.num_layers
+
+
 def _per_layer(name: str):
     def call(self: ExpertCacheGroup, layer: int, *args, **kwargs):
         cache, local = self.locate(layer)
@@ -159,6 +183,8 @@ for _name in (
     "resident",
     "order",
     "fetch",
+    "demand",
+    "weights",
     "release",
     "prefetch",
     "score_prediction",
