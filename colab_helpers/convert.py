@@ -838,7 +838,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m colab_helpers convert``: exit 0 when done, 2 with one line when the input is wrong."""
+    """``python -m colab_helpers convert``: exit 0 when done; one line and exit 2 when the input is wrong
+    (1 when the network, the hub or the disk failed, as for every download)."""
     from .hub import DownloadError
     from .usage import UsageError
 
@@ -865,7 +866,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         )
     except (ConvertError, DownloadError, CheckpointError, UsageError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return getattr(err, "exit_code", 2)  # DownloadError: 1 when the network, the hub or the disk failed
     return 0
 
 
