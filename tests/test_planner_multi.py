@@ -131,6 +131,10 @@ def test_split_model_matches_the_reference_and_crosses_the_boundary(make_checkpo
     result = generate_stream(model, _tokenizer_stub(), PROMPT, SamplingConfig(4))
     assert result.error is None and model.boundary_hooks.crossings > 1
     model.expert_cache.check_invariants()
+    from colab_helpers.model import close_model
+
+    close_model(model)
+    assert model.expert_cache.closed
 
 
 def _tokenizer_stub():
