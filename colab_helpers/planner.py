@@ -904,8 +904,10 @@ def _cli_budget(args: argparse.Namespace, device: torch.device) -> Budget:
     return Budget(vram, ram, rss_now=here.rss_now if args.ram_gb is None else 0, measured=True)
 
 
-def _cli_model(model: str, expert_bits: int) -> tuple[MixtralConfig | MoEArchitecture, QuantConfig]:
-    """A converted checkpoint (its config and bit widths), else any family's config.json (``--expert-bits``)."""
+def model_for_cli(model: str, expert_bits: int) -> tuple[MixtralConfig | MoEArchitecture, QuantConfig, str]:
+    """``--model``: a converted checkpoint (its config and bit widths), else any family's config.json
+    (``expert_bits``, 4-bit attention), and a line saying what was read; ``UsageError`` for a missing config
+    or an unsupported family."""
     from .checkpoint import INDEX_FILE, Checkpoint
     from .families import UnsupportedFamilyError, architecture
     from .families.configs import ConfigNotFoundError, load_config
@@ -913,19 +915,20 @@ def _cli_model(model: str, expert_bits: int) -> tuple[MixtralConfig | MoEArchite
 
     if (Path(model) / INDEX_FILE).is_file():
         ckpt = Checkpoint.open(Path(model), verify=False)
-        return ckpt.config, ckpt.quant
+        return ckpt.config, ckpt.quant, ""
     try:
         cfg, source = load_config(model)
         arch = architecture(cfg)
     except (ConfigNotFoundError, UnsupportedFamilyError) as err:
         raise UsageError(f"--model {model}: {err}") from err
-    print(f"planning {arch.describe()} (config: {source})", file=sys.stderr)
+    except Exception as err:  # transformers (strict dataclass validation) rejected the config's fields
+        raise UsageError(f"--model {model}: config.json is not a valid {cfg.get('model_type')} config ({err})") from err
     quant = QuantConfig.from_config_dict(cfg) if QUANT_CONFIG_KEY in cfg else QuantConfig.for_bits(4, expert_bits)
     try:
         ModelSizes.of(arch, quant)
     except ValueError as err:  # a shape the bit width's group sizes do not divide
         raise UsageError(f"--model {model}: {err}") from err
-    return arch, quant
+    return arch, quant, f"{model}: {arch.describe()} (config: {source})"
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
@@ -939,7 +942,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     device = _cli_device(args)
     if args.model:
-        config, quant = _cli_model(args.model, args.expert_bits)
+        config, quant, read = model_for_cli(args.model, args.expert_bits)
+        if read:
+            print(read, file=sys.stderr)
     else:
         config, quant = stock_config(), QuantConfig.for_bits(4, args.expert_bits)
     experts = ModelSizes.of(config, quant).num_experts

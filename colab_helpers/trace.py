@@ -19,7 +19,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -545,6 +545,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prefetch", action="store_true", help="apply recorded prefetch guesses (*_decode_guesses)")
     p.add_argument(
+        "--model",
+        default=None,
+        help="the traced model's folder, config.json or repo id (as for plan --model): its expert count and "
+        "top-k (checked against the trace) and its 2-bit sizes for the T4 projection (default: Mixtral-8x7B)",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object {policy: hit_rate} ({K: {policy: hit_rate}} for several K)",
@@ -600,6 +606,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     arrays = load_trace_arrays(args.trace)
     options = ReplayOptions(initial=args.initial, order=args.order, prefetch=args.prefetch)
     first = np.asarray(arrays[f"{sequence_names(arrays)[0]}{DECODE_SUFFIX}"])
+    timing, args.timing_label = TimingModel(), None
+    if args.model:
+        options, timing, args.timing_label = _model_options(args.model, options, first, args.trace.name)
     check_experts_on_device(max(args.experts_on_device), _num_experts(options, first, arrays), f"{args.trace.name}")
     results = {
         k: {name: replay_file(arrays, pol, k, options) for name, pol in table.items()} for k in args.experts_on_device
@@ -608,17 +617,52 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         rates = {str(k): {name: s.hit_rate for name, s in r.items()} for k, r in results.items()}
         print(json.dumps(rates[str(args.experts_on_device[0])] if len(rates) == 1 else rates))
         return 0
-    print(_report(args, arrays, results))
+    print(_report(args, arrays, results, timing))
     return 0
 
 
-def _report(args: argparse.Namespace, arrays: Mapping, results: dict[int, dict[str, ReplayStats]]) -> str:
+def _model_options(
+    model: str, options: ReplayOptions, first: np.ndarray, trace_name: str
+) -> tuple[ReplayOptions, TimingModel, str]:
+    """Expert count from the model's config, its shape checked against the trace, a timing model of its sizes."""
+    from .planner import ModelSizes, model_for_cli
+    from .usage import UsageError
+
+    config, quant, _ = model_for_cli(model, 2)
+    s = ModelSizes.of(config, quant)
+    layers, top_k = first.shape[1], first.shape[2]
+    if (layers, top_k) != (s.expert_layers, s.top_k):
+        raise UsageError(
+            f"--model {model}: {s.family} routes top-{s.top_k} in {s.expert_layers} MoE layers, but {trace_name} "
+            f"holds top-{top_k} in {layers} layers: a trace of another model"
+        )
+    if int(first.max(initial=0)) >= s.num_experts:
+        most = int(first.max())
+        raise UsageError(f"--model {model}: {trace_name} names expert {most}; {s.family} has {s.num_experts}")
+    timing = TimingModel(
+        expert_bytes=s.expert_bytes, trunk_bytes=s.trunk_bytes, num_layers=s.expert_layers, experts_per_token=s.top_k
+    )
+    return replace(options, num_experts=s.num_experts), timing, f"{s.family} {s.expert_bits}-bit"
+
+
+def _model_label(args: argparse.Namespace) -> str:
+    """ " of Qwen3-MoE 2-bit" when ``--model`` set the timing model's sizes (empty: Mixtral-8x7B's defaults)."""
+    label = getattr(args, "timing_label", None)
+    return f" of {label}" if label else ""
+
+
+def _report(
+    args: argparse.Namespace,
+    arrays: Mapping,
+    results: dict[int, dict[str, ReplayStats]],
+    timing: TimingModel | None = None,
+) -> str:
     names = sequence_names(arrays)
     shape = np.asarray(arrays[f"{names[0]}{DECODE_SUFFIX}"]).shape
     first = next(iter(results.values()))
     tokens = next(iter(first.values())).tokens
     ks = list(results)
-    timing = TimingModel()
+    timing = timing or TimingModel()
     width = max(len(n) for n in first) + 2
     lines = [
         f"{args.trace.name}: {len(names)} sequences, {tokens} decode steps, {shape[1]} layers, top-{shape[2]}; "
@@ -631,7 +675,8 @@ def _report(args: argparse.Namespace, arrays: Mapping, results: dict[int, dict[s
     lines += [
         "",
         f"idealized T4 bound, tok/s, overlapped / {'pipelined' if args.prefetch else 'serialized'} "
-        "(timing.TimingModel: no host cost; `python -m colab_helpers twin` gives the calibrated projection)",
+        f"(timing.TimingModel{_model_label(args)}: no host cost; `python -m colab_helpers twin` gives the calibrated "
+        "projection)",
         "".ljust(width) + "".join(f"K={k:<11d}" for k in ks),
     ]
     for name in first:

@@ -156,3 +156,40 @@ def test_a_config_file_is_planned(tmp_path, capsys):
     path.write_text(shipped()["allenai/OLMoE-1B-7B-0924"].read_text())
     rc, out, err = _run(["--model", str(path), "--vram-gb", "15", "--ram-gb", "12.7", "--json"], capsys)
     assert rc == 0 and json.loads(out)["experts_on_device"] == 64 and "memory plan: OLMoE" in err
+
+
+def _trace(path, steps: int, layers: int, k: int, experts: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    routed = np.stack([rng.permutation(experts)[:k] for _ in range(steps * layers)]).reshape(steps, layers, k)
+    np.savez(path, s_decode_experts=routed.astype(np.int16))
+    return path
+
+
+def test_replay_takes_experts_and_top_k_from_the_model(tmp_path, capsys):
+    trace = _trace(tmp_path / "olmoe.npz", steps=6, layers=16, k=8, experts=64)
+    model = "allenai/OLMoE-1B-7B-0924"
+    assert main(["replay", str(trace), "--model", model, "--experts-on-device", "64", "--policies", "lru"]) == 0
+    out = capsys.readouterr().out
+    assert "top-8" in out and "timing.TimingModel of OLMoE 2-bit: no host cost" in out
+    assert main(["replay", str(trace), "--model", model, "--experts-on-device", "64", "--json"]) == 0
+    rates = json.loads(capsys.readouterr().out)
+    import numpy as np
+
+    routed = np.load(trace)["s_decode_experts"]
+    cold = sum(len(np.unique(routed[:, layer])) for layer in range(16))  # every expert fits: only first uses miss
+    assert rates["lru"] == rates["belady"] == pytest.approx(1 - cold / routed.size)
+
+
+def test_replay_refuses_a_trace_of_another_model(tmp_path, capsys):
+    trace = _trace(tmp_path / "mixtral.npz", steps=4, layers=32, k=2, experts=8)
+    rc = main(["replay", str(trace), "--model", "Qwen/Qwen3-30B-A3B", "--experts-on-device", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "top-8 in 48 MoE layers" in err and "top-2 in 32 layers" in err
+
+
+def test_a_broken_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe", "num_hidden_layers": "many"}))
+    rc, out, err = _run(["--model", str(tmp_path), "--vram-gb", "15", "--ram-gb", "12.7"], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: --model")
