@@ -3,8 +3,8 @@
 ``detect_family(config_dict)`` picks the adapter from ``model_type`` (or ``architectures``) in a
 config.json and refuses any other family with the list of supported ones; ``architecture(config_dict)``
 builds the family's transformers config from the dict and returns its ``MoEArchitecture``. Today the
-planner, ``replay`` and the twin use this; the converter and the runtime loader still handle Mixtral only
-(issue 12).
+planner (``plan --model``) and ``replay --model`` use this; the converter, the runtime loader and the twin
+still handle Mixtral only (issue 12).
 """
 
 from __future__ import annotations
