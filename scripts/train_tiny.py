@@ -42,14 +42,7 @@ from torch.nn.functional import cross_entropy
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerBase
 
 # Chat template of mistralai/Mixtral-8x7B-Instruct-v0.1 (tokenizer_config.json as originally released).
-MIXTRAL_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
+from colab_helpers.tokenizer import MIXTRAL_INSTRUCT_TEMPLATE as MIXTRAL_CHAT_TEMPLATE
 
 Doc = tuple[str, list[tuple[int, int]]]  # rendered text, character spans that are trained on
 Docs = list[tuple[list[int], list[bool]]]  # tokenized documents: token ids, trained-on flags
