@@ -27,25 +27,26 @@ class MoEArchitecture:
     num_experts: int
     top_k: int
     norm_topk_prob: bool  # the top-k routing weights are renormalized to sum to 1
-    router: str  # "softmax_topk" or "sparsemixer" (Phi-3.5-MoE)
-    router_jitter: float  # multiplicative noise in training only; inference ignores it
     hidden: int
     expert_intermediate: int
-    dense_intermediate: int  # intermediate size of the dense MLP in non-MoE layers (0: no such layers)
-    shared_intermediate: int  # the always-on shared expert (0: none)
-    shared_expert_gate: bool  # the shared expert's output is scaled by sigmoid(a [1, hidden] gate)
     heads: int
     kv_heads: int
     head_dim: int
     vocab: int
     tie_embeddings: bool
-    qkv_bias: bool  # q/k/v projections carry a bias
-    o_bias: bool
-    q_norm: int  # elements of the q-norm weight per layer (0: none); OLMoE norms all of q, Qwen3 per head
-    k_norm: int
-    norm_bias: bool  # LayerNorm with bias (Phi-3.5-MoE) instead of RMSNorm
-    lm_head_bias: bool
-    router_param: str  # the router's parameter name inside the MoE block ("gate" or "router")
+    # what only some families have; the defaults are Mixtral's (and most families')
+    router: str = "softmax_topk"  # or "sparsemixer" (Phi-3.5-MoE)
+    router_jitter: float = 0.0  # multiplicative noise in training only; inference ignores it
+    dense_intermediate: int = 0  # intermediate size of the dense MLP in non-MoE layers (0: no such layers)
+    shared_intermediate: int = 0  # the always-on shared expert (0: none)
+    shared_expert_gate: bool = False  # the shared expert's output is scaled by sigmoid(a [1, hidden] gate)
+    qkv_bias: bool = False  # q/k/v projections carry a bias
+    o_bias: bool = False
+    q_norm: int = 0  # elements of the q-norm weight per layer (0: none); OLMoE norms all of q, Qwen3 per head
+    k_norm: int = 0
+    norm_bias: bool = False  # LayerNorm with bias (Phi-3.5-MoE) instead of RMSNorm
+    lm_head_bias: bool = False
+    router_param: str = "gate"  # the router's parameter name inside the MoE block ("gate" or "router")
 
     # ---- shapes ----------------------------------------------------------------------------------
 
@@ -162,3 +163,20 @@ def sparse_layers(config) -> tuple[int, ...]:
 
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def architecture(config, **fields) -> MoEArchitecture:
+    """A family's ``MoEArchitecture``: the fields every transformers MoE config spells alike, plus ``fields``
+    (the family's own; every layer is MoE unless ``fields`` gives ``moe_layers``)."""
+    common = dict(
+        num_layers=config.num_hidden_layers,
+        moe_layers=tuple(range(config.num_hidden_layers)),
+        top_k=config.num_experts_per_tok,
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=head_dim_of(config),
+        vocab=config.vocab_size,
+        tie_embeddings=bool(config.tie_word_embeddings),
+    )
+    return MoEArchitecture(**{**common, **fields})

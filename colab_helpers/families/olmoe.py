@@ -7,7 +7,7 @@ transformers 5: router ``mlp.gate`` [E, H]; fused ``mlp.experts.gate_up_proj`` /
 
 from __future__ import annotations
 
-from .base import MoEArchitecture, head_dim_of
+from .base import MoEArchitecture, architecture, head_dim_of
 
 NAME = "OLMoE"
 MODEL_TYPE = "olmoe"
@@ -18,32 +18,16 @@ CONFIG_CLASS = "OlmoeConfig"
 def from_config(config) -> MoEArchitecture:
     hd = head_dim_of(config)
     bias = bool(getattr(config, "attention_bias", False))
-    return MoEArchitecture(
+    return architecture(
+        config,
         family=MODEL_TYPE,
         name=NAME,
         model_class=MODEL_CLASS,
-        num_layers=config.num_hidden_layers,
-        moe_layers=tuple(range(config.num_hidden_layers)),
         num_experts=config.num_experts,
-        top_k=config.num_experts_per_tok,
         norm_topk_prob=bool(config.norm_topk_prob),
-        router="softmax_topk",
-        router_jitter=0.0,
-        hidden=config.hidden_size,
         expert_intermediate=config.intermediate_size,
-        dense_intermediate=0,
-        shared_intermediate=0,
-        shared_expert_gate=False,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
-        head_dim=hd,
-        vocab=config.vocab_size,
-        tie_embeddings=bool(config.tie_word_embeddings),
         qkv_bias=bias,
         o_bias=bias,
         q_norm=config.num_attention_heads * hd,
         k_norm=config.num_key_value_heads * hd,
-        norm_bias=False,
-        lm_head_bias=False,
-        router_param="gate",
     )

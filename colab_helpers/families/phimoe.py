@@ -10,7 +10,7 @@ transformers 5: router ``mlp.router`` [E, H] (not ``gate``); fused ``mlp.experts
 
 from __future__ import annotations
 
-from .base import MoEArchitecture, head_dim_of
+from .base import MoEArchitecture, architecture
 
 NAME = "Phi-3.5-MoE"
 MODEL_TYPE = "phimoe"
@@ -20,31 +20,18 @@ CONFIG_CLASS = "PhimoeConfig"
 
 def from_config(config) -> MoEArchitecture:
     bias = bool(config.attention_bias)
-    return MoEArchitecture(
+    return architecture(
+        config,
         family=MODEL_TYPE,
         name=NAME,
         model_class=MODEL_CLASS,
-        num_layers=config.num_hidden_layers,
-        moe_layers=tuple(range(config.num_hidden_layers)),
         num_experts=config.num_local_experts,
-        top_k=config.num_experts_per_tok,
         norm_topk_prob=False,  # sparsemixer's weights come from masked softmaxes, not renormalized
         router="sparsemixer",
         router_jitter=float(config.router_jitter_noise),
-        hidden=config.hidden_size,
         expert_intermediate=config.intermediate_size,
-        dense_intermediate=0,
-        shared_intermediate=0,
-        shared_expert_gate=False,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
-        head_dim=head_dim_of(config),
-        vocab=config.vocab_size,
-        tie_embeddings=bool(config.tie_word_embeddings),
         qkv_bias=bias,
         o_bias=bias,
-        q_norm=0,
-        k_norm=0,
         norm_bias=True,
         lm_head_bias=bool(config.lm_head_bias),
         router_param="router",

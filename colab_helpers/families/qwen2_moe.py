@@ -10,7 +10,7 @@ I = ``moe_intermediate_size``; ``mlp.shared_expert.{gate,up,down}_proj``, ``mlp.
 
 from __future__ import annotations
 
-from .base import MoEArchitecture, head_dim_of, sparse_layers
+from .base import MoEArchitecture, architecture, sparse_layers
 
 NAME = "Qwen2-MoE"
 MODEL_TYPE = "qwen2_moe"
@@ -20,32 +20,17 @@ CONFIG_CLASS = "Qwen2MoeConfig"
 
 def from_config(config) -> MoEArchitecture:
     moe = sparse_layers(config)
-    return MoEArchitecture(
+    return architecture(
+        config,
         family=MODEL_TYPE,
         name=NAME,
         model_class=MODEL_CLASS,
-        num_layers=config.num_hidden_layers,
         moe_layers=moe,
         num_experts=config.num_experts,
-        top_k=config.num_experts_per_tok,
         norm_topk_prob=bool(config.norm_topk_prob),
-        router="softmax_topk",
-        router_jitter=0.0,
-        hidden=config.hidden_size,
         expert_intermediate=config.moe_intermediate_size,
         dense_intermediate=config.intermediate_size if len(moe) < config.num_hidden_layers else 0,
         shared_intermediate=config.shared_expert_intermediate_size,
         shared_expert_gate=config.shared_expert_intermediate_size > 0,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
-        head_dim=head_dim_of(config),
-        vocab=config.vocab_size,
-        tie_embeddings=bool(config.tie_word_embeddings),
         qkv_bias=bool(getattr(config, "qkv_bias", True)),
-        o_bias=False,
-        q_norm=0,
-        k_norm=0,
-        norm_bias=False,
-        lm_head_bias=False,
-        router_param="gate",
     )

@@ -9,7 +9,7 @@ I = ``moe_intermediate_size``; optional ``attention_bias`` on all four projectio
 
 from __future__ import annotations
 
-from .base import MoEArchitecture, head_dim_of, sparse_layers
+from .base import MoEArchitecture, architecture, head_dim_of, sparse_layers
 
 NAME = "Qwen3-MoE"
 MODEL_TYPE = "qwen3_moe"
@@ -21,32 +21,18 @@ def from_config(config) -> MoEArchitecture:
     moe = sparse_layers(config)
     hd = head_dim_of(config)
     bias = bool(getattr(config, "attention_bias", False))
-    return MoEArchitecture(
+    return architecture(
+        config,
         family=MODEL_TYPE,
         name=NAME,
         model_class=MODEL_CLASS,
-        num_layers=config.num_hidden_layers,
         moe_layers=moe,
         num_experts=config.num_experts,
-        top_k=config.num_experts_per_tok,
         norm_topk_prob=bool(config.norm_topk_prob),
-        router="softmax_topk",
-        router_jitter=0.0,
-        hidden=config.hidden_size,
         expert_intermediate=config.moe_intermediate_size,
         dense_intermediate=config.intermediate_size if len(moe) < config.num_hidden_layers else 0,
-        shared_intermediate=0,
-        shared_expert_gate=False,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
-        head_dim=hd,
-        vocab=config.vocab_size,
-        tie_embeddings=bool(config.tie_word_embeddings),
         qkv_bias=bias,
         o_bias=bias,
         q_norm=hd,
         k_norm=hd,
-        norm_bias=False,
-        lm_head_bias=False,
-        router_param="gate",
     )
