@@ -39,7 +39,7 @@ from colab_helpers.checkpoint import QuantConfig, expert_shapes
 from colab_helpers.experts import ExpertLayout
 from colab_helpers.model import OffloadConfig, assemble_model
 from colab_helpers.moe import PrefetchConfig, expert_forward
-from colab_helpers.synthetic import ScriptedRouter, mixtral_8x7b_config, random_experts, random_trunk
+from colab_helpers.synthetic import ScriptedRouter, mixtral_8x7b_config, random_experts, random_trunk, smoke_config
 
 T4_VRAM_BUDGET_GB = 15.0  # what torch.cuda.mem_get_info reports free on a fresh Colab T4 (≈15.1 GB)
 COLAB_RAM_GB = 12.7  # a free Colab session's host RAM
@@ -403,22 +403,6 @@ def project_t4(results: dict[str, VariantResult]) -> list[tuple[str, float, floa
     return rows
 
 
-def _smoke_config():
-    from transformers import MixtralConfig
-
-    return MixtralConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=512,
-        max_position_embeddings=512,
-    )
-
-
 def _k_text(k) -> str:
     """``5`` or ``6x11, 5x21`` for per-layer lists."""
     if isinstance(k, int):
@@ -482,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.cpu_smoke:
-        config = _smoke_config()
+        config = smoke_config()
         settings = BenchSettings("cpu", None, args.new_tokens or 16, 8, args.full_k or 5, 1, args.policy, None, None, 2)
     else:
         if not torch.cuda.is_available():

@@ -36,6 +36,21 @@ def mixtral_8x7b_config() -> MixtralConfig:
     )
 
 
+def smoke_config() -> MixtralConfig:
+    """A Mixtral small enough for a CPU smoke run of the GPU benchmarks (same code paths, tiny widths)."""
+    return MixtralConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+    )
+
+
 def _random_quantized(
     specs: dict[str, tuple[torch.dtype, tuple]], nbits: int, gen: torch.Generator, device: torch.device
 ) -> dict[str, torch.Tensor]:

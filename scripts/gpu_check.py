@@ -483,7 +483,7 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
     from colab_helpers.generation import _kv_cache_kwarg
     from colab_helpers.generation import prefill as prefill_in_chunks
     from colab_helpers.planner import Budget, Margins, measure_budget, plan_memory
-    from colab_helpers.synthetic import mixtral_8x7b_config
+    from colab_helpers.synthetic import mixtral_8x7b_config, smoke_config
 
     proc = psutil.Process()
     cuda = torch.cuda.is_available() and not ctx.smoke
@@ -512,7 +512,7 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
             torch.cuda.set_per_process_memory_fraction(min(1.0, T4_VRAM_GB * GB / total))
             data["emulation"] = f"caching allocator capped to {T4_VRAM_GB} GB of {total / GB:.1f} GB"
 
-    config = mixtral_8x7b_config() if cuda else _smoke_config()
+    config = mixtral_8x7b_config() if cuda else smoke_config()
     prefill = PREFILL_TOKENS if cuda else 64
     quant = QuantConfig()
     budget = Budget.given(T4_VRAM_GB, COLAB_RAM_GB) if (cuda and ctx.emulate_t4) else measure_budget(device)
@@ -591,22 +591,6 @@ def _random_model(config, quant, device: str, k):
     cfg = OffloadConfig(device=device, experts_on_device=k, progress=False)
     return assemble_model(
         config, quant, random_trunk(config, quant, device), random_experts(config, quant, device), cfg
-    )
-
-
-def _smoke_config():
-    from transformers import MixtralConfig
-
-    return MixtralConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=512,
-        max_position_embeddings=512,
     )
 
 

@@ -104,9 +104,10 @@ def test_kernel_bench_cpu_smoke_writes_its_rows(tmp_path: Path) -> None:
 def test_gpu_offload_variant_with_per_layer_experts_runs_on_cpu() -> None:
     """The planner gives one k per layer (6 in some layers, 5 in others on a T4); a variant takes that list."""
     from colab_helpers.checkpoint import QuantConfig
+    from colab_helpers.synthetic import smoke_config
 
     bench = _benchmark("gpu_offload")
     settings = bench.BenchSettings("cpu", None, 3, 8, [5, 4, 5, 4], 1, "lfu_decay", None, None, 2)
-    r = bench.run_variant("per layer", bench._smoke_config(), QuantConfig(), settings, None, [5, 4, 5, 4], True, "lru")
+    r = bench.run_variant("per layer", smoke_config(), QuantConfig(), settings, None, [5, 4, 5, 4], True, "lru")
     assert r.tokens_per_s > 0 and r.experts_on_device == [5, 4, 5, 4] and 0 < r.hit_rate <= 1
     assert bench._k_text([6, 6, 5, 5, 5]) == "6x2, 5x3"
