@@ -6,13 +6,10 @@ Like ``test_kernels``: without CUDA the kernels run under Triton's interpreter i
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import traceback
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ import torch.nn.functional as F
 from colab_helpers import kernels
 from colab_helpers.kernels import GemvConfig
 from colab_helpers.quant import DEFAULT_EXPERT_SPECS, DEMO_EXPERT_SPEC, QuantizedWeight, QuantSpec
-from tests.test_kernels import DEVICE, on_device, random_weight
+from tests.test_kernels import DEVICE, interpreter_results, on_device, random_weight
 
 HIDDEN, FFN = 256, 512  # the tiny model's expert shapes
 
@@ -84,22 +81,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     if DEVICE.type == "cuda":
         return run_cases(jobs)
     tmp = tmp_path_factory.mktemp("expert")
-    torch.save(jobs, tmp / "jobs.pt")
-    root = str(Path(__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp / "jobs.pt"), str(tmp / "out.pt")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    return torch.load(tmp / "out.pt", weights_only=False)
+    return interpreter_results(jobs, tmp, __file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

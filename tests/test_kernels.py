@@ -154,6 +154,27 @@ ONEHOT_CASES = [Case(DEFAULT_EXPERT_SPECS[b], (64, 512), source="onehot") for b 
 ALL_CASES = REFERENCE_CASES + TILING_CASES + QUANTIZED_CASES + ONEHOT_CASES
 
 
+def interpreter_results(jobs: dict, tmp: Path, script: str) -> dict:
+    """``script``'s ``run_cases(jobs)`` in a child process under ``TRITON_INTERPRET=1`` (it must be set before
+    triton is imported, so not in this process): ``python script JOBS OUT``."""
+    torch.save(jobs, tmp / "jobs.pt")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, script, str(tmp / "jobs.pt"), str(tmp / "out.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return torch.load(tmp / "out.pt", weights_only=False)
+
+
 def run_cases(jobs: dict[str, tuple[torch.Tensor, QuantizedWeight, GemvConfig | None]]) -> dict[str, object]:
     """``{id: y}``, or ``{id: traceback}`` for a case that raised (so one failure doesn't hide the rest)."""
     out: dict[str, object] = {}
@@ -175,22 +196,7 @@ def gemv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     if DEVICE.type == "cuda":
         return run_cases(jobs)
     tmp = tmp_path_factory.mktemp("gemv")
-    torch.save(jobs, tmp / "jobs.pt")
-    root = str(Path(__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp / "jobs.pt"), str(tmp / "out.pt")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    return torch.load(tmp / "out.pt", weights_only=False)
+    return interpreter_results(jobs, tmp, __file__)
 
 
 def output(gemv: dict[str, object], case: Case) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight]:
