@@ -164,13 +164,15 @@ class OffloadedMoE(nn.Module):
                 out = kernels.expert_mlp(x, cache.weights(layer, e), coefs[choice[0].index(e)], out)
                 cache.release(layer, e)
             return out
+        routed: dict[int, tuple[list[int], list[int]]] = {}  # expert -> (tokens, ranks), one pass over the
+        for t, row in enumerate(choice):  # host copy of the choice: no nonzero/boolean mask on the device
+            for r, e in enumerate(row):
+                tokens, ranks = routed.setdefault(e, ([], []))
+                tokens.append(t)
+                ranks.append(r)
         out = torch.zeros_like(x)
         for e in order:
-            tok, rank = [], []  # from the host copy of the choice: no nonzero/boolean mask on the device
-            for t, row in enumerate(choice):
-                if e in row:
-                    tok.append(t)
-                    rank.append(row.index(e))
+            tok, rank = routed[e]
             tok_i = torch.tensor(tok, device=x.device)
             y = expert_forward(x[tok_i], cache.weights(layer, e))
             out.index_add_(0, tok_i, y * weights[tok_i, torch.tensor(rank, device=x.device), None].to(x.dtype))
