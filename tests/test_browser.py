@@ -264,6 +264,14 @@ def _chat_flow(nb: Notebook) -> None:
     _check_layout(nb)
     nb.shot("after_zen")
 
+    # From here on an answer must still be running when the test acts on it. The tiny model answers in about a
+    # second, so on a fast machine it can end before a click or cell lands (CI saw it): every forward pass is
+    # paced to 40 ms (a real T4 takes longer per token), which leaves seconds; the pace is removed at the end.
+    cell = nb.run_code(
+        "import time\n_pace = model.register_forward_pre_hook(lambda *_: time.sleep(0.04))\nprint('paced')"
+    )
+    assert "paced" in nb.wait_output(cell, "paced")
+
     # a cell run during an answer: JupyterLab runs it at once (the conversation refuses a second message,
     # the model answers the cell correctly beside the widget); Notebook 6 runs it after the answer
     nb.button("Clear").click()
@@ -297,9 +305,12 @@ def _chat_flow(nb: Notebook) -> None:
         nb.button("Stop").click()
     else:
         nb.page.locator('button[data-jupyter-action="jupyter-notebook:interrupt-kernel"]').click()
-    nb.wait("() => document.querySelector('.colab-helpers-transcript').innerText.includes('[stopped]')")
+    stopped_or_done = f"""() => document.querySelector('.colab-helpers-transcript').innerText.includes('[stopped]')
+        || ({ANSWER_DONE})()"""
+    nb.wait(stopped_or_done)
     nb.wait(ANSWER_DONE)
     stopped = nb.answers()[-1]
+    assert "[stopped]" in stopped, f"the answer ended without being stopped: {nb.status()!r} {stopped[-200:]!r}"
     assert "[stopped]" in stopped and len(stopped) < len(zen_answer), stopped
     assert "stopped" in nb.status()
     nb.type_and_send("What is the capital of Japan?", keys=None)  # the Send button this time
@@ -308,7 +319,9 @@ def _chat_flow(nb: Notebook) -> None:
     nb.shot("after_stop")
 
     # nothing broke: no error outputs, the cache is consistent, the kernel still answers
-    cell = nb.run_code("model.expert_cache.check_invariants()\nprint('invariants ok', len(session.turns))")
+    cell = nb.run_code(
+        "_pace.remove()\nmodel.expert_cache.check_invariants()\nprint('invariants ok', len(session.turns))"
+    )
     out = nb.wait_output(cell, "invariants ok")
     assert "invariants ok 2" in out, out
     assert not nb.errors(), nb.errors()
