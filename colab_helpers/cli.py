@@ -214,7 +214,7 @@ def _one_line(err: BaseException) -> str:
 
 def _run(argv: list[str]) -> int:
     if argv and argv[0] == "plan":
-        from .planner import cli_main
+        from .plan_cli import cli_main
 
         return cli_main(argv[1:])
     if argv and argv[0] == "convert":

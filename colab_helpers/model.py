@@ -20,9 +20,10 @@ from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding,
 from .attention import AttentionPath, choose_attention, install_attention, register
 from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, attention_shapes
 from .experts import ExpertCache, ExpertLayout, experts_per_layer
+from .linear import QuantLinear
 from .moe import OffloadedMoE, PrefetchConfig
 from .placement import ExpertCacheGroup, LayerPlacement, place_layers
-from .quant import QuantizedWeight, QuantLinear
+from .quant import QuantizedWeight
 from .tokenizer import load_tokenizer  # noqa: F401  (re-exported: model.load_tokenizer)
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 # The seven tensors of one quantized linear, in file order.
@@ -306,48 +305,6 @@ def quantize(weight: torch.Tensor, spec: QuantSpec, optimize: bool = True) -> Qu
     codes = (w / step + zero).round().clamp(0, top).to(torch.uint8)  # [g, M]
     qw.W_q = PACK[spec.nbits](codes).contiguous()
     return qw
-
-
-# --------------------------------------------------------------------------------------------------
-# the module
-# --------------------------------------------------------------------------------------------------
-
-
-class QuantLinear(nn.Module):
-    """A bias-free linear whose weight is stored low-bit; stands in for ``nn.Linear`` in attention.
-
-    With ``dense_on_cpu`` a CPU run dequantizes once and keeps the dense copy (CPUs have no fused
-    low-bit kernel; on CUDA the packed bytes are read directly every call).
-    """
-
-    def __init__(self, weight: QuantizedWeight, dense_on_cpu: bool = True) -> None:
-        super().__init__()
-        self.spec = weight.spec
-        self.out_features, self.in_features = weight.shape
-        self.dense_on_cpu = dense_on_cpu
-        for name, tensor in weight.tensors().items():
-            self.register_buffer(name.replace(".", "_"), tensor)
-        self._weight: QuantizedWeight | None = None
-
-    @property
-    def weight_q(self) -> QuantizedWeight:
-        """The buffers as a ``QuantizedWeight``; rebuilt only after ``.to()`` replaced them."""
-        if self._weight is None or self._weight.W_q is not self.W_q:
-            tensors = {s: getattr(self, s.replace(".", "_")) for s in SUFFIXES}
-            self._weight = QuantizedWeight.from_tensors(self.spec, (self.out_features, self.in_features), tensors)
-        return self._weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import quant_linear
-
-        w = self.weight_q
-        if self.dense_on_cpu and x.device.type == "cpu" and (w.dense is None or w.dense.dtype != x.dtype):
-            w.dense = w.dequantize(x.dtype)
-        return quant_linear(x, w)
-
-    def extra_repr(self) -> str:
-        s = self.spec
-        return f"in={self.in_features}, out={self.out_features}, bits={s.nbits}, group={s.group_size}"
 
 
 def dequantized_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:

@@ -17,6 +17,7 @@ from colab_helpers.checkpoint import (
     expected_expert_tensors,
     expected_trunk_tensors,
 )
+from colab_helpers.plan_cli import cli_main
 from colab_helpers.planner import (
     GB,
     Budget,
@@ -24,7 +25,6 @@ from colab_helpers.planner import (
     MemoryPlanError,
     ModelSizes,
     check_fits,
-    cli_main,
     plan_for_checkpoint,
     plan_memory,
     stock_config,

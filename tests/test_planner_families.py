@@ -13,7 +13,8 @@ from colab_helpers.cli import main
 from colab_helpers.experts import ExpertLayout
 from colab_helpers.families import architecture, from_transformers
 from colab_helpers.families.configs import shipped
-from colab_helpers.planner import GB, Budget, ModelSizes, _tensor_bytes, cli_main, plan_memory, stock_config
+from colab_helpers.plan_cli import cli_main
+from colab_helpers.planner import GB, Budget, ModelSizes, _tensor_bytes, plan_memory, stock_config
 
 T4 = Budget.given(15, 12.7)
 QUANTS = [QuantConfig(), *(QuantConfig.for_bits(a, e) for a in (2, 3, 4) for e in (2, 3, 4))]

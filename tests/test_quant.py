@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from colab_helpers.checkpoint import QuantConfig, attention_shapes, expected_trunk_tensors, expert_shapes
+from colab_helpers.linear import QuantLinear
 from colab_helpers.quant import (
     DEFAULT_EXPERT_SPECS,
     DEMO_ATTENTION_SPEC,
@@ -13,7 +14,6 @@ from colab_helpers.quant import (
     PACK,
     UNPACK,
     QuantizedWeight,
-    QuantLinear,
     QuantSpec,
     dequantize_peak_bytes,
     quantize,
