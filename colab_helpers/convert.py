@@ -1,13 +1,15 @@
-"""Streaming converter: any transformers Mixtral checkpoint (hub repo or folder) -> the offloading layout.
+"""Streaming converter: a transformers MoE checkpoint (hub repo or folder) -> the offloading layout.
 
-A source is read one safetensors shard at a time, each tensor straight from the memory map, and
-quantized with the same per-tensor functions as ``save_checkpoint`` (HQQ's optimizer, on the GPU when
-there is one). An expert is written as soon as its w1/w2/w3 have all been seen; what is still incomplete
-at the end of a shard (an expert whose matrices straddle shards) is kept already quantized, so host RAM
-stays near one source shard. After each shard a small staging file (its trunk pieces and the pending
-expert pieces) and a progress manifest are written atomically: an interrupted run, rerun, continues
-where it stopped and produces the same bytes. With ``delete_source`` each downloaded shard is deleted
-once consumed, so a free Colab disk holds the output plus at most two source shards.
+The family (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Phi-3.5-MoE) comes from the source's config.json; its
+adapter says how the published shards name experts and router (``families/source_names.py``). A source is
+read one safetensors shard at a time, each tensor straight from the memory map, and quantized with the same
+per-tensor functions as ``save_checkpoint`` (HQQ's optimizer, on the GPU when there is one). An expert is
+written as soon as its w1/w2/w3 have all been seen; what is still incomplete at the end of a shard (an expert
+whose matrices straddle shards) is kept already quantized, so host RAM stays near one source shard. After
+each shard a small staging file (its trunk pieces and the pending expert pieces) and a progress manifest
+are written atomically: an interrupted run, rerun, continues where it stopped and produces the same bytes.
+With ``delete_source`` each downloaded shard is deleted once consumed, so a free Colab disk holds the
+output plus at most two source shards.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import MixtralConfig
 
 from .checkpoint import (
     CONFIG_FILE,
@@ -32,13 +33,10 @@ from .checkpoint import (
     Checkpoint,
     CheckpointError,
     QuantConfig,
-    attention_shapes,
     config_from_dict,
     expected_expert_tensors,
     expected_trunk_tensors,
     expert_file,
-    expert_prefix,
-    expert_shapes,
     stored_expert_matrix,
     stored_trunk_tensor,
     trunk_file,
@@ -46,11 +44,14 @@ from .checkpoint import (
     write_shard,
     write_text,
 )
+from .families import MoEArchitecture, UnsupportedFamilyError, detect_family, from_transformers, transformers_config
+from .families.source_names import SourceKey, SourceNames, UnexpectedTensorError, source_names
 
 GB = 10**9
 MB = 10**6
 STATE_DIR = ".convert"  # inside the output folder: manifest, staging files, deletable downloads
 MANIFEST = "progress.json"
+PENDING = "pending"  # staging files: an incomplete expert's quantized pieces as pending.<layer>.<expert>.<key>
 SOURCE_DTYPES = {torch.bfloat16, torch.float16, torch.float32}
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -76,50 +77,17 @@ class ConvertError(ValueError):
 # source tensor names
 # --------------------------------------------------------------------------------------------------
 
-_LAYER = r"model\.layers\.(\d+)\."
-_CLASSIC = re.compile(_LAYER + r"block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
-_PER_EXPERT_MLP = re.compile(_LAYER + r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_FUSED = re.compile(_LAYER + r"mlp\.experts\.(gate_up_proj|down_proj)$")
-_ROUTER = re.compile(_LAYER + r"(?:mlp|block_sparse_moe)\.gate\.weight$")
-_TRUNK = re.compile(
-    r"^(model\.embed_tokens\.weight|lm_head\.weight|model\.norm\.weight|"
-    + _LAYER
-    + r"(input_layernorm|post_attention_layernorm)\.weight|"
-    + _LAYER
-    + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight)$"
-)
-_MLP_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
-
-@dataclass(frozen=True)
-class SourceKey:
-    """What one tensor of a transformers Mixtral checkpoint is, under the layout's names."""
-
-    kind: str  # "trunk", "expert" (one matrix of one expert) or "fused" (one matrix of every expert of a layer)
-    name: str  # trunk: the layout name; expert/fused: the matrix (w1/w2/w3, or gate_up for fused)
-    layer: int = -1
-    expert: int = -1
-
-
-def classify(key: str) -> SourceKey | None:
-    """Classic (``block_sparse_moe.experts.N.w1``) and transformers 5 (fused ``mlp.experts.gate_up_proj``)
-    names; ``None`` for tensors the layout does not keep (rotary ``inv_freq``)."""
-    if key.endswith("rotary_emb.inv_freq"):
-        return None
-    if m := _CLASSIC.match(key):
-        return SourceKey("expert", m[3], int(m[1]), int(m[2]))
-    if m := _PER_EXPERT_MLP.match(key):
-        return SourceKey("expert", _MLP_NAMES[m[3]], int(m[1]), int(m[2]))
-    if m := _FUSED.match(key):
-        return SourceKey("fused", "gate_up" if m[2] == "gate_up_proj" else "w2", int(m[1]))
-    if m := _ROUTER.match(key):
-        return SourceKey("trunk", f"model.layers.{m[1]}.block_sparse_moe.gate.weight")
-    if _TRUNK.match(key):
-        return SourceKey("trunk", key)
-    raise ConvertError(
-        f"unexpected tensor {key!r}: not part of a plain MixtralForCausalLM (is the source already quantized, "
-        "or a LoRA adapter? merge it into the base weights first)"
-    )
+def classify(key: str, names: SourceNames) -> SourceKey | None:
+    """What source tensor ``key`` is, in the family's published names (``block_sparse_moe.experts.N.w1``,
+    ``mlp.experts.N.gate_proj``) or transformers 5's fused ones (``mlp.experts.gate_up_proj``); ``None`` for
+    tensors the layout does not keep (rotary ``inv_freq``)."""
+    try:
+        return names.classify(key)
+    except UnexpectedTensorError as err:
+        raise ConvertError(
+            f"{err} (is the source already quantized, or a LoRA adapter? merge it into the base weights first)"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,7 +172,8 @@ class ConversionPlan:
     """Everything decided before the first shard is read; ``report()`` is what the CLI prints first."""
 
     source: Source
-    config: MixtralConfig
+    config: object  # the family's transformers config (MixtralConfig, OlmoeConfig, ...)
+    arch: MoEArchitecture
     quant: QuantConfig
     shards: tuple[str, ...]  # source safetensors files, in processing order
     shard_tensors: dict[str, tuple[str, ...]]  # file -> tensor names (from the index)
@@ -227,13 +196,11 @@ class ConversionPlan:
     @property
     def ram_bytes(self) -> int:
         """Peak host RAM: Python and torch, one source shard mapped, HQQ scratch; or the trunk at the end."""
-        return PYTHON_RSS + max(
-            self.max_shard_bytes + hqq_scratch_bytes(self.config, self.device), 2 * self.trunk_bytes
-        )
+        return PYTHON_RSS + max(self.max_shard_bytes + hqq_scratch_bytes(self.arch, self.device), 2 * self.trunk_bytes)
 
     @property
     def output_files(self) -> int:
-        return 1 + self.config.num_hidden_layers * self.config.num_local_experts
+        return 1 + self.arch.total_experts
 
     def machine_check(self, out: str | os.PathLike) -> str:
         """This plan against this machine: free disk where ``out`` goes, available RAM, and a GPU or not."""
@@ -258,7 +225,7 @@ class ConversionPlan:
         )
 
     def report(self) -> str:
-        c, q = self.config, self.quant
+        a, q = self.arch, self.quant
         eta = self.quantize_seconds + self.download_seconds
         held = (
             f"at most two source shards ({2 * self.max_shard_bytes / GB:.2f} GB) with --delete-source"
@@ -266,8 +233,8 @@ class ConversionPlan:
             else f"all source shards ({self.source_bytes / GB:.2f} GB) in the hub cache"
         )
         lines = [
-            f"convert {self.source.description}: Mixtral {c.num_hidden_layers} layers x {c.num_local_experts} experts, "
-            f"hidden {c.hidden_size}, {self.params / 1e9:.2f} B parameters in {len(self.shards)} shards "
+            f"convert {self.source.description}: {a.name} {_layers(a)} x {a.num_experts} experts, "
+            f"hidden {a.hidden}, {self.params / 1e9:.2f} B parameters in {len(self.shards)} shards "
             f"({_size(self.source_bytes)}, largest {_size(self.max_shard_bytes)})",
             f"  to {q.experts.nbits}-bit experts (group {q.experts.group_size}), {q.attention.nbits}-bit attention "
             f"(group {q.attention.group_size}), HQQ optimizer on {self.device}",
@@ -299,10 +266,18 @@ class ConversionPlan:
         }
 
 
-def hqq_scratch_bytes(config: MixtralConfig, device: str) -> int:
-    """Host memory HQQ's optimizer needs for the biggest matrix (an expert's w1) on ``device``."""
+def _layers(arch: MoEArchitecture) -> str:
+    dense = len(arch.dense_layers)
+    return f"{arch.num_layers} layers" + (f" ({dense} dense)" if dense else "")
+
+
+def hqq_scratch_bytes(arch, device: str) -> int:
+    """Host memory HQQ's optimizer needs for the biggest quantized matrix (Mixtral: an expert's w1) on ``device``;
+    ``arch`` is a ``MoEArchitecture`` or a transformers config."""
+    if not isinstance(arch, MoEArchitecture):
+        arch = from_transformers(arch)
     per = HQQ_SCRATCH_PER_PARAM["cuda" if str(device).startswith("cuda") else "cpu"]
-    return per * config.intermediate_size * config.hidden_size
+    return per * max(o * i for o, i in _quantized_shapes(arch))
 
 
 def _size(n: int) -> str:
@@ -356,13 +331,15 @@ def plan_conversion(
     delete_source = delete_source and source.remote  # only shards this converter downloads, never a user's folder
     meta = meta_dir if source.remote else None
     cfg_dict = _read_json_file(source, CONFIG_FILE, meta)
-    config = _mixtral_config(cfg_dict, source)
-    _check_shapes(config, quant, source)
+    config = _family_config(cfg_dict, source)
+    arch = from_transformers(config)
+    _check_shapes(arch, quant, source)
+    _require_layout(arch, source)
     shard_tensors = _shard_tensors(source, meta)
     shards = tuple(sorted(shard_tensors))
     sizes = [source.files[s] for s in shards]
     dev = quantize_device(device)
-    params = _params(config)
+    params = arch.total_params
     rate = measure_quantize_rate(quant, dev, optimize)
     present = sum(source.files[s] for s in shards if _cached(source, s, meta_dir, delete_source))
     trunk = sum(_spec_bytes(v) for v in expected_trunk_tensors(config, quant).values())
@@ -370,12 +347,13 @@ def plan_conversion(
     return ConversionPlan(
         source=source,
         config=config,
+        arch=arch,
         quant=quant,
         shards=shards,
         shard_tensors=shard_tensors,
         source_bytes=sum(sizes),
         max_shard_bytes=max(sizes),
-        output_bytes=trunk + per_expert * config.num_hidden_layers * config.num_local_experts,
+        output_bytes=trunk + per_expert * arch.total_experts,
         trunk_bytes=trunk,
         params=params,
         quantize_seconds=rate * params,
@@ -385,30 +363,60 @@ def plan_conversion(
     )
 
 
-def _mixtral_config(cfg: dict, source: Source) -> MixtralConfig:
-    archs = cfg.get("architectures") or ["MixtralForCausalLM"]
-    if cfg.get("model_type") != "mixtral" or "MixtralForCausalLM" not in archs:
+def _family_config(cfg: dict, source: Source):
+    """The family's transformers config from config.json; any other family refused with the supported list."""
+    try:
+        adapter = detect_family(cfg)
+    except UnsupportedFamilyError as err:
+        raise ConvertError(f"{source.description}: {err}") from None
+    archs = cfg.get("architectures") or [adapter.MODEL_CLASS]
+    if adapter.MODEL_CLASS.lower() not in {str(a).lower() for a in archs}:
         raise ConvertError(
             f"{source.description}: config.json describes {cfg.get('model_type')!r} {archs}, not a "
-            "MixtralForCausalLM; only Mixtral checkpoints can be converted"
+            f"{adapter.MODEL_CLASS}; only causal language models convert"
         )
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "?")
         raise ConvertError(f"{source.description}: already quantized ({method}); convert the bf16/fp16 original")
     try:
-        return config_from_dict(cfg, CONFIG_FILE)
-    except CheckpointError as err:
-        raise ConvertError(f"{source.description}: {err}") from None
+        if adapter.MODEL_TYPE == "mixtral":
+            return config_from_dict(cfg, CONFIG_FILE)  # the architecture fields the layout keeps
+        return transformers_config(cfg)
+    except (CheckpointError, ValueError, TypeError, KeyError) as err:
+        raise ConvertError(f"{source.description}: config.json: {' '.join(str(err).split())}") from None
 
 
-def _check_shapes(config: MixtralConfig, quant: QuantConfig, source: Source) -> None:
+def _quantized_shapes(arch: MoEArchitecture) -> list[tuple[int, int]]:
+    """Every matrix shape HQQ quantizes: experts; attention, shared experts and dense MLPs (attention's bits)."""
+    return [*arch.expert_shapes.values(), *_attention_like_shapes(arch)]
+
+
+def _attention_like_shapes(arch: MoEArchitecture) -> list[tuple[int, int]]:
+    dense = list(arch.dense_mlp_shapes.values()) if arch.dense_layers else []
+    return [*arch.attention_shapes.values(), *arch.shared_expert_shapes.values(), *dense]
+
+
+def _check_shapes(arch: MoEArchitecture, quant: QuantConfig, source: Source) -> None:
     try:
-        for shape in attention_shapes(config).values():
+        for shape in _attention_like_shapes(arch):
             quant.attention.num_groups(shape)
-        for shape in expert_shapes(config).values():
+        for shape in arch.expert_shapes.values():
             quant.experts.num_groups(shape)
     except ValueError as err:
         raise ConvertError(f"{source.description}: {err}") from None
+
+
+def _require_layout(arch: MoEArchitecture, source: Source) -> None:
+    if arch.family != "mixtral":
+        raise ConvertError(
+            f"{source.description}: {arch.model_class} ({arch.family}) detected; writing its offloading layout is "
+            "not built yet (issue 12), so only Mixtral converts today"
+        )
+
+
+def _layout_name(model_name: str) -> str:
+    """A trunk tensor's name in the layout, from its transformers 5 name (Mixtral: ``mlp`` -> ``block_sparse_moe``)."""
+    return model_name.replace(".mlp.", ".block_sparse_moe.")
 
 
 def _shard_tensors(source: Source, meta_dir: Path | None) -> dict[str, tuple[str, ...]]:
@@ -432,13 +440,6 @@ def _shard_tensors(source: Source, meta_dir: Path | None) -> dict[str, tuple[str
         f"{source.description}: no safetensors checkpoint ({INDEX_FILE} or model.safetensors); "
         "convert .bin checkpoints with transformers' save_pretrained first"
     )
-
-
-def _params(config: MixtralConfig) -> int:
-    h, v = config.hidden_size, config.vocab_size
-    attn = sum(o * i for o, i in attention_shapes(config).values())
-    experts = 3 * config.intermediate_size * h * config.num_local_experts
-    return 2 * v * h + config.num_hidden_layers * (attn + experts)
 
 
 def _spec_bytes(spec: tuple[torch.dtype, tuple]) -> int:
@@ -510,7 +511,8 @@ class _Converter:
     def __init__(self, plan: ConversionPlan, out: Path, optimize: bool, progress: bool) -> None:
         self.plan, self.out, self.optimize, self.progress = plan, out, optimize, progress
         self.state = out / STATE_DIR
-        self.config, self.quant = plan.config, plan.quant
+        self.config, self.arch, self.quant = plan.config, plan.arch, plan.quant
+        self.names = source_names(plan.arch)
         self.device = torch.device(plan.device)
         self.pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (layer, expert) -> quantized mats
         self.n_mats = len(expected_expert_tensors(self.config, self.quant)) // 3  # 7 tensors per matrix
@@ -529,7 +531,7 @@ class _Converter:
                 raise ConvertError(f"{shard}: the index lists {missing[0]!r} but the file does not hold it")
             bar = tqdm(names, desc=shard, unit="tensor", leave=False, disable=not self.progress)
             for key in bar:
-                kind = classify(key)
+                kind = classify(key, self.names)
                 if kind is None:
                     continue
                 if kind.kind == "fused":
@@ -539,7 +541,8 @@ class _Converter:
                 self._check_dtype(shard, key, weight)
                 if kind.kind == "trunk":
                     self._check_trunk_shape(shard, kind.name, weight)
-                    trunk.update(stored_trunk_tensor(kind.name, weight, self.quant, self.optimize, self.device))
+                    name = _layout_name(kind.name)
+                    trunk.update(stored_trunk_tensor(name, weight, self.quant, self.optimize, self.device))
                 else:
                     self._expert_matrix(shard, key, kind.layer, kind.expert, kind.name, weight)
                 del weight
@@ -547,7 +550,7 @@ class _Converter:
         staged = dict(trunk)
         for (layer, e), mats in sorted(self.pending.items()):
             for rel, t in mats.items():
-                staged[expert_prefix(layer, e) + rel] = t
+                staged[f"{PENDING}.{layer}.{e}.{rel}"] = t
         write_shard(staged, self.state / _staging_name(shard))
 
     def _check_dtype(self, shard: str, key: str, weight: torch.Tensor) -> None:
@@ -555,28 +558,19 @@ class _Converter:
             raise ConvertError(f"{shard}: tensor {key!r} is {weight.dtype}; the source must be bf16, fp16 or fp32")
 
     def _check_trunk_shape(self, shard: str, name: str, weight: torch.Tensor) -> None:
-        c = self.config
-        h = c.hidden_size
-        if ".self_attn." in name:
-            want = attention_shapes(c)[name.split(".")[-2]]
-        elif "embed_tokens" in name or name == "lm_head.weight":
-            want = (c.vocab_size, h)
-        elif ".gate." in name:
-            want = (c.num_local_experts, h)
-        else:
-            want = (h,)
+        want = self.names.trunk[name]
         if tuple(weight.shape) != tuple(want):
             raise _shape_error(shard, name, weight.shape, want)
 
     def _fused(self, shard: str, f, key: str, kind: SourceKey) -> None:
-        c = self.config
+        a = self.arch
         sl = f.get_slice(key)
         shape = tuple(sl.get_shape())
-        i, h = c.intermediate_size, c.hidden_size
-        want = (c.num_local_experts, 2 * i, h) if kind.name == "gate_up" else (c.num_local_experts, h, i)
+        i = a.expert_intermediate
+        want = a.fused_expert_shapes["gate_up_proj" if kind.name == "gate_up" else "down_proj"]
         if shape != want:
             raise _shape_error(shard, key, shape, want)
-        for e in range(c.num_local_experts):
+        for e in range(a.num_experts):
             block = sl[e : e + 1][0]  # one expert read from the memory map, not the whole layer
             self._check_dtype(shard, key, block)
             if kind.name == "gate_up":
@@ -586,17 +580,17 @@ class _Converter:
                 self._expert_matrix(shard, key, kind.layer, e, "w2", block)
 
     def _expert_matrix(self, shard: str, key: str, layer: int, e: int, mat: str, weight: torch.Tensor) -> None:
-        c = self.config
-        if not (0 <= layer < c.num_hidden_layers and 0 <= e < c.num_local_experts):
-            size = f"{c.num_hidden_layers} x {c.num_local_experts}"
+        a = self.arch
+        if layer not in a.moe_layers or not 0 <= e < a.num_experts:
+            size = f"{len(a.moe_layers)} MoE layers x {a.num_experts}"
             raise ConvertError(f"{shard}: tensor {key!r} is outside the {size} experts config.json describes")
-        want = expert_shapes(c)[mat]
+        want = a.expert_shapes[mat]
         if tuple(weight.shape) != want:
             raise _shape_error(shard, key, weight.shape, want)
         mats = self.pending.setdefault((layer, e), {})
         mats.update(stored_expert_matrix(mat, weight, self.quant, self.optimize, self.device))
         if len(mats) == 3 * self.n_mats:
-            write_shard(mats, self.out / expert_file(c, layer, e))
+            write_shard(mats, self.out / expert_file(self.config, layer, e))
             del self.pending[(layer, e)]
 
     # ---- resume and finish ----
@@ -605,7 +599,7 @@ class _Converter:
         """The expert pieces still incomplete after the last consumed shard (saved in its staging file)."""
         from safetensors import safe_open
 
-        pat = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(.+)$")
+        pat = re.compile(rf"^{PENDING}\.(\d+)\.(\d+)\.(.+)$")
         with safe_open(self.state / _staging_name(last_done), framework="pt", device="cpu") as f:
             for key in f.keys():
                 if m := pat.match(key):
@@ -620,17 +614,17 @@ class _Converter:
             (layer, e), mats = next(iter(sorted(self.pending.items())))
             have = sorted({k.split(".")[0] for k in mats})
             raise ConvertError(f"the source has no complete expert {layer}.{e}: only {have} of w1, w2, w3 were found")
-        for layer in range(c.num_hidden_layers):
-            for e in range(c.num_local_experts):
+        for layer in self.arch.moe_layers:
+            for e in range(self.arch.num_experts):
                 if not (self.out / expert_file(c, layer, e)).is_file():
                     raise ConvertError(f"the source holds no weights for expert {layer}.{e}")
         trunk: dict[str, torch.Tensor] = {}
         for shard in self.plan.shards:
             with safe_open(self.state / _staging_name(shard), framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    if ".block_sparse_moe.experts." not in key:
+                    if not key.startswith(f"{PENDING}."):
                         trunk[key] = f.get_tensor(key)
-        if "lm_head.weight" not in trunk and c.tie_word_embeddings and "model.embed_tokens.weight" in trunk:
+        if "lm_head.weight" not in trunk and self.arch.tie_embeddings and "model.embed_tokens.weight" in trunk:
             trunk["lm_head.weight"] = trunk["model.embed_tokens.weight"].clone()
         expected = expected_trunk_tensors(c, self.quant)
         missing = sorted(set(expected) - set(trunk))
@@ -659,11 +653,11 @@ def _shape_error(shard: str, key: str, got, want) -> ConvertError:
 
 def model_card(plan: ConversionPlan) -> str:
     """The README written next to the shards (and pushed with them)."""
-    q, c = plan.quant, plan.config
+    q, a = plan.quant, plan.arch
     name = plan.source.description.split("@")[0].rstrip("/").split("/")[-1]
     return f"""---
 library_name: colab_helpers
-tags: [mixtral, hqq, offloading, quantized]
+tags: [{a.family}, hqq, offloading, quantized]
 ---
 # {name}: {q.experts.nbits}-bit experts, {q.attention.nbits}-bit attention (offloading layout)
 
@@ -671,7 +665,7 @@ Converted from `{plan.source.description}` with `python -m colab_helpers convert
 HQQ quantization (half-quadratic optimizer), experts {q.experts.nbits}-bit (group {q.experts.group_size},
 scale group {q.experts.scale_group_size}), attention {q.attention.nbits}-bit (group {q.attention.group_size},
 scale group {q.attention.scale_group_size}); embeddings, norms, router and `lm_head` in float16.
-{c.num_hidden_layers} layers x {c.num_local_experts} experts; one trunk file plus one file per expert, the
+{_layers(a)} x {a.num_experts} experts; one trunk file plus one file per expert, the
 layout of `lavawolfiee/Mixtral-8x7B-Instruct-v0.1-offloading-demo` (see `docs/checkpoint_format.md` of
 colab_helpers); the settings are in `config.json` under `offloading_quantization`.
 

@@ -1,5 +1,9 @@
 """Small Mixtral checkpoints in the hub's format (sharded safetensors, transformers names), made locally.
 
+``save_hub_format`` takes a model of any family: transformers 5's ``save_pretrained`` writes the names the
+published checkpoints use (Mixtral and Phi-3.5-MoE ``block_sparse_moe.experts.N.w1``, OLMoE and the Qwen MoEs
+``mlp.experts.N.gate_proj``), so a tiny random model of a family saved here is a hub source of that family.
+
 What the converter reads from the hub, without the hub: tests use random weights; the offline notebook
 uses the embedded model's dequantized weights (so the converted result still answers sensibly).
 """
@@ -44,14 +48,15 @@ def random_mixtral(config: MixtralConfig | None = None, seed: int = 0) -> Mixtra
 
 
 def save_hub_format(
-    model: MixtralForCausalLM,
+    model: torch.nn.Module,
     out: str | os.PathLike,
     max_shard_size: str | int = "200KB",
     dtype: torch.dtype = torch.bfloat16,
     fused: bool = False,
     tokenizer_from: str | os.PathLike | None = None,
 ) -> Path:
-    """``save_pretrained`` in ``dtype`` with small shards, so experts straddle shard boundaries.
+    """``save_pretrained`` (any transformers causal LM) in ``dtype`` with small shards, so experts straddle shard
+    boundaries.
 
     With ``fused`` the shards hold transformers 5's in-memory names (``mlp.experts.gate_up_proj``)
     instead of the classic per-expert names ``save_pretrained`` writes.
@@ -68,7 +73,7 @@ def save_hub_format(
     return out
 
 
-def _rewrite_fused(model: MixtralForCausalLM, out: Path) -> None:
+def _rewrite_fused(model: torch.nn.Module, out: Path) -> None:
     """Replace the shards with ones keyed by the state dict's own (fused) names, two tensors per layer apart."""
     import json
 

@@ -21,6 +21,8 @@ import torch
 from colab_helpers import convert as cv
 from colab_helpers.checkpoint import Checkpoint, expert_shapes, save_checkpoint
 from colab_helpers.experts import ExpertLayout
+from colab_helpers.families import from_transformers
+from colab_helpers.families.source_names import source_names
 from colab_helpers.model import dequantized_reference, load_model
 from colab_helpers.random_mixtral import random_mixtral, save_hub_format, small_config
 
@@ -59,11 +61,16 @@ def test_experts_really_straddle_shards(sources) -> None:
 
 
 def test_classify_names() -> None:
-    c = cv.classify
+    names = source_names(from_transformers(small_config(layers=4)))
+
+    def c(key):
+        return cv.classify(key, names)
+
     assert c("model.layers.3.block_sparse_moe.experts.7.w2.weight") == cv.SourceKey("expert", "w2", 3, 7)
     assert c("model.layers.1.mlp.experts.gate_up_proj") == cv.SourceKey("fused", "gate_up", 1)
     assert c("model.layers.1.mlp.experts.down_proj") == cv.SourceKey("fused", "w2", 1)
-    assert c("model.layers.0.mlp.gate.weight").name == "model.layers.0.block_sparse_moe.gate.weight"
+    assert c("model.layers.0.block_sparse_moe.gate.weight").name == "model.layers.0.mlp.gate.weight"
+    assert c("model.layers.0.mlp.gate.weight").name == "model.layers.0.mlp.gate.weight"
     assert c("model.layers.0.self_attn.q_proj.weight") == cv.SourceKey(
         "trunk", "model.layers.0.self_attn.q_proj.weight"
     )
@@ -247,13 +254,13 @@ def test_gated_repo_is_one_line_without_the_token(monkeypatch, capsys, tmp_path)
 # ---- user mistakes -------------------------------------------------------------------------------
 
 
-def test_non_mixtral_config_is_refused(sources, tmp_path, capsys) -> None:
+def test_unsupported_family_is_refused(sources, tmp_path, capsys) -> None:
     src = tmp_path / "llama"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     assert cv.cli_main([str(src), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "not a MixtralForCausalLM" in err and len(err.splitlines()) == 1
+    assert "'llama' is not supported; supported: MixtralForCausalLM" in err and len(err.splitlines()) == 1
 
 
 def test_shapes_that_do_not_fit_the_groups_are_refused(tmp_path) -> None:

@@ -104,6 +104,8 @@ def test_architecture_matches_the_instantiated_model(family):
     for name, shape in arch.fused_expert_shapes.items():
         assert tuple(getattr(block.experts, name).shape) == shape
     assert hasattr(block, arch.router_param)
+    trunk = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".mlp.experts." not in k}
+    assert trunk == arch.trunk_shapes  # every non-expert tensor, named and shaped as transformers 5 holds it
     assert getattr(block, "top_k", arch.top_k) == arch.top_k
 
 

@@ -2,9 +2,9 @@
 
 ``detect_family(config_dict)`` picks the adapter from ``model_type`` (or ``architectures``) in a
 config.json and refuses any other family with the list of supported ones; ``architecture(config_dict)``
-builds the family's transformers config from the dict and returns its ``MoEArchitecture``. Today the
-planner (``plan --model``) and ``replay --model`` use this; the converter, the runtime loader and the twin
-still handle Mixtral only (issue 12).
+builds the family's transformers config from the dict and returns its ``MoEArchitecture``. The planner
+(``plan --model``), ``replay --model`` and the converter's family detection use this; ``source_names`` maps
+each family's published checkpoint names onto transformers 5's.
 """
 
 from __future__ import annotations

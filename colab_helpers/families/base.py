@@ -81,6 +81,41 @@ class MoEArchitecture:
     def dense_layers(self) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_layers) if i not in self.moe_layers)
 
+    @property
+    def trunk_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the transformers 5 state dict but the routed experts, by name: what a converter
+        must find in a source (``lm_head.weight`` may be absent from one when embeddings are tied)."""
+        h, v = self.hidden, self.vocab
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h)}
+        if self.lm_head_bias:
+            out["lm_head.bias"] = (v,)
+        norm = ("weight", "bias") if self.norm_bias else ("weight",)
+        out.update({f"model.norm.{p}": (h,) for p in norm})
+        for layer in range(self.num_layers):
+            p = f"model.layers.{layer}."
+            for which in ("input_layernorm", "post_attention_layernorm"):
+                out.update({f"{p}{which}.{t}": (h,) for t in norm})
+            for proj, shape in self.attention_shapes.items():
+                out[f"{p}self_attn.{proj}.weight"] = shape
+            if self.qkv_bias:
+                out.update({f"{p}self_attn.q_proj.bias": (q,), f"{p}self_attn.k_proj.bias": (kv,)})
+                out[f"{p}self_attn.v_proj.bias"] = (kv,)
+            if self.o_bias:
+                out[f"{p}self_attn.o_proj.bias"] = (h,)
+            if self.q_norm:
+                out[f"{p}self_attn.q_norm.weight"] = (self.q_norm,)
+            if self.k_norm:
+                out[f"{p}self_attn.k_norm.weight"] = (self.k_norm,)
+            if layer not in self.moe_layers:
+                out.update({f"{p}mlp.{m}.weight": shape for m, shape in self.dense_mlp_shapes.items()})
+                continue
+            out[f"{p}mlp.{self.router_param}.weight"] = (self.num_experts, h)
+            out.update({f"{p}mlp.shared_expert.{m}.weight": s for m, s in self.shared_expert_shapes.items()})
+            if self.shared_expert_gate:
+                out[f"{p}mlp.shared_expert_gate.weight"] = (1, h)
+        return out
+
     # ---- parameter counts (elements) -------------------------------------------------------------
 
     @property

@@ -8,11 +8,14 @@ transformers 5: ``model.layers.N.mlp.gate`` (router, [E, H], no bias) and ``mlp.
 from __future__ import annotations
 
 from .base import MoEArchitecture, architecture
+from .source_names import CLASSIC, PER_EXPERT_MLP
 
 NAME = "Mixtral"
 MODEL_TYPE = "mixtral"
 MODEL_CLASS = "MixtralForCausalLM"
 CONFIG_CLASS = "MixtralConfig"
+# hub: block_sparse_moe.experts.N.w1/w2/w3 + block_sparse_moe.gate; mlp.experts.N.*_proj accepted as before
+SOURCE_NAMES = (CLASSIC, PER_EXPERT_MLP)
 
 
 def from_config(config) -> MoEArchitecture:

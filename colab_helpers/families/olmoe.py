@@ -8,11 +8,13 @@ transformers 5: router ``mlp.gate`` [E, H]; fused ``mlp.experts.gate_up_proj`` /
 from __future__ import annotations
 
 from .base import MoEArchitecture, architecture, head_dim_of
+from .source_names import PER_EXPERT_MLP
 
 NAME = "OLMoE"
 MODEL_TYPE = "olmoe"
 MODEL_CLASS = "OlmoeForCausalLM"
 CONFIG_CLASS = "OlmoeConfig"
+SOURCE_NAMES = (PER_EXPERT_MLP,)  # published: mlp.experts.N.gate_proj/up_proj/down_proj + mlp.gate
 
 
 def from_config(config) -> MoEArchitecture:

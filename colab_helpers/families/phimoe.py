@@ -11,11 +11,14 @@ transformers 5: router ``mlp.router`` [E, H] (not ``gate``); fused ``mlp.experts
 from __future__ import annotations
 
 from .base import MoEArchitecture, architecture
+from .source_names import CLASSIC
 
 NAME = "Phi-3.5-MoE"
 MODEL_TYPE = "phimoe"
 MODEL_CLASS = "PhimoeForCausalLM"
 CONFIG_CLASS = "PhimoeConfig"
+# hub: block_sparse_moe.experts.N.w1/w2/w3 + block_sparse_moe.gate (transformers 5 calls the router mlp.router)
+SOURCE_NAMES = (CLASSIC,)
 
 
 def from_config(config) -> MoEArchitecture:

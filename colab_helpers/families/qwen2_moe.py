@@ -11,11 +11,14 @@ I = ``moe_intermediate_size``; ``mlp.shared_expert.{gate,up,down}_proj``, ``mlp.
 from __future__ import annotations
 
 from .base import MoEArchitecture, architecture, sparse_layers
+from .source_names import PER_EXPERT_MLP
 
 NAME = "Qwen2-MoE"
 MODEL_TYPE = "qwen2_moe"
 MODEL_CLASS = "Qwen2MoeForCausalLM"
 CONFIG_CLASS = "Qwen2MoeConfig"
+# hub: mlp.experts.N.*_proj + mlp.gate; mlp.shared_expert.*_proj + mlp.shared_expert_gate as transformers names them
+SOURCE_NAMES = (PER_EXPERT_MLP,)
 
 
 def from_config(config) -> MoEArchitecture:

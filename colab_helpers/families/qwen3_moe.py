@@ -10,11 +10,13 @@ I = ``moe_intermediate_size``; optional ``attention_bias`` on all four projectio
 from __future__ import annotations
 
 from .base import MoEArchitecture, architecture, head_dim_of, sparse_layers
+from .source_names import PER_EXPERT_MLP
 
 NAME = "Qwen3-MoE"
 MODEL_TYPE = "qwen3_moe"
 MODEL_CLASS = "Qwen3MoeForCausalLM"
 CONFIG_CLASS = "Qwen3MoeConfig"
+SOURCE_NAMES = (PER_EXPERT_MLP,)  # published: mlp.experts.N.gate_proj/up_proj/down_proj + mlp.gate
 
 
 def from_config(config) -> MoEArchitecture:
