@@ -33,6 +33,26 @@ CHROMIUM_ARGS = [
 ]
 REQUIRED = os.environ.get("COLAB_HELPERS_REQUIRE_BROWSER", "") not in ("", "0")
 
+# Notebook 6 with ipywidgets 7.7.1's front end (widgetsnbextension 3.6) loses every widget displayed by a Run All
+# sent too early. At kernel start its widget manager asks the kernel which widgets exist (a
+# "jupyter.widget.control" comm, which a kernel that has not imported ipywidgets closes at once, then a
+# comm_info_request) and, once answered, re-renders every cell that shows a widget (Notebook.render_cell_output).
+# That re-render clears the output first; clearing removes the widget's view, whose "remove" handler sets the
+# output's model_id to "" in the very object being re-rendered (OutputArea.toJSON copies shallowly), so the
+# widget comes back hidden (display: none). The kernel answers shell messages in order, so a Run All whose
+# execute_requests reach it before that comm_info_request is answered only after the last cell ran, and the
+# re-render then wipes the chat widget and the load progress bar. Seen in 15 probe runs here: the 3 whose Run
+# All was sent before the manager's comm_info_request rendered no widget, the 12 sent after all rendered one.
+# So a Notebook 6 page on a fresh kernel (no other comm) is ready for Run All once the kernel is ready and the
+# control comm is gone (the manager has sent its question), and Run All first makes one comm_info round trip,
+# answered after the manager's. docs/notebooks.md has the details.
+NB6_READY = """() => { const k = window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel;
+    return !!(k && k.is_connected() && k.widget_manager && k.info_reply && k.info_reply.protocol_version &&
+        Object.keys(k.comm_manager.comms).length === 0); }"""
+NB6_RUN_ALL = """async () => { const k = Jupyter.notebook.kernel;
+    await new Promise(answered => k.comm_info('jupyter.widget', answered));
+    Jupyter.notebook.execute_all_cells(); }"""
+
 
 @dataclass(frozen=True)
 class FrontEnd:
