@@ -18,7 +18,9 @@ cell touched the widget runs on the main thread (where Kernel → Interrupt work
 the subshell. So the mode is decided per click, before the answer starts, and the Stop button and
 the note under the widget follow it.
 
-The widget watches its session, so turns made with ``chat()`` from a cell appear as they stream.
+The widget watches its session, so turns made with ``chat()`` from a cell appear as they stream, and a
+widget built over a session that already has turns (a second ``ChatUI`` in a later cell, after ``chat()``
+calls) shows them at once with their notes and the last answer's numbers, or the answer in flight.
 Everything the buttons do is a method (``send``, ``stop``, ``clear``) and all state is Python
 (``transcript``, ``sampling``, ``status``), so tests drive it headlessly. Only widget classes, traits
 and calls present in both ipywidgets 7.7 and 8 are used (no ``Text.on_submit``, no 8-only layouts);
@@ -39,7 +41,7 @@ from .generation import GenerationResult, GenerationStats, SamplingConfig
 from .session import SessionBusy
 
 if TYPE_CHECKING:
-    from .session import ChatSession
+    from .session import ChatSession, ChatTurn
 
 NOTE_MAIN_THREAD = (
     "Stop an answer with the notebook's interrupt: Colab's ■ beside the cell, or Kernel → Interrupt in "
@@ -108,6 +110,17 @@ def stats_line(stats: GenerationStats | None) -> str:
     return " · ".join(parts) + f" · [{stats.stop_reason}]"
 
 
+def turn_note(turn: ChatTurn) -> str | None:
+    """The grey note after an answer, from what the session recorded: every view shows the same."""
+    if turn.error:
+        return "[error]"
+    if turn.stop_reason in ("interrupted", "stopped"):
+        return "[stopped]"
+    if turn.stop_reason == "length":
+        return "[max new tokens reached]"
+    return None
+
+
 def render_transcript(turns: list[tuple[str, str]], notes: dict[int, str] | None = None, cursor: bool = False) -> str:
     """The transcript as HTML; every message is escaped (``& < >``), newlines kept."""
     notes = notes or {}
@@ -159,7 +172,9 @@ class ChatUI:
         self.subshell: bool | None = False if "google.colab" in sys.modules else None
         self._pieces = 0
         self._started = self._last_refresh = 0.0
-        self._notes: dict[int, str] = {}  # transcript index -> note ("[stopped]", "[error]")
+        # session events (any thread) and the first look at the session take turns, so a widget built while an
+        # answer ends never misses that end (it would stay "generating…" with Send disabled)
+        self._events = threading.RLock()
 
         s = session.sampling
         limit = max(1, min(max_new_tokens_limit, int(session.max_context) - 1))
@@ -216,8 +231,9 @@ class ChatUI:
         )
         self.widget.add_class(CSS_CHAT)
         self._show_mode()
-        session.watchers.append(self._on_session)
-        self._render()
+        with self._events:
+            session.watchers.append(self._on_session)
+            self._show_session()
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -286,7 +302,25 @@ class ChatUI:
 
     # ---- session events (any thread, any sender) -------------------------------------------------
 
+    def _show_session(self) -> None:
+        """Show the session as it is now: earlier turns with their notes, the last answer's numbers, or the
+        answer in flight (Send disabled until its "end" event)."""
+        if self.session.busy:
+            self._pieces = 0
+            self._started = self._last_refresh = time.perf_counter()
+            self._set_enabled(False)
+            self._set_status("generating…")
+            self._render(cursor=True)
+        elif self.session.turns and self.session.last_result is not None:
+            self._finish(self.session.last_result)
+        else:
+            self._render()
+
     def _on_session(self, event: str, detail: object) -> None:
+        with self._events:
+            self._on_session_event(event, detail)
+
+    def _on_session_event(self, event: str, detail: object) -> None:
         if event == "start":
             self._pieces = 0
             self._started = self._last_refresh = time.perf_counter()
@@ -306,7 +340,6 @@ class ChatUI:
                 self._set_status(f"{type(detail).__name__}: {detail}", error=True)
                 self._render()
         elif event == "clear":
-            self._notes.clear()
             self.last_result = None
             self._set_status("conversation cleared")
             self._render()
@@ -321,19 +354,13 @@ class ChatUI:
 
     def _finish(self, result: GenerationResult) -> None:
         self.last_result = result
-        index = len(self.transcript) - 1
         messages = []
         if result.extra.get("dropped_turns"):
             n = result.extra["dropped_turns"]
             messages.append(f"the {n} oldest turn(s) no longer fit the context and were forgotten")
-            self._notes = {}
         if result.stats.stop_reason in ("interrupted", "stopped"):
-            self._notes[index] = "[stopped]"
             messages.append("stopped: the partial answer is kept and the conversation goes on")
-        elif result.stats.stop_reason == "length":
-            self._notes[index] = "[max new tokens reached]"
         if result.error:
-            self._notes[index] = "[error]"
             messages.append(result.error)
         self._set_status("; ".join(messages), error=bool(result.error), stats=stats_line(result.stats))
         self._render()
@@ -352,7 +379,8 @@ class ChatUI:
     # ---- rendering -------------------------------------------------------------------------------
 
     def _render(self, cursor: bool = False) -> None:
-        body = render_transcript(self.transcript, self._notes, cursor)
+        notes = {2 * i + 1: note for i, turn in enumerate(self.session.turns) if (note := turn_note(turn))}
+        body = render_transcript(self.transcript, notes, cursor)
         # newest text at the bottom, kept in view: a column-reverse scroller starts scrolled to its end
         self.transcript_html.value = (
             f'<div class="colab-helpers-transcript" style="max-height:{self.height};overflow-y:auto;'
@@ -486,4 +514,5 @@ __all__ = [
     "open_chat",
     "render_transcript",
     "stats_line",
+    "turn_note",
 ]

@@ -37,6 +37,7 @@ class ChatTurn:
     user: str
     assistant: str
     stop_reason: str
+    error: str | None = None  # what went wrong in this answer (out of memory), for views built later
 
 
 @dataclass
@@ -155,7 +156,7 @@ class ChatSession:
             _truncate(self._cache, valid)
             self._cached_ids = (ids + result.token_ids)[:valid]
         self.in_flight = None  # the turn below replaces it (views never show both)
-        self.turns.append(ChatTurn(message, result.text, result.stats.stop_reason))
+        self.turns.append(ChatTurn(message, result.text, result.stats.stop_reason, result.error))
         self.last_result = result
         if dropped:
             result.extra["dropped_turns"] = dropped

@@ -225,6 +225,95 @@ def test_a_turn_made_with_chat_in_a_cell_streams_into_the_widget(session) -> Non
     assert ui.last_result is result and "tok/s" in ui.status_line and not ui.send_button.disabled
 
 
+def _stop_after(n: int):
+    """An on_text that raises KeyboardInterrupt at the n-th piece: what Colab's ■ does to a cell's answer."""
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == n:
+            raise KeyboardInterrupt
+
+    return on_text
+
+
+def test_a_new_widget_shows_the_conversation_so_far(session) -> None:
+    """Turns made before the widget existed (``chat()`` in cells, or an earlier widget) show at once, with notes."""
+    first = chat("What is 2 + 3?", session, out=io.StringIO())
+    cut = chat("Recite the Zen of Python.", session, max_new_tokens=3, out=io.StringIO())
+    stopped = session.send("What is the capital of France?", on_text=_stop_after(2))
+    assert cut.stats.stop_reason == "length" and stopped.stats.stop_reason == "interrupted"
+
+    ui = ChatUI(session)
+    assert ui.transcript == [
+        ("user", "What is 2 + 3?"),
+        ("assistant", first.text),
+        ("user", "Recite the Zen of Python."),
+        ("assistant", cut.text),
+        ("user", "What is the capital of France?"),
+        ("assistant", stopped.text),
+    ]
+    page = ui.transcript_html.value
+    assert "No messages yet" not in page and page.count("What is 2 + 3?") == 1
+    assert page.count("[max new tokens reached]") == 1 and page.count("[stopped]") == 1 and "▌" not in page
+    order = [page.index(x) for x in ("[max new tokens reached]", "What is the capital of France?", "[stopped]")]
+    assert order == sorted(order), "each note follows its own answer"
+    assert ui.last_result is stopped and "tok/s" in ui.status_line and "stopped" in ui.status
+    assert not ui.busy and not ui.send_button.disabled and not ui.prompt.disabled
+
+    # a second widget over the same session (the chat cell re-run) shows the same, and both follow the next turn
+    again = ChatUI(session)
+    assert again.transcript_html.value == page
+    follow = again.send("What is 3 + 4?")
+    assert follow is not None and ui.transcript == again.transcript and len(ui.transcript) == 8
+    assert ui.transcript_html.value == again.transcript_html.value and "[stopped]" in ui.transcript_html.value
+
+
+def test_a_widget_built_during_an_answer_follows_it(session) -> None:
+    """Built while an answer streams: the text in flight with the cursor, Send disabled, then the turn once."""
+    built: list[ChatUI] = []
+
+    def build_mid_answer(event: str, detail: object) -> None:
+        if event == "text" and session.in_flight and len(session.in_flight[1]) > 0 and not built:
+            built.append(ChatUI(session, refresh_every=1))
+
+    session.watchers.append(build_mid_answer)
+    result = chat("What is 2 + 3?", session, out=io.StringIO())
+    ui = built[0]
+    assert result is not None and ui.renders >= 2
+    assert ui.transcript == [("user", "What is 2 + 3?"), ("assistant", result.text)]
+    assert ui.transcript_html.value.count("What is 2 + 3?") == 1 and "▌" not in ui.transcript_html.value
+    assert ui.last_result is result and "tok/s" in ui.status_line and "generating" not in ui.status_line
+    assert not ui.send_button.disabled and ui.stop_button.disabled
+
+    # the first look at a busy session: the message in flight with the cursor, Send disabled until the end
+    seen: list[tuple[str, bool, str]] = []
+
+    def build_while_busy(event: str, detail: object) -> None:
+        if event == "text" and not seen:
+            late = ChatUI(session)
+            seen.append((late.transcript_html.value, late.send_button.disabled, late.status))
+
+    session.watchers.append(build_while_busy)
+    chat("What is the capital of France?", session, out=io.StringIO())
+    page, disabled, status = seen[0]
+    assert "What is the capital of France?" in page and "▌" in page and disabled and status == "generating…"
+
+
+def test_widgets_built_on_one_thread_while_another_answers_all_end_ready(session) -> None:
+    """A widget built just as an answer ends (cell on the main thread, answer on a worker) never stays disabled."""
+    worker = threading.Thread(target=chat, args=("Recite the Zen of Python.", session), kwargs={"out": io.StringIO()})
+    worker.start()
+    uis = [ChatUI(session)]
+    while worker.is_alive() and len(uis) < 200:
+        uis.append(ChatUI(session))
+    worker.join(timeout=120)
+    final = session.turns[-1].assistant
+    for ui in uis:
+        assert not ui.send_button.disabled and ui.stop_button.disabled and "▌" not in ui.transcript_html.value
+        assert final in ui.transcript_html.value and "tok/s" in ui.status_line and "generating" not in ui.status_line
+
+
 def test_no_stale_status_after_an_error(session, monkeypatch) -> None:
     ui = ChatUI(session)
 
@@ -327,6 +416,9 @@ IPYWIDGETS7_SCRIPT = textwrap.dedent(
     ui.send_button.click()
     assert ui.transcript[-1][0] == "assistant" and ui.transcript[-1][1], ui.transcript
     assert session.sampling.max_new_tokens == 12 and ui.renders > 3
+    again = ChatUI(session)  # a widget built later shows the conversation so far
+    assert again.transcript == ui.transcript and "No messages yet" not in again.transcript_html.value
+    assert again.transcript_html.value == ui.transcript_html.value and "tok/s" in again.status_line
     ui.send("   ")
     assert "empty" in ui.status
     ui.clear_button.click()
