@@ -304,8 +304,11 @@ class ChatUI:
 
     def _show_session(self) -> None:
         """Show the session as it is now: earlier turns with their notes, the last answer's numbers, or the
-        answer in flight (Send disabled until its "end" event)."""
-        if self.session.busy:
+        answer in flight (Send disabled until its "end" event).
+
+        ``in_flight``, not ``busy``: the session clears it before telling its views "end" (and still holds its
+        lock a moment after), so a widget that sees it set is sure to be told the end."""
+        if self.session.in_flight is not None:
             self._pieces = 0
             self._started = self._last_refresh = time.perf_counter()
             self._set_enabled(False)

@@ -308,6 +308,7 @@ def test_widgets_built_on_one_thread_while_another_answers_all_end_ready(session
     while worker.is_alive() and len(uis) < 200:
         uis.append(ChatUI(session))
     worker.join(timeout=120)
+    assert len(uis) > 2, "no widget was built during the answer"
     final = session.turns[-1].assistant
     for ui in uis:
         assert not ui.send_button.disabled and ui.stop_button.disabled and "▌" not in ui.transcript_html.value
