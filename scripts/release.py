@@ -2,10 +2,12 @@
 
     python scripts/release.py OWNER/NAME REF [--demo-revision COMMIT]
 
-rewrites every notebook's Open-in-Colab badge (``.../github/OWNER/NAME/blob/REF/notebooks/X.ipynb``),
-every install cell (``REPO_URL``, ``REF``), the README's badges and its sentence naming them, and with
-``--demo-revision`` the pinned hub commit ``colab_helpers.hub.DEMO_REVISION``. Files are edited as text
-(notebooks keep their exact JSON layout), and running it twice changes nothing the second time.
+rewrites every notebook's Open-in-Colab badge (``.../github/OWNER/NAME/blob/REF/notebooks/X.ipynb``), the
+Open-in-Kaggle badges of the notebooks that suit Kaggle's two T4s (``KAGGLE_NOTEBOOKS``; Kaggle opens
+``https://kaggle.com/kernels/welcome?src=<the notebook's GitHub URL>``), every install cell (``REPO_URL``,
+``REF``), the README's badges and its sentence naming them, and with ``--demo-revision`` the pinned hub
+commit ``colab_helpers.hub.DEMO_REVISION``. Files are edited as text (notebooks keep their exact JSON
+layout), and running it twice changes nothing the second time.
 ``stamps(root)`` lists what is stamped where; ``tests/test_release.py`` checks that they all agree.
 """
 
@@ -24,6 +26,11 @@ REF_RE = r"[A-Za-z0-9][A-Za-z0-9_./-]*"
 BADGE = re.compile(
     rf"(https://colab\.research\.google\.com/github/)(?P<repo>{REPO_RE})/blob/(?P<ref>{REF_RE}?)/(?P<path>notebooks/[\w.-]+\.ipynb)"
 )
+KAGGLE_BADGE = re.compile(
+    rf"(https://kaggle\.com/kernels/welcome\?src=https://github\.com/)(?P<repo>{REPO_RE})/blob/(?P<ref>{REF_RE}?)/"
+    r"(?P<path>notebooks/[\w.-]+\.ipynb)"
+)
+KAGGLE_NOTEBOOKS = ("quantize_your_own.ipynb",)  # more RAM and disk than Colab for a conversion
 # inside a notebook's JSON the quotes of the install cell are escaped (\"), in Python source they are not
 REPO_URL = re.compile(rf'(REPO_URL = \\?"https://github\.com/)(?P<repo>{REPO_RE})(\\?")')
 REF = re.compile(rf'(REF = \\?")(?P<ref>{REF_RE})(\\?")')
@@ -36,7 +43,8 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 
 @dataclass(frozen=True)
 class Stamp:
-    """One place that names the repository or the ref: ``kind`` is badge, install, readme or demo_revision."""
+    """One place that names the repository or the ref: ``kind`` is badge, kaggle_badge, install, readme or
+    demo_revision."""
 
     file: str
     kind: str
@@ -55,6 +63,8 @@ def stamps(root: Path = ROOT) -> Iterator[Stamp]:
         name = str(path.relative_to(root))
         for m in BADGE.finditer(text):
             yield Stamp(name, "badge", m["repo"], m["ref"])
+        for m in KAGGLE_BADGE.finditer(text):
+            yield Stamp(name, "kaggle_badge", m["repo"], m["ref"])
         repos, refs = [m["repo"] for m in REPO_URL.finditer(text)], [m["ref"] for m in REF.finditer(text)]
         for repo, ref in zip(repos, refs, strict=True):
             yield Stamp(name, "install", repo, ref)
@@ -71,6 +81,7 @@ def stamp(root: Path, repo: str, ref: str, demo_revision: str | None = None) -> 
     for path in _files(root):
         text = path.read_text()
         new = BADGE.sub(lambda m: f"{m[1]}{repo}/blob/{ref}/{m['path']}", text)
+        new = KAGGLE_BADGE.sub(lambda m: f"{m[1]}{repo}/blob/{ref}/{m['path']}", new)
         new = REPO_URL.sub(lambda m: f"{m[1]}{repo}{m[3]}", new)
         new = REF.sub(lambda m: f"{m[1]}{ref}{m[3]}", new)
         new = README_NAMES.sub(lambda m: f"{m[1]}{repo}{m[3]}{ref}{m[5]}", new)

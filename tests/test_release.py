@@ -36,9 +36,12 @@ def _check_agreement(root: Path) -> tuple[str, str, str | None]:
     assert len(refs) == 1, f"several refs named: {sorted(refs)}"
     for path in sorted((root / "notebooks").glob("*.ipynb")):
         kinds = {s.kind for s in found if s.file == f"notebooks/{path.name}"}
-        assert kinds == {"badge", "install"}, f"{path.name} has {kinds}"
+        want = {"badge", "install"} | ({"kaggle_badge"} if path.name in release.KAGGLE_NOTEBOOKS else set())
+        assert kinds == want, f"{path.name} has {kinds}"
     readme_badges = [s for s in found if s.kind == "badge" and s.file == "README.md"]
     assert len(readme_badges) == len(list((root / "notebooks").glob("*.ipynb"))), readme_badges
+    readme_kaggle = [s for s in found if s.kind == "kaggle_badge" and s.file == "README.md"]
+    assert len(readme_kaggle) == len(release.KAGGLE_NOTEBOOKS), readme_kaggle
     assert any(s.kind == "readme" for s in found), "the README sentence naming repository and release"
     (demo,) = [s.ref for s in found if s.kind == "demo_revision"]
     assert demo == "main" or release.COMMIT.fullmatch(demo), f"DEMO_REVISION must be 'main' or a commit: {demo!r}"
@@ -77,6 +80,31 @@ def test_release_restamps_everything_once_and_is_idempotent(tmp_path: Path) -> N
     assert again.returncode == 0 and "nothing to change" in again.stdout
 
 
+def test_kaggle_badges_open_the_same_github_notebook_as_the_colab_badges() -> None:
+    """Kaggle's form: kaggle.com/kernels/welcome?src=<the notebook's GitHub blob URL> (same repo, ref and path)."""
+    for path in [*NOTEBOOKS, ROOT / "README.md"]:
+        text = path.read_text()
+        colab = {m["path"]: (m["repo"], m["ref"]) for m in release.BADGE.finditer(text)}
+        kaggle = list(release.KAGGLE_BADGE.finditer(text))
+        for m in kaggle:
+            assert Path(m["path"]).name in release.KAGGLE_NOTEBOOKS, f"{path.name}: Kaggle badge for {m['path']}"
+            assert colab[m["path"]] == (m["repo"], m["ref"]), f"{path.name}: Kaggle and Colab badges disagree"
+            assert "https://kaggle.com/static/images/open-in-kaggle.svg" in text
+        if path.name in release.KAGGLE_NOTEBOOKS:
+            assert len(kaggle) == 1, f"{path.name}: one Open-in-Kaggle badge"
+
+
+def test_release_restamps_the_kaggle_badges(tmp_path: Path) -> None:
+    root = _copy(tmp_path)
+    assert release.main(["me/moe-on-t4", "v2.0.0", "--root", str(root)]) == 0
+    badges = [s for s in release.stamps(root) if s.kind == "kaggle_badge"]
+    assert len(badges) == 2 * len(release.KAGGLE_NOTEBOOKS)  # the notebook's own and the README's
+    assert {(s.repo, s.ref) for s in badges} == {("me/moe-on-t4", "v2.0.0")}
+    text = (root / "notebooks" / release.KAGGLE_NOTEBOOKS[0]).read_text()
+    want = f"https://kaggle.com/kernels/welcome?src=https://github.com/me/moe-on-t4/blob/v2.0.0/notebooks/{release.KAGGLE_NOTEBOOKS[0]}"
+    assert want in text
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -104,7 +132,7 @@ def test_readme_two_commands_section_shows_exactly_two_commands_and_links_inside
     assert len(blocks) == 2 and len(lines) == 2, f"two commands, got {lines}"
     assert "download.pytorch.org/whl/cpu" in install and "CPU build of torch first" in section
     for target in re.findall(r"\]\(([^)]+)\)", readme):
-        if target.startswith("https://colab.research.google.com/"):
-            continue  # the badges: checked above, they open this repository's notebooks
+        if target.startswith(("https://colab.research.google.com/", "https://kaggle.com/")):
+            continue  # the Colab and Kaggle badges: checked above, they open this repository's notebooks
         assert "://" not in target and not target.startswith(".."), f"README links outside the repository: {target}"
         assert (ROOT / target.split("#")[0]).exists(), f"README links to a missing file: {target}"
