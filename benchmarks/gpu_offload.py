@@ -499,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         trace, trace_path = load_trace(args.trace, config.num_hidden_layers)
         if args.routing == "trace" and trace is None:
             raise SystemExit("no trace found: pass --trace PATH")
+        settings = replace(settings, trace=trace_path)  # the one used (the report names it; the twin reads it)
     started = time.perf_counter()
     device_name = torch.cuda.get_device_name() if settings.device == "cuda" else "cpu"
     print(f"# gpu_offload benchmark on {device_name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")

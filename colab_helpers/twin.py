@@ -28,6 +28,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from .twin_family import TRACE_ENV, trace_path
+
 # --------------------------------------------------------------------------------------------------
 # hardware
 # --------------------------------------------------------------------------------------------------
@@ -432,11 +434,6 @@ def calibrate(sequences: Sequence[np.ndarray], setup: PaperSetup = PaperSetup(),
 # --------------------------------------------------------------------------------------------------
 
 FREE_T4 = {"vram_gb": 15.0, "ram_gb": 12.7}  # what a fresh free Colab T4 reports (planner defaults)
-DEFAULT_TRACES = (
-    "../shared/traces/mixtral-8x7b-instruct-routing.npz",
-    "shared/traces/mixtral-8x7b-instruct-routing.npz",
-    "/work/shared/traces/mixtral-8x7b-instruct-routing.npz",
-)
 
 
 def planned_experts(vram_gb: float = FREE_T4["vram_gb"], ram_gb: float = FREE_T4["ram_gb"]) -> tuple[int, ...]:
@@ -496,11 +493,16 @@ def project_ours(
     prefetch: bool = True,
     tokens: int = 48,
     warmup: int = 32,
+    family=None,
 ) -> EngineProjection:
-    """Record our engine decoding ``routing`` [T, L, k] at ``experts_on_device`` and simulate it on ``hw``."""
+    """Record our engine decoding ``routing`` [T, L, k] at ``experts_on_device`` and simulate it on ``hw``.
+
+    ``family``: a ``twin_family.FamilyTwin`` for another model (None: Mixtral-8x7B's narrow engine)."""
     from .twin_record import EngineRun, record_engine
 
-    run = EngineRun(tuple(experts_on_device), policy, prefetch, recall, decode_tokens=tokens, warmup_tokens=warmup)
+    run = EngineRun(
+        tuple(experts_on_device), policy, prefetch, recall, decode_tokens=tokens, warmup_tokens=warmup, family=family
+    )
     s = record_engine(run, routing)
     notes = dict(s.notes)
     notes["simulated_syncs_per_token"] = s.per_token("sync")  # engine + HF generate's per-token ops
@@ -572,7 +574,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--paper", action="store_true", help="the paper's four T4 variants vs its Table 2")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
-    p.add_argument("--trace", type=Path, default=None, help="routing trace .npz (default: ../shared/traces/...)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="project this model instead of Mixtral-8x7B: a folder, config.json or hub repo id, as for plan --model",
+    )
+    p.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help=f"routing trace .npz of the projected model (default: ${TRACE_ENV}; none is shipped)",
+    )
+    p.add_argument(
+        "--routing",
+        choices=("auto", "trace", "synthetic"),
+        default="auto",
+        help="auto: the trace when it is one of this model, else synthetic routing (other families only); "
+        "Mixtral-8x7B without a trace is refused unless --routing synthetic",
+    )
     p.add_argument("--sequences", default=None, help="comma-separated sequence names of the trace (default: all)")
     p.add_argument("--hardware", choices=sorted(PRESETS), default="t4")
     p.add_argument("--h2d-gbs", type=positive_float, default=None, help="override pinned host->device GB/s (measured)")
@@ -598,15 +617,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _trace_for(report: dict, path: Path | None) -> dict:
-    """The routing trace a GPU run used; a run on its model's own (random) routers gets seeded random routing."""
-    try:
-        return dict(np.load(find_trace(path)))
-    except FileNotFoundError:
-        if (report.get("settings") or {}).get("trace"):
-            raise
+    """The routing trace a GPU run used (``path``, else the one its report names); a run on its model's own
+    (random) routers gets seeded random routing."""
+    used = (report.get("settings") or {}).get("trace")
+    source = path or (Path(used) if used else None)
+    if source is None:
         rng = np.random.default_rng(0)
         rows = np.argsort(rng.random((256, NUM_LAYERS, NUM_EXPERTS)), axis=2)[:, :, :TOP_K]
         return {"random_decode_experts": rows.astype(np.int8)}
+    return dict(np.load(find_trace(source)))
 
 
 def _non_negative_int(text: str) -> int:
@@ -617,11 +636,13 @@ def _non_negative_int(text: str) -> int:
 
 
 def find_trace(path: Path | None) -> Path:
-    candidates = [path] if path is not None else [Path(p) for p in DEFAULT_TRACES]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"routing trace not found: {path or ' or '.join(DEFAULT_TRACES)} (give --trace)")
+    """``--trace``, else ``$COLAB_HELPERS_TRACE``; FileNotFoundError saying how to give one."""
+    found = trace_path(path)
+    if found is None:
+        raise FileNotFoundError(f"no routing trace: give --trace PATH or set {TRACE_ENV} (none is shipped)")
+    if not found.is_file():
+        raise FileNotFoundError(f"routing trace not found: {found}")
+    return found
 
 
 def _hardware(args: argparse.Namespace) -> Hardware:
@@ -651,8 +672,9 @@ def ours_report(p: EngineProjection) -> str:
     ks = sorted(set(p.experts_on_device))
     k_text = ", ".join(f"{k} in {p.experts_on_device.count(k)} layers" for k in reversed(ks))
     lines = [
-        f"twin of our engine on {p.hardware.name}: {k_text}, {p.policy}, prefetch recall {p.recall} "
-        f"({p.tokens} decode steps of the real trace recorded after warm-up)",
+        f"twin of our engine on {p.hardware.name}, {p.notes.get('model', 'Mixtral-8x7B')}: {k_text}, {p.policy}, "
+        f"prefetch recall {p.recall} ({p.tokens} decode steps recorded after warm-up)",
+        f"routing: {p.notes.get('routing', 'the recorded routing trace')}",
         f"projected {d['tok_s']:.2f} tok/s   hit rate {d['hit_rate']:.3f}"
         f"   expert loads/token {d['loads_per_token']:.1f}"
         f"   syncs/token {d['syncs_per_token']:.0f}   launches/token {d['launches_per_token']:.0f}"
@@ -679,8 +701,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             )
             _emit(got, args)
             return 0
-        trace = dict(np.load(find_trace(args.trace)))
+        target = _target(args.model)
         if args.paper:
+            if target is not None and target.family is not None:
+                raise ValueError("--paper reproduces the paper's Mixtral-8x7B runs; it takes no other --model")
+            trace = dict(np.load(find_trace(args.trace)))
             setup = PaperSetup()
             figures = paper_tok_s(decode_rows(trace, names), setup, hw)
             print(paper_report(figures, setup, hw))
@@ -688,18 +713,96 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                 fitted = {n: getattr(setup, n) for n in FITTED}
                 _emit({**{k: round(v, 3) for k, v in figures.items()}, **fitted}, args)
             return 0
-        if args.experts_on_device:
-            ks = (args.experts_on_device,) * NUM_LAYERS
-        else:
-            ks = planned_experts(args.vram_gb, args.ram_gb)
-        routing = np.concatenate(decode_rows(trace, names))
-        proj = project_ours(routing, ks, hw, args.recall, args.policy, not args.no_prefetch, args.tokens, args.warmup)
+        proj = _project(args, target, names, hw)
     except (OSError, ValueError, KeyError) as err:
         print(f"twin: {err}", file=sys.stderr)
         return 2
     print(ours_report(proj))
     _emit(proj.to_dict(), args)
     return 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model ``--model`` names: its architecture and bit widths; ``family`` None when it is Mixtral-8x7B's shape
+    at the demo's bit widths (the twin's own narrow Mixtral, exactly as without ``--model``)."""
+
+    name: str
+    arch: object  # families.MoEArchitecture
+    quant: object  # checkpoint.QuantConfig
+    family: object | None  # twin_family.FamilyTwin
+
+
+def _target(model: str | None) -> Target | None:
+    if model is None:
+        return None
+    from .families import MoEArchitecture, from_transformers
+    from .planner import model_for_cli
+    from .twin_family import FamilyTwin, is_stock_mixtral
+
+    config, quant, _ = model_for_cli(model, 2)
+    arch = config if isinstance(config, MoEArchitecture) else from_transformers(config)
+    family = None if is_stock_mixtral(arch, quant) else FamilyTwin(arch, quant)
+    return Target(f"{model} ({arch.name}, {quant.experts.nbits}-bit experts)", arch, quant, family)
+
+
+def _routing(args: argparse.Namespace, target: Target | None, names: list[str] | None) -> tuple[np.ndarray, str]:
+    """Decode rows ``[T, L, k]`` for the projected model and what they are (see ``twin_family``'s docstring)."""
+    from .twin_family import STICKINESS, synthetic_routing, trace_mismatch
+
+    arch = None if target is None else target.arch
+    mixtral = target is None or target.family is None
+    path = trace_path(args.trace)
+    if args.routing != "synthetic" and path is not None:
+        trace = dict(np.load(find_trace(path)))
+        why = None if arch is None else trace_mismatch(trace, arch)
+        if why is None:
+            return np.concatenate(decode_rows(trace, names)), f"the recorded routing trace {path.name}"
+        if args.trace is not None or args.routing == "trace" or mixtral:
+            raise ValueError(f"{path}: a trace of another model ({why}); give this model's or --routing synthetic")
+    if args.routing == "trace" or (mixtral and args.routing == "auto"):
+        raise FileNotFoundError(
+            f"no routing trace: give --trace PATH or set {TRACE_ENV} (Mixtral-8x7B's real trace is not shipped), "
+            "or --routing synthetic"
+        )
+    if names:
+        raise ValueError("--sequences names sequences of a trace; synthetic routing has none")
+    if arch is None:
+        from .families import from_transformers
+        from .synthetic import mixtral_8x7b_config
+
+        arch = from_transformers(mixtral_8x7b_config())
+    tokens = max(256, args.tokens + args.warmup + 32)  # the prompt's 16 rows, warm-up and recorded steps
+    rows = synthetic_routing(len(arch.moe_layers), arch.num_experts, arch.top_k, tokens)
+    label = (
+        f"SYNTHETIC routing (not a recorded trace of this model): each of a token's {arch.top_k} experts repeats "
+        f"one the previous token used at that layer with probability {STICKINESS} (fitted to Mixtral-8x7B's trace), "
+        f"else is uniform over the {arch.num_experts}"
+    )
+    return rows, label
+
+
+def _project(args: argparse.Namespace, target: Target | None, names: list[str] | None, hw: Hardware):
+    from .twin_family import planned_experts as family_plan
+
+    routing, label = _routing(args, target, names)
+    layers = NUM_LAYERS if target is None else len(target.arch.moe_layers)
+    if args.experts_on_device:
+        experts = NUM_EXPERTS if target is None else target.arch.num_experts
+        if args.experts_on_device > experts:
+            raise ValueError(f"--experts-on-device {args.experts_on_device}: the model has {experts} experts per layer")
+        ks = (args.experts_on_device,) * layers
+    elif target is None or target.family is None:
+        ks = planned_experts(args.vram_gb, args.ram_gb)
+    else:
+        ks = family_plan(target.arch, target.quant, args.vram_gb, args.ram_gb)
+    family = None if target is None else target.family
+    proj = project_ours(
+        routing, ks, hw, args.recall, args.policy, not args.no_prefetch, args.tokens, args.warmup, family
+    )
+    proj.notes["model"] = "Mixtral-8x7B (2-bit experts)" if target is None else target.name
+    proj.notes["routing"] = label
+    return proj
 
 
 def _emit(obj: dict, args: argparse.Namespace) -> None:

@@ -20,8 +20,8 @@ an activation 16x (one dimension). The embedding lookup reads one row, not the t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -100,6 +100,17 @@ class _Event:
         self.op = op
 
 
+@dataclass(frozen=True)
+class ByteScale:
+    """Full-size bytes per narrow byte. The default is the narrow Mixtral's (every width / ``WIDTH``);
+    another family's narrow engine (``twin_family``) gives a ratio per weight storage instead."""
+
+    expert_bytes: float = EXPERT_BYTES  # one full-size expert, as stored
+    weights: Mapping[int, float] = field(default_factory=dict)  # untyped storage pointer -> ratio
+    weight_default: float = WIDTH * WIDTH  # any other weight: both matrix dimensions scaled
+    activations: float = WIDTH  # one dimension (hidden) scaled
+
+
 class ScheduleRecorder(TorchDispatchMode):
     """Collects a ``Schedule`` while the wrapped engine decodes (see the module docstring)."""
 
@@ -107,7 +118,8 @@ class ScheduleRecorder(TorchDispatchMode):
         super().__init__()
         self.model = model
         cache = model.expert_cache
-        self.expert_ratio = EXPERT_BYTES / cache.layout.nbytes
+        self.scale: ByteScale = getattr(model, "twin_scale", None) or ByteScale()
+        self.expert_ratio = self.scale.expert_bytes / cache.layout.nbytes
         self.expert_storage = cache.device_buf.untyped_storage().data_ptr()
         self.weight_storages = {
             t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel() > 1
@@ -126,8 +138,8 @@ class ScheduleRecorder(TorchDispatchMode):
         if ptr == self.expert_storage:
             return t.nbytes * self.expert_ratio
         if ptr in self.weight_storages:
-            return t.nbytes * WIDTH * WIDTH
-        return t.nbytes * WIDTH
+            return t.nbytes * self.scale.weights.get(ptr, self.scale.weight_default)
+        return t.nbytes * self.scale.activations
 
     def _tensors_bytes(self, *items) -> float:
         total = 0.0
@@ -333,10 +345,13 @@ class EngineRun:
     decode_tokens: int = 48
     warmup_tokens: int = 0  # decode steps run (not recorded) before the recorded window, to warm the cache
     seed: int = 0
+    family: object | None = None  # a ``twin_family.FamilyTwin`` (another model's narrow engine); None: Mixtral-8x7B
 
 
 def build_narrow_engine(run: EngineRun, routing: np.ndarray):
     """The narrow Mixtral, offloaded like the real one, its routers replaying ``routing`` [T, L, k]."""
+    if run.family is not None:
+        return run.family.build(run, routing)
     from .checkpoint import QuantConfig
     from .model import OffloadConfig, assemble_model
     from .moe import PrefetchConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,15 @@ from colab_helpers.twin import EXPERT_BYTES, T4, Op, Schedule, simulate
 HW = twin.replace(T4, eager_launch_s=1e-6, fused_launch_s=1e-6, copy_launch_s=1e-6, sync_s=1e-6, kernel_floor_s=1e-6)
 
 
+# the real Mixtral trace is development data read where it lies (never copied into the repository)
+TRACE = Path(os.environ.get("COLAB_HELPERS_TRACE") or "/work/shared/traces/mixtral-8x7b-instruct-routing.npz")
+
+
 def _trace_path() -> Path | None:
-    try:
-        return twin.find_trace(None)
-    except FileNotFoundError:
-        return None
+    return TRACE if TRACE.is_file() else None
 
 
-needs_trace = pytest.mark.skipif(_trace_path() is None, reason="the real routing trace (../shared/traces) is absent")
+needs_trace = pytest.mark.skipif(_trace_path() is None, reason=f"the real routing trace ({TRACE}) is absent")
 
 
 def _one_token(*ops: Op) -> Schedule:
@@ -78,7 +80,7 @@ def test_counted_ops_simulate_like_the_ops_one_by_one():
 
 @needs_trace
 def test_paper_calibration_within_25_percent_and_json_contract(capsys):
-    assert twin.cli_main(["--paper", "--json"]) == 0
+    assert twin.cli_main(["--paper", "--json", "--trace", str(TRACE)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     got = json.loads(lines[-1])
     assert {"full", "no_prefetch", "no_cache", "naive"} <= set(got)
@@ -129,10 +131,10 @@ def test_recorded_schedule_is_deterministic_and_matches_the_cache():
 
 
 def test_twin_json_contract(capsys):
-    argv = ["--json", "--tokens", "2", "--warmup", "0", "--experts-on-device", "5"]
     trace = _trace_path()
-    if trace is None:  # a stand-in trace of the same shape
-        pytest.skip("the real routing trace (../shared/traces) is absent")
+    if trace is None:
+        pytest.skip(f"the real routing trace ({TRACE}) is absent")
+    argv = ["--json", "--tokens", "2", "--warmup", "0", "--experts-on-device", "5", "--trace", str(trace)]
     assert twin.cli_main(argv) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("tok_s", "experts_on_device", "hit_rate", "syncs_per_token", "launches_per_token"):
@@ -144,6 +146,26 @@ def test_cli_bad_trace_is_one_line_exit_2(capsys, tmp_path):
     assert twin.cli_main(["--trace", str(tmp_path / "missing.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("twin:")
+
+
+@pytest.mark.parametrize("argv", [[], ["--paper"], ["--model", "mistralai/Mixtral-8x7B-Instruct-v0.1"]])
+def test_no_trace_given_is_one_line_naming_the_ways_to_give_one(capsys, monkeypatch, argv):
+    """No trace is searched for in fixed places: --trace or $COLAB_HELPERS_TRACE, else a message (Mixtral's
+    projection is never silently made from synthetic routing)."""
+    monkeypatch.delenv("COLAB_HELPERS_TRACE", raising=False)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # where ../shared/traces might be: not looked at
+    assert twin.cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--trace" in err[0] and "COLAB_HELPERS_TRACE" in err[0]
+
+
+def test_the_trace_comes_from_the_environment_variable(capsys, monkeypatch, tmp_path):
+    path = tmp_path / "stand-in.npz"
+    np.savez(path, seq_decode_experts=_routing(tokens=20, layers=32).astype(np.int8))
+    monkeypatch.setenv("COLAB_HELPERS_TRACE", str(path))
+    assert twin.cli_main(["--json", "--tokens", "1", "--warmup", "0", "--experts-on-device", "4"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["routing"] == "the recorded routing trace stand-in.npz" and got["experts_on_device"] == [4] * 32
 
 
 def test_compare_with_an_offload_report_uses_its_measurements():

@@ -1,0 +1,202 @@
+"""``twin --model``: the T4 twin for any family (sizes, resident MLPs, plan), and whose routing it replays."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colab_helpers import twin
+from colab_helpers.checkpoint import QuantConfig
+from colab_helpers.families import architecture
+from colab_helpers.families.configs import load_config
+from colab_helpers.planner import ModelSizes
+from colab_helpers.twin_family import (
+    STICKINESS,
+    FamilyTwin,
+    ResidentMLP,
+    repeat_fraction,
+    synthetic_routing,
+    trace_mismatch,
+)
+from colab_helpers.twin_record import EngineRun, build_narrow_engine, record_engine
+
+TRACE = Path(os.environ.get("COLAB_HELPERS_TRACE") or "/work/shared/traces/mixtral-8x7b-instruct-routing.npz")
+Q2 = QuantConfig.for_bits(4, 2)
+
+
+def _arch(repo: str):
+    return architecture(load_config(repo)[0])
+
+
+def _mixtral_shaped_trace(path: Path, tokens: int = 40) -> Path:
+    """A stand-in of the real trace's shape: 32 layers, top-2 of 8 experts."""
+    np.savez(path, seq_decode_experts=synthetic_routing(32, 8, 2, tokens, seed=3).astype(np.int8))
+    return path
+
+
+def _small_qwen2_moe(tmp_path: Path) -> Path:
+    """A Qwen2-MoE config with a shared expert and one dense layer (mlp_only_layers), small full size."""
+    cfg = {
+        "model_type": "qwen2_moe",
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "hidden_size": 1024,
+        "intermediate_size": 2048,
+        "moe_intermediate_size": 512,
+        "shared_expert_intermediate_size": 1024,
+        "num_hidden_layers": 3,
+        "mlp_only_layers": [1],
+        "decoder_sparse_step": 1,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": False,
+        "vocab_size": 4096,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+# ---- synthetic routing ----------------------------------------------------------------------------
+
+
+def test_synthetic_routing_is_distinct_in_range_deterministic_and_as_local_as_stated():
+    rows = synthetic_routing(4, 64, 8, tokens=300, seed=1)
+    assert rows.shape == (300, 4, 8) and rows.min() >= 0 and rows.max() < 64
+    assert all(len(set(r.tolist())) == 8 for r in rows.reshape(-1, 8))
+    assert np.array_equal(rows, synthetic_routing(4, 64, 8, tokens=300, seed=1))
+    # Mixtral's shape: the stated model gives the repeat fraction it was fitted to (0.376 on the real trace)
+    f = repeat_fraction(synthetic_routing(32, 8, 2, tokens=400, seed=0))
+    assert f == pytest.approx(STICKINESS + (1 - STICKINESS) * 2 / 8, abs=0.02)
+    assert f == pytest.approx(0.376, abs=0.02)
+
+
+@pytest.mark.skipif(not TRACE.is_file(), reason=f"the real routing trace ({TRACE}) is absent")
+def test_stickiness_is_the_excess_repeat_fraction_of_the_real_mixtral_trace():
+    z = np.load(TRACE)
+    names = ["gsm8k0", "gsm8k1", "humaneval0", "humaneval1"]
+    same = sum(repeat_fraction(z[f"{n}_decode_experts"]) * (len(z[f"{n}_decode_experts"]) - 1) for n in names)
+    f = same / sum(len(z[f"{n}_decode_experts"]) - 1 for n in names)
+    assert f == pytest.approx(0.376, abs=0.005)
+    assert STICKINESS == pytest.approx((f - 2 / 8) / (1 - 2 / 8), abs=0.005)
+
+
+# ---- whose trace ----------------------------------------------------------------------------------
+
+
+def test_a_mixtral_trace_is_never_taken_for_another_family(tmp_path):
+    arrays = dict(np.load(_mixtral_shaped_trace(tmp_path / "t.npz")))
+    assert trace_mismatch(arrays, _arch("mistralai/Mixtral-8x7B-Instruct-v0.1")) is None
+    # Phi-3.5-MoE has Mixtral's 32 layers and top-2, but 16 experts: the ids give the trace away
+    assert "8 experts" in trace_mismatch(arrays, _arch("microsoft/Phi-3.5-MoE-instruct"))
+    assert "top-2 in 32 layers" in trace_mismatch(arrays, _arch("allenai/OLMoE-1B-7B-0924"))
+    arrays["num_experts"] = np.array(16)  # a recorder that saved the expert count is believed
+    assert trace_mismatch(arrays, _arch("microsoft/Phi-3.5-MoE-instruct")) is None
+
+
+def test_cli_refuses_another_models_trace_in_one_line(capsys, tmp_path):
+    path = _mixtral_shaped_trace(tmp_path / "mixtral.npz")
+    assert twin.cli_main(["--model", "microsoft/Phi-3.5-MoE-instruct", "--trace", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a trace of another model" in err[0] and "16" in err[0]
+
+
+def test_other_family_with_the_mixtral_trace_in_the_environment_runs_on_labelled_synthetic_routing(
+    capsys, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("COLAB_HELPERS_TRACE", str(_mixtral_shaped_trace(tmp_path / "mixtral.npz")))
+    argv = ["--model", "allenai/OLMoE-1B-7B-0924", "--json", "--tokens", "1", "--warmup", "0"]
+    assert twin.cli_main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    got = json.loads(out[-1])
+    assert got["routing"].startswith("SYNTHETIC routing") and "Mixtral" not in got["routing"].split("(")[0]
+    assert any(line.startswith("routing: SYNTHETIC") for line in out)
+    assert got["model"].startswith("allenai/OLMoE-1B-7B-0924 (OLMoE")
+    assert got["experts_on_device"] == [64] * 16 and got["tok_s"] > 0  # the free-T4 plan: every expert fits
+    assert got["loads_per_token"] == 0 and got["hit_rate"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("no/such/place", "--model no/such/place"),
+        ("llama", "not supported"),  # a folder holding a config of another family
+        ("Qwen/Qwen2-57B-A14B", "does not fit"),  # nothing to project on a free T4
+    ],
+)
+def test_bad_model_is_one_line_exit_2(capsys, tmp_path, model, message):
+    if model == "llama":
+        llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+        (tmp_path / "config.json").write_text(json.dumps(llama))
+        model = str(tmp_path)
+    assert twin.cli_main(["--model", model, "--routing", "synthetic"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("twin:") and message in err[0], err
+
+
+def test_paper_takes_no_other_model(capsys):
+    assert twin.cli_main(["--paper", "--model", "allenai/OLMoE-1B-7B-0924"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--paper" in err[0]
+
+
+def test_mixtral_8x7b_by_name_is_the_twins_own_narrow_mixtral():
+    """``--model mistralai/Mixtral-8x7B-Instruct-v0.1`` takes exactly the path without ``--model``."""
+    target = twin._target("mistralai/Mixtral-8x7B-Instruct-v0.1")
+    assert target.family is None
+    assert twin._target("microsoft/Phi-3.5-MoE-instruct").family is not None
+
+
+# ---- the narrow engine of another family ----------------------------------------------------------
+
+
+def _full_bytes_per_token(arch, quant) -> float:
+    """What one decode token reads at full size: attention, resident MLPs, lm_head, and top-k experts per MoE layer."""
+    s = ModelSizes.of(arch, quant)
+    experts = len(arch.moe_layers) * arch.top_k * s.expert_bytes
+    return arch.num_layers * s.attention_layer_bytes + s.resident_mlp_bytes + 2 * arch.vocab * arch.hidden + experts
+
+
+@pytest.mark.parametrize("repo", ["allenai/OLMoE-1B-7B-0924", "microsoft/Phi-3.5-MoE-instruct", "qwen2-small"])
+def test_recorded_bytes_are_the_full_size_models(repo, tmp_path):
+    """With every expert resident, a token reads the model's full-size weights: within 5% (1-2% measured;
+    activations, norms, routers and the KV cache are the rest)."""
+    path = str(_small_qwen2_moe(tmp_path)) if repo == "qwen2-small" else repo
+    arch = architecture(load_config(path)[0])
+    fam = FamilyTwin(arch, Q2)
+    routing = synthetic_routing(len(arch.moe_layers), arch.num_experts, arch.top_k, 64)
+    ks = (arch.num_experts,) * len(arch.moe_layers)
+    s = record_engine(EngineRun(ks, decode_tokens=2, prompt_tokens=4, family=fam), routing)
+    read = s.bytes_per_token("fused") + s.bytes_per_token("eager")
+    assert read == pytest.approx(_full_bytes_per_token(arch, Q2), rel=0.05)
+    assert s.per_token("copy") == 0 and s.hit_rate == 1.0
+    assert s.per_token("sync") >= len(arch.moe_layers)  # one routing readback per MoE layer at least
+
+
+def test_shared_experts_and_dense_layers_are_resident_compute(tmp_path):
+    arch = architecture(load_config(str(_small_qwen2_moe(tmp_path)))[0])
+    assert arch.moe_layers == (0, 2) and arch.dense_layers == (1,) and arch.shared_intermediate == 1024
+    fam = FamilyTwin(arch, Q2)
+    routing = synthetic_routing(2, 8, 2, 64)
+    model = build_narrow_engine(EngineRun((3, 3), decode_tokens=1, family=fam), routing)
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert isinstance(mlps[0], ResidentMLP) and mlps[0].moe is not None and mlps[0].gate is not None
+    assert isinstance(mlps[1], ResidentMLP) and mlps[1].moe is None  # the dense layer: no experts
+    assert isinstance(mlps[2], ResidentMLP) and mlps[2].moe._following == []  # prefetch links MoE layers only
+    assert mlps[0].moe._following == [mlps[2].moe]
+    # every resident weight is scaled to its full-size bytes
+    scale = model.twin_scale
+    down = mlps[1].down_proj
+    narrow = sum(b.nbytes for b in down.buffers())
+    full = Q2.attention.nbytes(arch.dense_mlp_shapes["down_proj"])
+    assert scale.weights[down.W_q.untyped_storage().data_ptr()] * narrow == pytest.approx(full)
+    # with experts offloaded (3 of 8 per layer), only the MoE layers load experts
+    s = record_engine(EngineRun((3, 3), decode_tokens=4, prompt_tokens=4, family=fam), routing)
+    loads = [op for op in s.ops if op.kind == "copy" and op.to_device]
+    assert loads and all(op.nbytes == pytest.approx(ModelSizes.of(arch, Q2).expert_bytes) for op in loads)
