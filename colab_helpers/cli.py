@@ -242,6 +242,6 @@ def _run(argv: list[str]) -> int:
     sub.add_parser("plan", help="memory plan: experts per layer for given VRAM/RAM (see plan --help)")
     sub.add_parser("convert", help="quantize any Mixtral checkpoint (hub repo or folder) into this layout")
     sub.add_parser("replay", help="replay a routing trace through eviction policies (see replay --help)")
-    sub.add_parser("twin", help="T4 twin: calibrate on the paper (--paper) or project ours (see twin --help)")
+    sub.add_parser("twin", help="T4 twin: calibrate on the paper (--paper) or project ours, any family (--model)")
     args = parser.parse_args(argv)
     return args.func(args)

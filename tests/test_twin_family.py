@@ -200,3 +200,34 @@ def test_shared_experts_and_dense_layers_are_resident_compute(tmp_path):
     s = record_engine(EngineRun((3, 3), decode_tokens=4, prompt_tokens=4, family=fam), routing)
     loads = [op for op in s.ops if op.kind == "copy" and op.to_device]
     assert loads and all(op.nbytes == pytest.approx(ModelSizes.of(arch, Q2).expert_bytes) for op in loads)
+
+
+# ---- the README's families table ------------------------------------------------------------------
+
+
+def _readme_family_rows() -> dict[str, list[str]]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Other MoE families", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| `")]
+    return {r.split("`")[1]: [c.strip() for c in r.strip("|").split("|")] for r in rows}
+
+
+def test_readme_families_table_agrees_with_the_planner_and_labels_its_projections():
+    """The 2-bit plan cell of each shipped family is the planner's; a projection is labelled with its routing."""
+    from colab_helpers.families.configs import shipped
+    from colab_helpers.planner import Budget, plan_memory
+
+    rows = _readme_family_rows()
+    assert set(rows) == set(shipped())
+    for repo, cells in rows.items():
+        arch = _arch(repo)
+        plan = plan_memory(arch, Q2, Budget.given(15, 12.7), "cuda")
+        plan_cell, twin_cell = cells[2], cells[-1]
+        if not plan.fits:
+            assert plan_cell.startswith("does not fit") and twin_cell.startswith("none")
+            continue
+        ks = sorted(set(plan.per_layer))
+        want = f"all {arch.num_experts}" if ks == [arch.num_experts] else "-".join(map(str, ks))
+        assert plan_cell.startswith("fits") and want in plan_cell, (repo, plan_cell, want)
+        routing = "real routing trace" if arch.family == "mixtral" else "synthetic routing"
+        assert routing in twin_cell, (repo, twin_cell)
