@@ -217,7 +217,8 @@ class FamilyTwin:
         return model
 
     def _resident_projs(self, full_intermediate: int, gen: torch.Generator) -> dict[str, nn.Module]:
-        from .quant import QuantizedWeight, QuantLinear
+        from .linear import QuantLinear
+        from .quant import QuantizedWeight
         from .synthetic import _random_quantized
 
         i, h, spec = self.resident_intermediate(full_intermediate), NARROW_HIDDEN, self.quant.attention
