@@ -1,15 +1,17 @@
-"""The on-disk layout of the pre-quantized Mixtral shards: names, strict checks, reading and writing.
+"""The on-disk layout of pre-quantized MoE shards (any supported family): names, strict checks, reading, writing.
 
-One trunk file holds every non-expert tensor under full (old, ``block_sparse_moe``) names; each expert
-lives in a file of its own under keys relative to the expert (``w1.W_q`` ...). The index maps full
-names to files. Every file is checked (size, header, key set, dtype, shape) before a byte is used,
-and every error names the file and the key. See ``docs/checkpoint_format.md``.
+One trunk file holds every non-expert tensor under full names (Mixtral: the public demo's old
+``block_sparse_moe`` names; other families: transformers 5 names); each routed expert lives in a file of
+its own under keys relative to the expert (``w1.W_q`` ...). The index maps full names to files; the
+family is config.json's ``model_type`` (none: Mixtral). Every file is checked (size, header, key set,
+dtype, shape) before a byte is used, and every error names the file and the key. See ``docs/checkpoint_format.md``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import MixtralConfig
 
+from .families import MoEArchitecture, UnsupportedFamilyError, detect_family, from_transformers, transformers_config
 from .quant import (
     DEFAULT_ATTENTION_SPECS,
     DEFAULT_EXPERT_SPECS,
@@ -47,6 +50,10 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or does not hold what the layout says."""
+
+
+class UnsupportedCheckpointFamily(CheckpointError, UnsupportedFamilyError):
+    """config.json names a model family no adapter covers; the message lists the supported ones."""
 
 
 @dataclass(frozen=True)
@@ -79,30 +86,38 @@ class QuantConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def head_dim(cfg: MixtralConfig) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+def arch_of(config) -> MoEArchitecture:
+    """The family adapter's ``MoEArchitecture`` of a transformers config (any supported family), or ``config``
+    itself when it already is one."""
+    return config if isinstance(config, MoEArchitecture) else from_transformers(config)
 
 
-def attention_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, int]]:
-    hd, h = head_dim(cfg), cfg.hidden_size
-    return {
-        "q_proj": (cfg.num_attention_heads * hd, h),
-        "k_proj": (cfg.num_key_value_heads * hd, h),
-        "v_proj": (cfg.num_key_value_heads * hd, h),
-        "o_proj": (h, cfg.num_attention_heads * hd),
-    }
+def head_dim(cfg) -> int:
+    return arch_of(cfg).head_dim
 
 
-def expert_shapes(cfg: MixtralConfig) -> dict[str, tuple[int, int]]:
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return {"w1": (i, h), "w2": (h, i), "w3": (i, h)}
+def attention_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """``{q_proj|k_proj|v_proj|o_proj: (out, in)}`` of one layer."""
+    return arch_of(cfg).attention_shapes
 
 
-def expert_prefix(layer: int, expert: int) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
+def expert_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """One routed expert's ``w1`` (gate), ``w2`` (down), ``w3`` (up), ``(out, in)`` each."""
+    return arch_of(cfg).expert_shapes
 
 
-def expected_expert_tensors(cfg: MixtralConfig, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
+def legacy_names(cfg) -> bool:
+    """Mixtral keeps the public demo's old names (``block_sparse_moe``) in the trunk and the index."""
+    return arch_of(cfg).family == "mixtral"
+
+
+def expert_prefix(layer: int, expert: int, cfg=None) -> str:
+    """The index's name prefix of one expert (``layer`` is the decoder layer); ``cfg`` None means Mixtral."""
+    block = "block_sparse_moe" if cfg is None or legacy_names(cfg) else "mlp"
+    return f"model.layers.{layer}.{block}.experts.{expert}."
+
+
+def expected_expert_tensors(cfg, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
     """Keys (relative to the expert), dtypes and shapes of one expert file's 21 tensors."""
     out = {}
     for mat, shape in expert_shapes(cfg).items():
@@ -111,27 +126,92 @@ def expected_expert_tensors(cfg: MixtralConfig, quant: QuantConfig) -> dict[str,
     return out
 
 
-def expected_trunk_tensors(cfg: MixtralConfig, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
-    """Full names, dtypes and shapes of every non-expert tensor."""
-    h, v, e = cfg.hidden_size, cfg.vocab_size, cfg.num_local_experts
-    out: dict[str, tuple[torch.dtype, tuple]] = {
-        "model.embed_tokens.weight": (torch.float16, (v, h)),
-        "lm_head.weight": (torch.float16, (v, h)),
-        "model.norm.weight": (torch.float16, (h,)),
-    }
-    for layer in range(cfg.num_hidden_layers):
+@dataclass(frozen=True)
+class TrunkEntry:
+    """One tensor of the source model that the trunk file stores: its name in the layout, its shape, and
+    whether it is quantized (with the attention settings: 7 stored tensors) or kept float16 (one)."""
+
+    name: str  # layout name (transformers 5 names; Mixtral's router under ``block_sparse_moe``)
+    shape: tuple[int, ...]
+    quantized: bool
+
+    @property
+    def model_name(self) -> str:
+        """The transformers 5 parameter name this entry is read from and loaded into."""
+        return to_transformers_name(self.name)
+
+
+def trunk_entries(cfg) -> list[TrunkEntry]:
+    """Every non-expert tensor of a model of any supported family, as the trunk file stores it.
+
+    Quantized with the attention settings: the q/k/v/o projections, and (Qwen2-MoE) the shared expert's
+    and (Qwen2/Qwen3-MoE) the dense layers' gate/up/down projections: they are read for every token like
+    attention, so they get attention's bits rather than sixteen. Float16: embeddings, ``lm_head`` (not
+    stored when tied, except by Mixtral, whose public layout always has it) and its bias, norms and their
+    biases, attention biases, q/k norms, routers, the shared expert's gate.
+    """
+    a = arch_of(cfg)
+    h, v = a.hidden, a.vocab
+    mixtral = a.family == "mixtral"
+    out = [TrunkEntry("model.embed_tokens.weight", (v, h), False)]
+    if mixtral or not a.tie_embeddings:
+        out.append(TrunkEntry("lm_head.weight", (v, h), False))
+    if a.lm_head_bias:
+        out.append(TrunkEntry("lm_head.bias", (v,), False))
+    out += _norm("model.norm", h, a.norm_bias)
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    for layer in range(a.num_layers):
         p = f"model.layers.{layer}."
-        out[p + "input_layernorm.weight"] = (torch.float16, (h,))
-        out[p + "post_attention_layernorm.weight"] = (torch.float16, (h,))
-        out[p + "block_sparse_moe.gate.weight"] = (torch.float16, (e, h))
-        for proj, shape in attention_shapes(cfg).items():
-            for suffix, spec in quant.attention.tensor_specs(shape).items():
-                out[f"{p}self_attn.{proj}.{suffix}"] = spec
+        out += _norm(p + "input_layernorm", h, a.norm_bias) + _norm(p + "post_attention_layernorm", h, a.norm_bias)
+        if mixtral:
+            out.append(TrunkEntry(p + "block_sparse_moe.gate.weight", (a.num_experts, h), False))
+        out += [TrunkEntry(f"{p}self_attn.{proj}.weight", shape, True) for proj, shape in a.attention_shapes.items()]
+        if a.qkv_bias:
+            out += [TrunkEntry(f"{p}self_attn.{x}_proj.bias", (n,), False) for x, n in (("q", q), ("k", kv), ("v", kv))]
+        if a.o_bias:
+            out.append(TrunkEntry(p + "self_attn.o_proj.bias", (h,), False))
+        if a.q_norm:
+            out.append(TrunkEntry(p + "self_attn.q_norm.weight", (a.q_norm,), False))
+        if a.k_norm:
+            out.append(TrunkEntry(p + "self_attn.k_norm.weight", (a.k_norm,), False))
+        if mixtral:
+            continue
+        if layer in a.moe_layers:
+            out.append(TrunkEntry(f"{p}mlp.{a.router_param}.weight", (a.num_experts, h), False))
+            shared = a.shared_expert_shapes.items()
+            out += [TrunkEntry(f"{p}mlp.shared_expert.{m}.weight", shape, True) for m, shape in shared]
+            if a.shared_expert_gate:
+                out.append(TrunkEntry(p + "mlp.shared_expert_gate.weight", (1, h), False))
+        else:
+            out += [TrunkEntry(f"{p}mlp.{m}.weight", shape, True) for m, shape in a.dense_mlp_shapes.items()]
     return out
 
 
+def _norm(name: str, h: int, bias: bool) -> list[TrunkEntry]:
+    return [TrunkEntry(f"{name}.weight", (h,), False)] + ([TrunkEntry(f"{name}.bias", (h,), False)] if bias else [])
+
+
+def expected_trunk_tensors(cfg, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Full names, dtypes and shapes of every tensor in the trunk file (``trunk_entries`` expanded: a
+    quantized matrix is its 7 tensors ``<name>.W_q`` ..., anything else one float16 tensor)."""
+    out: dict[str, tuple[torch.dtype, tuple]] = {}
+    for entry in trunk_entries(cfg):
+        if entry.quantized:
+            base = entry.name.removesuffix(".weight")
+            for suffix, spec in quant.attention.tensor_specs(entry.shape).items():
+                out[f"{base}.{suffix}"] = spec
+        else:
+            out[entry.name] = (torch.float16, entry.shape)
+    return out
+
+
+def quantized_trunk_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """``{transformers 5 name without .weight: (out, in)}`` of the trunk's quantized matrices."""
+    return {e.model_name.removesuffix(".weight"): e.shape for e in trunk_entries(cfg) if e.quantized}
+
+
 def to_transformers_name(name: str) -> str:
-    """Old Mixtral names (``block_sparse_moe``) to transformers 5 names (``mlp``)."""
+    """Layout names to transformers 5 names: Mixtral's old ``block_sparse_moe`` becomes ``mlp``."""
     return name.replace(".block_sparse_moe.", ".mlp.")
 
 
@@ -206,10 +286,20 @@ class Checkpoint:
     """A verified checkpoint directory: config, quantization settings and where each tensor lives."""
 
     root: Path
-    config: MixtralConfig
+    config: MixtralConfig  # or the family's transformers config (OlmoeConfig, Qwen2MoeConfig ...)
     quant: QuantConfig
-    trunk_files: dict[str, str]  # full (old) name -> file
-    expert_files: dict[tuple[int, int], str]  # (layer, expert) -> file
+    trunk_files: dict[str, str]  # full layout name -> file
+    expert_files: dict[tuple[int, int], str]  # (decoder layer, expert) -> file
+
+    @property
+    def arch(self) -> MoEArchitecture:
+        """The family adapter's view of the model: MoE layers, experts, top-k, shapes."""
+        return arch_of(self.config)
+
+    @property
+    def family(self) -> str:
+        """config.json's ``model_type`` (``mixtral`` when it has none, like a bare demo config)."""
+        return self.arch.family
 
     @classmethod
     def open(cls, root: str | os.PathLike, verify: bool = True) -> Checkpoint:
@@ -229,9 +319,10 @@ class Checkpoint:
             trunk_files[key] = weight_map[key]
         expert_files = {}
         rel_keys = list(expected_expert_tensors(config, quant))
-        for layer in range(config.num_hidden_layers):
-            for e in range(config.num_local_experts):
-                prefix = expert_prefix(layer, e)
+        arch = arch_of(config)
+        for layer in arch.moe_layers:
+            for e in range(arch.num_experts):
+                prefix = expert_prefix(layer, e, config)
                 files = {weight_map.get(prefix + k) for k in rel_keys}
                 if None in files:
                     missing = next(prefix + k for k in rel_keys if prefix + k not in weight_map)
@@ -274,7 +365,7 @@ class Checkpoint:
         return out
 
     def iter_experts(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-        """Yield ``(layer, expert, {rel_key: tensor})``, one file open at a time (mmap, no full copy)."""
+        """Yield ``(decoder layer, expert, {rel_key: tensor})``, one file open at a time (mmap, no full copy)."""
         from safetensors import safe_open
 
         for (layer, e), file in sorted(self.expert_files.items()):
@@ -316,17 +407,29 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-def config_from_dict(cfg: dict, path: Path | str = CONFIG_FILE) -> MixtralConfig:
-    """A ``MixtralConfig`` from the architecture fields only (the rest of the file is ignored)."""
-    if cfg.get("model_type", "mixtral") != "mixtral":
-        raise CheckpointError(f"{Path(path).name}: model_type is {cfg.get('model_type')!r}, expected 'mixtral'")
+def config_from_dict(cfg: dict, path: Path | str = CONFIG_FILE):
+    """The model's transformers config from config.json's dict: a ``MixtralConfig`` from the architecture
+    fields only (the rest of the file is ignored; a config without ``model_type`` is Mixtral, as the public
+    demo's), any other supported family's config from its whole dict (``families.transformers_config``).
+    An unsupported family raises ``UnsupportedCheckpointFamily`` listing the supported ones."""
+    name = Path(path).name
+    if cfg.get("model_type", "mixtral") != "mixtral" or "model_type" not in cfg and cfg.get("architectures"):
+        try:
+            family = detect_family(cfg).MODEL_TYPE
+        except UnsupportedFamilyError as err:
+            raise UnsupportedCheckpointFamily(f"{name}: {err}") from err
+        if family != "mixtral":
+            try:
+                return transformers_config({k: v for k, v in cfg.items() if k != QUANT_CONFIG_KEY})
+            except Exception as err:  # transformers' own validation of the fields
+                raise CheckpointError(f"{name}: not a valid {family} config ({err})") from err
     fields = {k: cfg[k] for k in ARCHITECTURE_FIELDS if k in cfg and cfg[k] is not None}
     if "rope_parameters" in cfg and "rope_theta" not in fields:
         fields["rope_theta"] = cfg["rope_parameters"].get("rope_theta", 1e6)
     rope_theta = fields.pop("rope_theta", 1e6)
     for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if k not in fields:
-            raise CheckpointError(f"{Path(path).name}: missing {k!r}")
+            raise CheckpointError(f"{name}: missing {k!r}")
     config = MixtralConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
     return config
 
@@ -350,21 +453,24 @@ def expert_matrices(gate_up: torch.Tensor, down: torch.Tensor, expert: int) -> d
     return {"w1": gate_up[expert, :inter], "w2": down[expert], "w3": gate_up[expert, inter:]}
 
 
-def num_files(cfg: MixtralConfig) -> int:
-    """One trunk file plus one file per expert."""
-    return 1 + cfg.num_hidden_layers * cfg.num_local_experts
+def num_files(cfg) -> int:
+    """One trunk file plus one file per expert (of the MoE layers)."""
+    a = arch_of(cfg)
+    return 1 + len(a.moe_layers) * a.num_experts
 
 
-def trunk_file(cfg: MixtralConfig) -> str:
+def trunk_file(cfg) -> str:
     return shard_name(1, num_files(cfg))
 
 
-def expert_file(cfg: MixtralConfig, layer: int, expert: int) -> str:
-    return shard_name(2 + layer * cfg.num_local_experts + expert, num_files(cfg))
+def expert_file(cfg, layer: int, expert: int) -> str:
+    """The file of expert ``expert`` of decoder layer ``layer`` (MoE layers numbered in order, no gaps)."""
+    a = arch_of(cfg)
+    return shard_name(2 + a.moe_layers.index(layer) * a.num_experts + expert, num_files(cfg))
 
 
 def stored_dense(weight: torch.Tensor) -> torch.Tensor:
-    """Embeddings, norms, router and ``lm_head`` are stored as float16."""
+    """Embeddings, norms, biases, routers and ``lm_head`` are stored as float16."""
     return weight.detach().to("cpu", torch.float16).contiguous()
 
 
@@ -387,7 +493,8 @@ def quantize_matrix(
 def stored_attention(
     name: str, weight: torch.Tensor, quant: QuantConfig, optimize: bool = True, device=None
 ) -> dict[str, torch.Tensor]:
-    """``...self_attn.q_proj.weight`` -> its 7 stored tensors under full names."""
+    """``...self_attn.q_proj.weight`` (or any trunk matrix quantized like attention) -> its 7 stored tensors
+    under full names."""
     base = name.removesuffix(".weight")
     return {f"{base}.{k}": t for k, t in quantize_matrix(weight, quant.attention, optimize, device).items()}
 
@@ -415,7 +522,7 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def layout_index(cfg: MixtralConfig, quant: QuantConfig) -> dict:
+def layout_index(cfg, quant: QuantConfig) -> dict:
     """The index of a checkpoint in this layout, from config and settings alone (sizes are exact)."""
     weight_map: dict[str, str] = {}
     total = 0
@@ -423,10 +530,11 @@ def layout_index(cfg: MixtralConfig, quant: QuantConfig) -> dict:
         weight_map[key] = trunk_file(cfg)
         total += _nbytes(dtype, shape)
     rel = expected_expert_tensors(cfg, quant)
-    for layer in range(cfg.num_hidden_layers):
-        for e in range(cfg.num_local_experts):
+    a = arch_of(cfg)
+    for layer in a.moe_layers:
+        for e in range(a.num_experts):
             for key, (dtype, shape) in rel.items():
-                weight_map[expert_prefix(layer, e) + key] = expert_file(cfg, layer, e)
+                weight_map[expert_prefix(layer, e, cfg) + key] = expert_file(cfg, layer, e)
                 total += _nbytes(dtype, shape)
     return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
 
@@ -438,8 +546,34 @@ def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def layout_config(cfg: MixtralConfig, quant: QuantConfig) -> dict:
-    """``config.json`` of a written checkpoint: architecture fields and our quantization settings."""
+# config.json keys of other families that say nothing about the architecture (dropped when writing)
+_CONFIG_NOISE = (
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+)
+
+
+def layout_config(cfg, quant: QuantConfig) -> dict:
+    """``config.json`` of a written checkpoint: the architecture, the family (``model_type``, which ``open``
+    reads back) and our quantization settings. Mixtral: its architecture fields only, as the public demo;
+    other families: the whole transformers config (so it round-trips), less fields about something else."""
+    if not legacy_names(cfg):
+        cfg_dict = {k: v for k, v in cfg.to_dict().items() if k not in _CONFIG_NOISE}
+        cfg_dict["model_type"] = cfg.model_type
+        cfg_dict["architectures"] = [arch_of(cfg).model_class]
+        cfg_dict["torch_dtype"] = "float16"
+        cfg_dict[QUANT_CONFIG_KEY] = quant.to_dict()
+        return cfg_dict
     cfg_dict = {k: v for k, v in cfg.to_dict().items() if k in ARCHITECTURE_FIELDS or k == "model_type"}
     cfg_dict["model_type"] = "mixtral"
     cfg_dict["architectures"] = ["MixtralForCausalLM"]
@@ -450,7 +584,7 @@ def layout_config(cfg: MixtralConfig, quant: QuantConfig) -> dict:
     return cfg_dict
 
 
-def write_layout_metadata(out: Path, cfg: MixtralConfig, quant: QuantConfig) -> None:
+def write_layout_metadata(out: Path, cfg, quant: QuantConfig) -> None:
     """Index, ``config.json`` and ``generation_config.json`` (the shards are written separately)."""
     write_text(out / INDEX_FILE, json.dumps(layout_index(cfg, quant), indent=2) + "\n")
     write_text(out / CONFIG_FILE, json.dumps(layout_config(cfg, quant), indent=2, sort_keys=True) + "\n")
@@ -458,32 +592,30 @@ def write_layout_metadata(out: Path, cfg: MixtralConfig, quant: QuantConfig) -> 
     write_text(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
 
 
-def model_to_layout_names(sd: dict[str, torch.Tensor], cfg: MixtralConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """A transformers 5 state dict's trunk tensors under the layout's (old) names; experts excluded."""
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
-        yield name, sd[name]
-    for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        yield p + "input_layernorm.weight", sd[p + "input_layernorm.weight"]
-        yield p + "post_attention_layernorm.weight", sd[p + "post_attention_layernorm.weight"]
-        yield p + "block_sparse_moe.gate.weight", sd[p + "mlp.gate.weight"]
-        for proj in ATTENTION_PROJS:
-            yield f"{p}self_attn.{proj}.weight", sd[f"{p}self_attn.{proj}.weight"]
+def model_to_layout_names(sd: dict[str, torch.Tensor], cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """A transformers 5 state dict's trunk tensors under the layout's names (``trunk_entries``); experts excluded."""
+    for entry in trunk_entries(cfg):
+        yield entry.name, sd[entry.model_name]
+
+
+# trunk matrices quantized with the attention settings (``trunk_entries``), by layout name
+QUANTIZED_TRUNK = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.)?(gate|up|down)_proj)\.weight$")
 
 
 def stored_trunk_tensor(
     name: str, weight: torch.Tensor, quant: QuantConfig, optimize: bool = True, device=None
 ) -> dict[str, torch.Tensor]:
-    """One source trunk tensor (layout name) -> what the trunk file stores for it."""
-    if ".self_attn." in name:
+    """One source trunk tensor (layout name, any family) -> what the trunk file stores for it: the 7 tensors
+    of a matrix quantized with the attention settings (``QUANTIZED_TRUNK``), else one float16 tensor."""
+    if QUANTIZED_TRUNK.search(name):
         return stored_attention(name, weight, quant, optimize, device)
     return {name: stored_dense(weight)}
 
 
 def trunk_tensors(
-    sd: dict[str, torch.Tensor], cfg: MixtralConfig, quant: QuantConfig, optimize: bool = True, device=None
+    sd: dict[str, torch.Tensor], cfg, quant: QuantConfig, optimize: bool = True, device=None
 ) -> dict[str, torch.Tensor]:
-    """The trunk file's tensors under old names: float16 embeddings, norms and routers, quantized attention."""
+    """The trunk file's tensors under layout names: quantized attention (and shared/dense MLPs), float16 rest."""
     trunk: dict[str, torch.Tensor] = {}
     for name, weight in model_to_layout_names(sd, cfg):
         trunk.update(stored_trunk_tensor(name, weight, quant, optimize, device))
@@ -510,27 +642,30 @@ def save_checkpoint(
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> Path:
-    """Write a transformers 5 ``MixtralForCausalLM`` in the offloading-demo layout.
+    """Write a transformers 5 model of any supported family (``MixtralForCausalLM``, ``OlmoeForCausalLM``,
+    ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM``, ``PhimoeForCausalLM``) in the offloading layout.
 
-    Attention is quantized to ``attn_bits``, experts to ``expert_bits`` (HQQ's optimizer refines
-    scale/zero when ``optimize``; on ``device`` when given); embeddings, norms, router and ``lm_head``
-    stay float16. The same per-tensor functions serve the streaming converter (``convert.py``), so a
-    model saved here and the same model converted from its ``save_pretrained`` shards are byte-identical.
+    Attention (and shared-expert / dense-layer MLPs) is quantized to ``attn_bits``, experts to
+    ``expert_bits`` (HQQ's optimizer refines scale/zero when ``optimize``; on ``device`` when given);
+    embeddings, norms, biases, routers and ``lm_head`` stay float16 (``trunk_entries``). The same per-tensor
+    functions serve the streaming converter (``convert.py``), so a model saved here and the same model
+    converted from its ``save_pretrained`` shards are byte-identical.
     """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg: MixtralConfig = model.config
+    cfg = model.config
+    arch = arch_of(cfg)  # UnsupportedFamilyError for any other model
     quant = QuantConfig.for_bits(attn_bits, expert_bits)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     bar = tqdm(total=num_files(cfg), desc="quantizing", unit="file", disable=not progress)
     write_shard(trunk_tensors(sd, cfg, quant, optimize, device), out / trunk_file(cfg))
     bar.update(1)
-    for layer in range(cfg.num_hidden_layers):
+    for layer in arch.moe_layers:
         p = f"model.layers.{layer}.mlp.experts."
         gate_up, down = sd[p + "gate_up_proj"], sd[p + "down_proj"]
-        for e in range(cfg.num_local_experts):
+        for e in range(arch.num_experts):
             write_shard(
                 expert_tensors(gate_up, down, e, quant.experts, optimize, device), out / expert_file(cfg, layer, e)
             )

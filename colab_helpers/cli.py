@@ -56,8 +56,8 @@ def _load(args: argparse.Namespace):
 
     device = require_device(args.device)  # before any download: a wrong --device costs nothing
     path, what = resolve_model(args.model)
-    config = Checkpoint.open(path, verify=False).config  # a junk folder fails here, naming the missing file
-    check_experts_on_device(args.experts_on_device, config.num_local_experts, what)
+    arch = Checkpoint.open(path, verify=False).arch  # a junk folder fails here, naming the missing file
+    check_experts_on_device(args.experts_on_device, arch.num_experts, what)
     k = args.experts_on_device
     if k is None:
         k = _planned_experts(path, device)

@@ -96,8 +96,8 @@ class ModelSizes:
     def of(cls, config: MixtralConfig | MoEArchitecture, quant: QuantConfig) -> ModelSizes:
         """Sizes of any supported family (a transformers config or its ``MoEArchitecture``).
 
-        Shared experts and the MLPs of dense layers live in the trunk, quantized like attention (the
-        converter for these families is not written yet: this is the planned layout, issue 12).
+        Shared experts and the MLPs of dense layers live in the trunk, quantized like attention: the bytes
+        ``checkpoint.expected_trunk_tensors`` lists (``tests/test_family_layout.py``).
         """
         a = config if isinstance(config, MoEArchitecture) else from_transformers(config)
         attn_shapes = a.attention_shapes.values()

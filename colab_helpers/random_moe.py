@@ -1,0 +1,125 @@
+"""Tiny random models of every supported MoE family, built from each family's own transformers config class.
+
+For tests and the converter's fixtures: shapes satisfy every 2/3/4-bit group constraint of the layout
+(hidden 256, expert intermediate 256 or 512, 8 heads, 2 KV heads), and each family's variant switches on
+what sets it apart: Qwen2-MoE a shared expert with its gate, a dense (non-MoE) layer through
+``mlp_only_layers`` and renormalization off; Qwen3-MoE ``head_dim`` unlike ``hidden / heads``, per-head q/k
+norms, dense layers through ``decoder_sparse_step`` and renormalization on; OLMoE whole-projection q/k norms
+and renormalization off; Phi-3.5-MoE sparsemixer routing, LayerNorm biases and attention / ``lm_head`` biases.
+Weights are random but not the 0.02 init: routers are scaled up (varied routing) and every bias and norm
+weight is perturbed (so a bias or norm lost on the way shows in the logits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+COMMON = dict(
+    hidden_size=256,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+    tie_word_embeddings=False,
+)
+# family -> (transformers config class, model class, fields beyond COMMON)
+VARIANTS: dict[str, tuple[str, str, dict]] = {
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_hidden_layers=2, intermediate_size=512, num_local_experts=8, num_experts_per_tok=2),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(num_hidden_layers=2, intermediate_size=256, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            intermediate_size=512,  # the dense layer's MLP
+            moe_intermediate_size=256,
+            shared_expert_intermediate_size=512,
+            num_experts=8,
+            num_experts_per_tok=2,
+            mlp_only_layers=[1],  # layers 0 and 2 are MoE: the cache's layer 1 is decoder layer 2
+            decoder_sparse_step=1,
+            norm_topk_prob=False,
+            qkv_bias=True,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_hidden_layers=4,
+            intermediate_size=512,
+            moe_intermediate_size=256,
+            head_dim=64,  # q is [512, 256]: not hidden / heads
+            num_experts=8,
+            num_experts_per_tok=2,
+            decoder_sparse_step=2,  # layers 1 and 3 are MoE, 0 and 2 dense
+            norm_topk_prob=True,
+        ),
+    ),
+    "phimoe": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        dict(
+            num_hidden_layers=2,
+            intermediate_size=256,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            attention_bias=True,
+            lm_head_bias=True,
+        ),
+    ),
+}
+
+
+def families() -> list[str]:
+    """The families of ``VARIANTS`` the installed transformers ships."""
+    import transformers
+
+    return [f for f, (cfg, _, _) in VARIANTS.items() if hasattr(transformers, cfg)]
+
+
+def small_config(family: str, **overrides):
+    """The tiny config of ``family`` (``VARIANTS``), with ``overrides`` applied."""
+    import transformers
+
+    cfg_name, _, fields = VARIANTS[family]
+    return getattr(transformers, cfg_name)(**{**COMMON, **fields, **overrides})
+
+
+def random_model(config_or_family, seed: int = 0) -> torch.nn.Module:
+    """A random model of the config's (or the family's tiny config's) class, in eval mode.
+
+    Routers get N(0, 0.5) weights (the 0.02 init routes almost uniformly), biases N(0, 0.1) and norm weights
+    1 + N(0, 0.1): every tensor the layout stores then matters to the logits.
+    """
+    import transformers
+
+    from .families import from_transformers
+
+    config = small_config(config_or_family) if isinstance(config_or_family, str) else config_or_family
+    arch = from_transformers(config)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch.model_class)(config).eval()
+    with torch.no_grad():
+        for i in arch.moe_layers:
+            getattr(model.model.layers[i].mlp, arch.router_param).weight.normal_(0, 0.5)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+            elif "norm" in name.rsplit(".", 2)[-2]:
+                p.normal_(1, 0.1)
+    return model
+
+
+__all__ = ["COMMON", "VARIANTS", "families", "random_model", "small_config"]
