@@ -14,19 +14,21 @@ from .quant import SUFFIXES, QuantizedWeight
 
 
 class QuantLinear(nn.Module):
-    """A bias-free linear whose weight is stored low-bit; stands in for ``nn.Linear`` in attention.
+    """A linear whose weight is stored low-bit; stands in for ``nn.Linear`` in attention (and the shared
+    expert and dense-layer MLPs of some families). ``bias`` (compute dtype) is added after the matmul.
 
     With ``dense_on_cpu`` a CPU run dequantizes once and keeps the dense copy (CPUs have no fused
     low-bit kernel; on CUDA the packed bytes are read directly every call).
     """
 
-    def __init__(self, weight: QuantizedWeight, dense_on_cpu: bool = True) -> None:
+    def __init__(self, weight: QuantizedWeight, dense_on_cpu: bool = True, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.spec = weight.spec
         self.out_features, self.in_features = weight.shape
         self.dense_on_cpu = dense_on_cpu
         for name, tensor in weight.tensors().items():
             self.register_buffer(name.replace(".", "_"), tensor)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._weight: QuantizedWeight | None = None
 
     @property
@@ -41,8 +43,10 @@ class QuantLinear(nn.Module):
         w = self.weight_q
         if self.dense_on_cpu and x.device.type == "cpu" and (w.dense is None or w.dense.dtype != x.dtype):
             w.dense = w.dequantize(x.dtype)
-        return quant_linear(x, w)
+        y = quant_linear(x, w)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"in={self.in_features}, out={self.out_features}, bits={s.nbits}, group={s.group_size}"
+        bias = ", bias" if self.bias is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, bits={s.nbits}, group={s.group_size}{bias}"

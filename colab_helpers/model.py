@@ -1,9 +1,11 @@
-"""``load_model``: a transformers 5 Mixtral whose attention is low-bit and whose experts are offloaded.
+"""``load_model``: a stock transformers 5 MoE model (any supported family) with low-bit attention and offloaded experts.
 
-The skeleton is built on the meta device (no expert weights are ever materialised), the trunk is
-loaded from its shard, attention projections become ``QuantLinear``, and each layer's MoE block
-becomes an ``OffloadedMoE`` reading from one shared ``ExpertCache``. Everything else — generation,
-KV cache, streaming, chat templates — is stock transformers.
+The family's own class (``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen2MoeForCausalLM``,
+``Qwen3MoeForCausalLM``, ``PhimoeForCausalLM``) is built on the meta device (no expert weights are ever
+materialised), the trunk is loaded from its shard, the quantized trunk matrices (attention; shared-expert
+and dense-layer MLPs) become ``QuantLinear``, and each MoE layer's sparse block becomes an ``OffloadedMoE``
+reading from one shared ``ExpertCache`` that indexes MoE layers only (dense layers keep their MLP).
+Everything else — generation, KV cache, streaming, chat templates — is stock transformers.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import MixtralConfig, MixtralForCausalLM
-from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, MixtralTopKRouter
 
 from .attention import AttentionPath, choose_attention, install_attention, register
-from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, attention_shapes
+from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, arch_of, quantized_trunk_shapes
 from .experts import ExpertCache, ExpertLayout, experts_per_layer
 from .linear import QuantLinear
 from .moe import OffloadedMoE, PrefetchConfig
@@ -69,10 +71,10 @@ def load_model(
     config: OffloadConfig | None = None,
     **overrides,
 ) -> MixtralForCausalLM:
-    """Load a checkpoint in the offloading layout as a transformers causal LM.
+    """Load a checkpoint in the offloading layout as its family's stock transformers causal LM.
 
     ``path`` is a local directory (see ``colab_helpers.hub.download`` for the hub). ``experts_on_device``
-    is an int or one int per layer. Extra keyword arguments override ``OffloadConfig`` fields.
+    is an int or one int per MoE layer. Extra keyword arguments override ``OffloadConfig`` fields.
     The cache is reachable as ``model.expert_cache``; nothing half-loaded is returned on error.
     """
     dev = resolve_device(device)
@@ -80,7 +82,8 @@ def load_model(
     cfg = config or OffloadConfig(device=str(dev), experts_on_device=ks, **overrides)
     ckpt = Checkpoint.open(Path(path), verify=cfg.verify)
     plan = None
-    if cfg.placement is None and dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+    several_gpus = dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1
+    if cfg.placement is None and several_gpus and not ckpt.arch.dense_layers:
         plan, cfg = _every_gpu(ckpt, cfg)  # layers split across all visible GPUs, experts per layer planned
     elif cfg.check_memory and cfg.placement is None:
         from .planner import check_fits, measure_budget, plan_memory
@@ -136,19 +139,25 @@ def assemble_model(
     experts: Iterable[tuple[int, int, dict[str, torch.Tensor]]],
     cfg: OffloadConfig,
 ) -> MixtralForCausalLM:
-    """Build the offloaded model from trunk tensors (transformers names) and ``(layer, expert, tensors)``.
+    """Build the offloaded model from trunk tensors (transformers names) and ``(decoder layer, expert, tensors)``.
 
-    Used by ``load_model`` (tensors streamed from shards) and by benchmarks (random tensors made on
-    the GPU, so a full-size model needs no download). ``trunk`` is consumed.
+    ``mcfg`` is the family's transformers config. Used by ``load_model`` (tensors streamed from shards)
+    and by benchmarks (random tensors made on the GPU, so a full-size model needs no download).
+    ``trunk`` is consumed. The cache's layer ``r`` is the ``r``-th MoE layer (``OffloadedMoE.layer``).
     """
     from tqdm.auto import tqdm
 
+    arch = arch_of(mcfg)
+    if getattr(mcfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"experts with activation {mcfg.hidden_act!r} are not supported (the kernels are SiLU)")
     dev = resolve_device(cfg.device)
     dtype = cfg.compute_dtype
     attention = cfg.attention_path()
     placement = cfg.placement
-    if placement is not None and placement.num_layers != mcfg.num_hidden_layers:
-        raise ValueError(f"placement covers {placement.num_layers} layers, the model has {mcfg.num_hidden_layers}")
+    if placement is not None and placement.num_layers != arch.num_layers:
+        raise ValueError(f"placement covers {placement.num_layers} layers, the model has {arch.num_layers}")
+    if placement is not None and arch.dense_layers:
+        raise ValueError(f"{arch.name} with dense layers cannot be split across devices yet (one device only)")
 
     def device_of(layer: int) -> torch.device:
         return dev if placement is None else placement.device(layer)
@@ -156,39 +165,50 @@ def assemble_model(
     register()  # the skeleton may be built with the no-GQA implementation
     mcfg._attn_implementation = attention.implementation
     with torch.device("meta"):
-        model = MixtralForCausalLM(mcfg)
+        model = getattr(transformers, arch.model_class)(mcfg)
     model.eval().requires_grad_(False)
 
+    for name, shape in quantized_trunk_shapes(mcfg).items():  # attention; shared-expert and dense-layer MLPs
+        at = device_of(int(name.split(".")[2]))
+        tensors = {s: trunk.pop(f"{name}.{s}").to(at) for s in SUFFIXES}
+        qw = QuantizedWeight.from_tensors(quant.attention, shape, tensors)
+        bias = trunk.pop(name + ".bias").to(at, dtype) if f"{name}.bias" in trunk else None
+        parent, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), attr, QuantLinear(qw, dense_on_cpu=cfg.dense_on_cpu, bias=bias))
     blocks = []
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}."
-        for proj, shape in attention_shapes(mcfg).items():
-            tensors = {s: trunk.pop(f"{p}self_attn.{proj}.{s}").to(device_of(i)) for s in SUFFIXES}
-            qw = QuantizedWeight.from_tensors(quant.attention, shape, tensors)
-            setattr(layer.self_attn, proj, QuantLinear(qw, dense_on_cpu=cfg.dense_on_cpu))
-        gate = MixtralTopKRouter(mcfg)
-        gate.weight = torch.nn.Parameter(trunk.pop(p + "mlp.gate.weight").to(device_of(i), dtype), requires_grad=False)
-        block = OffloadedMoE(gate, i, None, cfg.prefetch)  # the cache is attached below
+    for rank, i in enumerate(arch.moe_layers):
+        layer = model.model.layers[i]
+        sparse = layer.mlp  # the family's own block (on meta): its router and shared expert are kept
+        gate = getattr(sparse, arch.router_param)
+        weight = trunk.pop(f"model.layers.{i}.mlp.{arch.router_param}.weight").to(device_of(i), dtype)
+        gate.weight = torch.nn.Parameter(weight, requires_grad=False)
+        shared = getattr(sparse, "shared_expert", None) if arch.shared_intermediate else None
+        shared_gate = getattr(sparse, "shared_expert_gate", None) if arch.shared_expert_gate else None
+        block = OffloadedMoE(gate, rank, None, cfg.prefetch, shared, shared_gate)  # the cache is attached below
+        block.decoder_layer = i
         layer.mlp = block
         blocks.append(block)
-    for i, block in enumerate(blocks):
-        following = blocks[i + 1 : i + 1 + cfg.prefetch.lookahead]
+    for r, block in enumerate(blocks):
+        following = blocks[r + 1 : r + 1 + cfg.prefetch.lookahead]
         # prefetch guesses stay on one device: the next router must see this layer's hidden state
-        block.link([b for b in following if placement is None or placement.same_device(b.layer, i)])
+        block.link([b for b in following if placement is None or placement.same_device(b.layer, r)])
 
-    # the rest of the trunk: embeddings, norms, lm_head (names match the skeleton's)
+    # the rest of the trunk: embeddings, norms, biases, lm_head (names match the skeleton's)
     _, unexpected = model.load_state_dict({k: v.to(dev, dtype) for k, v in trunk.items()}, strict=False, assign=True)
     trunk.clear()  # the trunk shard's pages can go before the expert store is allocated
+    if model.lm_head.weight.is_meta and arch.tie_embeddings:  # a tied lm_head is not stored
+        model.lm_head.weight = model.model.embed_tokens.weight
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if unexpected or [n for n in still_meta if "rotary_emb" not in n]:
         raise RuntimeError(f"trunk mismatch: unexpected {unexpected[:5]}, unset {still_meta[:5]}")
-    model.model.rotary_emb = MixtralRotaryEmbedding(mcfg)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=mcfg)
+    moe_layers = len(arch.moe_layers)
     if placement is None:
         model.to(dev)
-        cache = _expert_cache(mcfg, quant, mcfg.num_hidden_layers, cfg.experts_on_device, dev, cfg)
+        cache = _expert_cache(mcfg, quant, moe_layers, cfg.experts_on_device, dev, cfg)
     else:
         model.boundary_hooks = place_layers(model, placement)
-        ks = experts_per_layer(cfg.experts_on_device, mcfg.num_hidden_layers, mcfg.num_local_experts)
+        ks = experts_per_layer(cfg.experts_on_device, moe_layers, arch.num_experts)
         caches = [
             _expert_cache(mcfg, quant, n, ks[start : start + n], torch.device(d), cfg)
             for d, start, n in zip(placement.devices, placement.starts, placement.counts, strict=True)
@@ -196,10 +216,10 @@ def assemble_model(
         cache = ExpertCacheGroup(caches, placement)
     for block in blocks:
         block.cache = cache
-    total = mcfg.num_hidden_layers * mcfg.num_local_experts
-    bar = tqdm(total=total, desc="loading experts", unit="expert", disable=not cfg.progress)
+    rank_of = {layer: r for r, layer in enumerate(arch.moe_layers)}
+    bar = tqdm(total=moe_layers * arch.num_experts, desc="loading experts", unit="expert", disable=not cfg.progress)
     for layer_idx, e, tensors in experts:
-        cache.place(layer_idx, e, tensors)
+        cache.place(rank_of[layer_idx], e, tensors)
         bar.update(1)
     bar.close()
     cache.check_complete()
@@ -232,11 +252,11 @@ def close_model(model: MixtralForCausalLM) -> None:
         torch.cuda.empty_cache()
 
 
-def _expert_cache(mcfg: MixtralConfig, quant: QuantConfig, layers: int, ks, device: torch.device, cfg: OffloadConfig):
+def _expert_cache(mcfg, quant: QuantConfig, layers: int, ks, device: torch.device, cfg: OffloadConfig):
     return ExpertCache(
         ExpertLayout.for_model(mcfg, quant),
         layers,
-        mcfg.num_local_experts,
+        arch_of(mcfg).num_experts,
         ks,
         device=device,
         policy=cfg.policy,
@@ -246,34 +266,30 @@ def _expert_cache(mcfg: MixtralConfig, quant: QuantConfig, layers: int, ks, devi
 
 
 def dequantized_reference(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
-    """A plain transformers Mixtral holding the checkpoint's dequantized weights, all resident.
+    """A plain transformers model of the checkpoint's family holding its dequantized weights, all resident.
 
     The ground truth for parity tests and the CPU overhead benchmark; small models only.
     """
     ckpt = Checkpoint.open(Path(path))
-    mcfg = ckpt.config
+    mcfg, arch = ckpt.config, ckpt.arch
     mcfg._attn_implementation = "sdpa"
-    model = MixtralForCausalLM(mcfg).eval().requires_grad_(False)
-    sd = {}
-    for k, v in ckpt.load_trunk().items():
-        sd[k] = v
-    inter = mcfg.intermediate_size
-    for i in range(mcfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for proj, shape in attention_shapes(mcfg).items():
-            t = {s: sd.pop(f"{p}self_attn.{proj}.{s}") for s in SUFFIXES}
-            sd[f"{p}self_attn.{proj}.weight"] = QuantizedWeight.from_tensors(
-                ckpt.quant.attention, shape, t
-            ).dequantize()
+    model = getattr(transformers, arch.model_class)(mcfg).eval().requires_grad_(False)
+    sd = ckpt.load_trunk()
+    for name, shape in quantized_trunk_shapes(mcfg).items():
+        t = {s: sd.pop(f"{name}.{s}") for s in SUFFIXES}
+        sd[f"{name}.weight"] = QuantizedWeight.from_tensors(ckpt.quant.attention, shape, t).dequantize()
+    if "lm_head.weight" not in sd:  # tied, not stored
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     layout = ExpertLayout.for_model(mcfg, ckpt.quant)
-    gate_up = torch.zeros(mcfg.num_hidden_layers, mcfg.num_local_experts, 2 * inter, mcfg.hidden_size)
-    down = torch.zeros(mcfg.num_hidden_layers, mcfg.num_local_experts, mcfg.hidden_size, inter)
+    inter, h, n = arch.expert_intermediate, arch.hidden, arch.num_experts
+    gate_up = {i: torch.zeros(n, 2 * inter, h) for i in arch.moe_layers}
+    down = {i: torch.zeros(n, h, inter) for i in arch.moe_layers}
     buf = torch.empty(layout.nbytes, dtype=torch.uint8)
     for layer, e, tensors in ckpt.iter_experts():
         layout.pack(tensors, buf)
         w = {k: v.dequantize().float() for k, v in layout.weights(buf).items()}
-        gate_up[layer, e, :inter], gate_up[layer, e, inter:], down[layer, e] = w["w1"], w["w3"], w["w2"]
-    for i in range(mcfg.num_hidden_layers):
+        gate_up[layer][e, :inter], gate_up[layer][e, inter:], down[layer][e] = w["w1"], w["w3"], w["w2"]
+    for i in arch.moe_layers:
         sd[f"model.layers.{i}.mlp.experts.gate_up_proj"] = gate_up[i]
         sd[f"model.layers.{i}.mlp.experts.down_proj"] = down[i]
     model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)

@@ -1,4 +1,9 @@
-"""``OffloadedMoE``: a drop-in for transformers' ``MixtralSparseMoeBlock`` that reads experts from the cache.
+"""``OffloadedMoE``: a drop-in for a transformers sparse MoE block (any supported family), experts from the cache.
+
+Routing is the family's own router module (``MixtralTopKRouter``, ``OlmoeTopKRouter``, ``Qwen2MoeTopKRouter``,
+``Qwen3MoeTopKRouter``: softmax top-k, renormalized or not by ``norm_topk_prob``, fused below into one matmul
+with the next layers' routers; ``PhimoeTopKRouter``: sparsemixer, run by its own forward). Qwen2-MoE's shared
+expert (its projections low-bit) is added, scaled by ``sigmoid(shared_expert_gate(x))``, as transformers does.
 
 One decode step of a layer, in the order the GPU should see it:
 
@@ -46,18 +51,44 @@ def _router_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return predict(x) if predict is not None else F.linear(x, gate.weight)
 
 
+# transformers' softmax top-k routers (a weight, softmax in fp32, top-k, renormalized when ``norm_topk_prob``;
+# Mixtral's always): ``_route_one`` fuses them with the next layers' routers into one matmul
+SOFTMAX_TOPK_ROUTERS = ("MixtralTopKRouter", "OlmoeTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter")
+
+
 def _plain_router(gate: nn.Module) -> bool:
-    """transformers' top-k router (a weight, softmax, top-k, renormalize), which ``_route_one`` can fuse."""
-    return type(gate).__name__ == "MixtralTopKRouter" and not hasattr(gate, "predict")
+    """A softmax top-k router of ``SOFTMAX_TOPK_ROUTERS``, which ``_route_one`` can fuse."""
+    return type(gate).__name__ in SOFTMAX_TOPK_ROUTERS and not hasattr(gate, "predict")
+
+
+def _stackable(gate: nn.Module) -> bool:
+    """A router whose logits are ``x @ weight.T`` (any family's, Phi-3.5-MoE's too): its guesses can be fused."""
+    return isinstance(getattr(gate, "weight", None), torch.Tensor) and getattr(gate, "bias", None) is None
 
 
 class OffloadedMoE(nn.Module):
-    """Routing plus offloaded experts for one layer; ``gate`` is transformers' own router module."""
+    """Routing plus offloaded experts for one MoE layer; ``gate`` is transformers' own router module.
 
-    def __init__(self, gate: nn.Module, layer: int, cache: ExpertCache | None, prefetch: PrefetchConfig) -> None:
+    ``layer`` is the cache's layer (the rank among MoE layers; ``decoder_layer`` is the model's layer).
+    ``shared_expert`` (a module of the family, e.g. ``Qwen2MoeMLP``) runs on every token and is added,
+    scaled by ``sigmoid(shared_expert_gate(x))`` when a gate is given.
+    """
+
+    def __init__(
+        self,
+        gate: nn.Module,
+        layer: int,
+        cache: ExpertCache | None,
+        prefetch: PrefetchConfig,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.gate = gate
         self.layer = layer
+        self.decoder_layer = layer
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
         self.cache = cache
         self.prefetch = prefetch
         self.next_gates: list[nn.Module] = []  # routers of the following layers (set by ``link``)
@@ -89,15 +120,16 @@ class OffloadedMoE(nn.Module):
         [d][<=n] (None without prefetch), read from the device in one host sync."""
         guessing = self.prefetch.enabled and bool(self.next_gates)
         n = self.prefetch.experts if guessing else 0
-        if _plain_router(self.gate) and all(_plain_router(g) for g in self.next_gates):
+        if _plain_router(self.gate) and all(_stackable(g) and not hasattr(g, "predict") for g in self.next_gates):
             k = self.gate.top_k
             rows = 1 + (len(self.next_gates) if guessing else 0)
             logits = F.linear(x, self._router_weight(rows)).view(rows, -1)  # this router and the next d
             probs = F.softmax(logits.float(), dim=-1)
             values, index = probs.topk(max(k, n), dim=-1)
             top = values[:1, :k]
-            weights = top / top.sum(dim=-1, keepdim=True)  # transformers' renormalized top-k
-        else:  # scripted or custom routers: their own forward, the guesses beside it
+            # transformers' top-k weights: renormalized (Mixtral always; others with ``norm_topk_prob``)
+            weights = top / top.sum(dim=-1, keepdim=True) if getattr(self.gate, "norm_topk_prob", True) else top
+        else:  # sparsemixer (Phi-3.5-MoE), scripted or custom routers: their own forward, the guesses beside it
             _, weights, index = self.gate(x)
             k = index.shape[-1]
             values = torch.ones(index.shape, device=index.device)  # this layer's choice passes any bar
@@ -149,9 +181,17 @@ class OffloadedMoE(nn.Module):
         order = cache.demand(layer, used)  # every demand copy it can issue, before any compute
         if tried is not None:
             self._issue_guesses(tried)  # after the demand copies, overlapping this layer's compute
+        shared = self._shared(x)  # queued before the routed experts: it computes while their copies land
         out = self._run_experts(x, weights, choice, order)
         cache.end_step(layer)
-        return out
+        return out if shared is None else out + shared
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's contribution (Qwen2-MoE), as transformers computes it; None without one."""
+        if self.shared_expert is None:
+            return None
+        y = self.shared_expert(x)
+        return y if self.shared_expert_gate is None else F.sigmoid(self.shared_expert_gate(x)) * y
 
     def _run_experts(
         self, x: torch.Tensor, weights: torch.Tensor, choice: list[list[int]], order: list[int]

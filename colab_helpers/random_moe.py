@@ -24,6 +24,7 @@ COMMON = dict(
     eos_token_id=2,
     pad_token_id=None,
     tie_word_embeddings=False,
+    initializer_range=0.1,  # not 0.02: greedy decoding of every family then varies instead of repeating a token
 )
 # family -> (transformers config class, model class, fields beyond COMMON)
 VARIANTS: dict[str, tuple[str, str, dict]] = {

@@ -67,8 +67,9 @@ class RoutingRecorder:
     """
 
     def __init__(self, model, name: str = "recorded") -> None:
-        self.blocks = [layer.mlp for layer in model.model.layers]
-        if not all(hasattr(b, "observers") and hasattr(b, "layer") for b in self.blocks):
+        mlps = [layer.mlp for layer in model.model.layers]
+        self.blocks = [b for b in mlps if hasattr(b, "observers") and hasattr(b, "layer")]  # MoE layers only
+        if not self.blocks or any(type(b).__name__.endswith("SparseMoeBlock") for b in mlps):
             raise TypeError("RoutingRecorder needs a model loaded with colab_helpers.load_model (OffloadedMoE layers)")
         self.layers = [b.layer for b in self.blocks]
         self.top_k = model.config.num_experts_per_tok
