@@ -2,9 +2,11 @@
 
 Uses ``colab_helpers.dispatch_count`` (a ``TorchDispatchMode`` plus patches; fused Triton kernels count as
 their launches). Two models: the embedded tiny model and a random Mixtral-shaped model (synthetic weights,
-8 experts, top-2, smaller widths). Half of each layer's experts are cached, prefetch on and off.
+8 experts, top-2, smaller widths). Half of each layer's experts are cached, prefetch on and off. With
+``--families`` also the tiny random model of every supported family (``colab_helpers.random_moe``, saved with
+``save_checkpoint`` and loaded with ``load_model``).
 
-Usage: ``python benchmarks/dispatch_counts.py [--tokens 8] [--dtype float16] [--json]``
+Usage: ``python benchmarks/dispatch_counts.py [--tokens 8] [--dtype float16] [--families] [--json]``
 """
 
 from __future__ import annotations
@@ -41,13 +43,34 @@ def random_mixtral(cfg: OffloadConfig):
     return assemble_model(mcfg, quant, random_trunk(mcfg, quant), random_experts(mcfg, quant), cfg)
 
 
+def saved_families() -> dict[str, str]:
+    """``{family: checkpoint folder}``: each family's tiny random model written once, in a temporary folder."""
+    import tempfile
+
+    from colab_helpers.checkpoint import save_checkpoint
+    from colab_helpers.random_moe import families, random_model
+
+    root = tempfile.mkdtemp(prefix="dispatch_counts_")
+    out = {}
+    for family in families():
+        out[family] = f"{root}/{family}"
+        save_checkpoint(random_model(family), out[family], optimize=False, progress=False)
+    return out
+
+
+def _loader(path: str):
+    return lambda kw: load_model(path, check_memory=False, **kw)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    ap.add_argument("--families", action="store_true", help="also every supported family's tiny random model")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    family_paths = saved_families() if args.families else {}
     rows = []
     for prefetch in (True, False):
         kw = dict(
@@ -60,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         models = {
             "embedded tiny": lambda kw: load_model(tiny_model_path(), check_memory=False, **kw),
             "random Mixtral (512/1792, 4 layers)": lambda kw: random_mixtral(OffloadConfig(**kw)),
+            **{f"tiny random {f}": _loader(path) for f, path in family_paths.items()},
         }
         for name, make in models.items():
             model = make(kw)
