@@ -14,9 +14,9 @@ from colab_helpers.checkpoint import save_checkpoint
 from colab_helpers.copysim import simulate_copies
 from colab_helpers.dispatch_count import count_decode
 from colab_helpers.families import from_transformers
+from colab_helpers.linear import QuantLinear
 from colab_helpers.model import dequantized_reference, load_model
 from colab_helpers.moe import OffloadedMoE, PrefetchConfig
-from colab_helpers.quant import QuantLinear
 from colab_helpers.random_moe import families, random_model, small_config
 from colab_helpers.trace import RoutingRecorder
 
