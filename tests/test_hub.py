@@ -6,10 +6,10 @@ costs milliseconds. Every download is compared byte for byte with the source fil
 
 from __future__ import annotations
 
-import _thread
 import errno
 import filecmp
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -296,18 +296,25 @@ def test_hub_down_and_no_copy(fake):
 def test_ctrl_c_mid_file_stops_promptly_and_the_partial_resumes(fake, tmp_path):
     fault = fake.fault("stall", f"resolve/*/{SHARD}", at=40_000, seconds=120)
 
+    sent = threading.Event()
+
     def interrupt_when_bytes_arrive():
-        for _ in range(400):  # bounded: 20 s at most
+        deadline = time.monotonic() + 55  # bounded, below the read timeout; generous for a loaded machine
+        while time.monotonic() < deadline:
             partial = shard_partial(fake, tmp_path)
             if partial.is_file() and partial.stat().st_size >= 4096:
-                _thread.interrupt_main()
+                sent.set()
+                os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl+C: it interrupts the stalled read itself
                 return
             time.sleep(0.05)
 
     threading.Thread(target=interrupt_when_bytes_arrive, daemon=True).start()
     slow = NetConfig(timeout_s=60, first_wait_s=0.01, chunk_bytes=4096)  # the stall would hold a read a minute
     with pytest.raises(KeyboardInterrupt):
-        download(REPO, net=slow)
+        try:
+            download(REPO, net=slow)
+        finally:
+            assert sent.is_set(), "no partial of 4096 bytes appeared within 55 s, so no Ctrl+C was sent"
     assert not fault.done.is_set()  # it stopped while the shard's connection was still stalled
     kept = shard_partial(fake, tmp_path).stat().st_size
     assert kept >= 4096
