@@ -33,18 +33,21 @@ from .checkpoint import (
     Checkpoint,
     CheckpointError,
     QuantConfig,
+    arch_of,
     config_from_dict,
     expected_expert_tensors,
     expected_trunk_tensors,
     expert_file,
+    quantized_trunk_shapes,
     stored_expert_matrix,
     stored_trunk_tensor,
+    trunk_entries,
     trunk_file,
     write_layout_metadata,
     write_shard,
     write_text,
 )
-from .families import MoEArchitecture, UnsupportedFamilyError, detect_family, from_transformers, transformers_config
+from .families import MoEArchitecture, UnsupportedFamilyError, detect_family, from_transformers
 from .families.source_names import SourceKey, SourceNames, UnexpectedTensorError, source_names
 
 GB = 10**9
@@ -274,10 +277,8 @@ def _layers(arch: MoEArchitecture) -> str:
 def hqq_scratch_bytes(arch, device: str) -> int:
     """Host memory HQQ's optimizer needs for the biggest quantized matrix (Mixtral: an expert's w1) on ``device``;
     ``arch`` is a ``MoEArchitecture`` or a transformers config."""
-    if not isinstance(arch, MoEArchitecture):
-        arch = from_transformers(arch)
     per = HQQ_SCRATCH_PER_PARAM["cuda" if str(device).startswith("cuda") else "cpu"]
-    return per * max(o * i for o, i in _quantized_shapes(arch))
+    return per * max(o * i for o, i in _quantized_shapes(arch_of(arch)))
 
 
 def _size(n: int) -> str:
@@ -334,7 +335,6 @@ def plan_conversion(
     config = _family_config(cfg_dict, source)
     arch = from_transformers(config)
     _check_shapes(arch, quant, source)
-    _require_layout(arch, source)
     shard_tensors = _shard_tensors(source, meta)
     shards = tuple(sorted(shard_tensors))
     sizes = [source.files[s] for s in shards]
@@ -379,44 +379,24 @@ def _family_config(cfg: dict, source: Source):
         method = cfg["quantization_config"].get("quant_method", "?")
         raise ConvertError(f"{source.description}: already quantized ({method}); convert the bf16/fp16 original")
     try:
-        if adapter.MODEL_TYPE == "mixtral":
-            return config_from_dict(cfg, CONFIG_FILE)  # the architecture fields the layout keeps
-        return transformers_config(cfg)
+        return config_from_dict(cfg, CONFIG_FILE)  # as the layout reads it back (Mixtral: architecture fields)
     except (CheckpointError, ValueError, TypeError, KeyError) as err:
         raise ConvertError(f"{source.description}: config.json: {' '.join(str(err).split())}") from None
 
 
 def _quantized_shapes(arch: MoEArchitecture) -> list[tuple[int, int]]:
-    """Every matrix shape HQQ quantizes: experts; attention, shared experts and dense MLPs (attention's bits)."""
-    return [*arch.expert_shapes.values(), *_attention_like_shapes(arch)]
-
-
-def _attention_like_shapes(arch: MoEArchitecture) -> list[tuple[int, int]]:
-    dense = list(arch.dense_mlp_shapes.values()) if arch.dense_layers else []
-    return [*arch.attention_shapes.values(), *arch.shared_expert_shapes.values(), *dense]
+    """Every matrix shape HQQ quantizes: experts, and the trunk's attention (shared-expert and dense MLPs too)."""
+    return [*arch.expert_shapes.values(), *quantized_trunk_shapes(arch).values()]
 
 
 def _check_shapes(arch: MoEArchitecture, quant: QuantConfig, source: Source) -> None:
     try:
-        for shape in _attention_like_shapes(arch):
+        for shape in quantized_trunk_shapes(arch).values():
             quant.attention.num_groups(shape)
         for shape in arch.expert_shapes.values():
             quant.experts.num_groups(shape)
     except ValueError as err:
         raise ConvertError(f"{source.description}: {err}") from None
-
-
-def _require_layout(arch: MoEArchitecture, source: Source) -> None:
-    if arch.family != "mixtral":
-        raise ConvertError(
-            f"{source.description}: {arch.model_class} ({arch.family}) detected; writing its offloading layout is "
-            "not built yet (issue 12), so only Mixtral converts today"
-        )
-
-
-def _layout_name(model_name: str) -> str:
-    """A trunk tensor's name in the layout, from its transformers 5 name (Mixtral: ``mlp`` -> ``block_sparse_moe``)."""
-    return model_name.replace(".mlp.", ".block_sparse_moe.")
 
 
 def _shard_tensors(source: Source, meta_dir: Path | None) -> dict[str, tuple[str, ...]]:
@@ -513,6 +493,7 @@ class _Converter:
         self.state = out / STATE_DIR
         self.config, self.arch, self.quant = plan.config, plan.arch, plan.quant
         self.names = source_names(plan.arch)
+        self.layout_names = {e.model_name: e.name for e in trunk_entries(plan.config)}  # transformers 5 -> layout
         self.device = torch.device(plan.device)
         self.pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (layer, expert) -> quantized mats
         self.n_mats = len(expected_expert_tensors(self.config, self.quant)) // 3  # 7 tensors per matrix
@@ -541,7 +522,9 @@ class _Converter:
                 self._check_dtype(shard, key, weight)
                 if kind.kind == "trunk":
                     self._check_trunk_shape(shard, kind.name, weight)
-                    name = _layout_name(kind.name)
+                    name = self.layout_names.get(kind.name)
+                    if name is None:  # a tied lm_head the layout does not store (every family but Mixtral)
+                        continue
                     trunk.update(stored_trunk_tensor(name, weight, self.quant, self.optimize, self.device))
                 else:
                     self._expert_matrix(shard, key, kind.layer, kind.expert, kind.name, weight)
@@ -624,9 +607,10 @@ class _Converter:
                 for key in f.keys():
                     if not key.startswith(f"{PENDING}."):
                         trunk[key] = f.get_tensor(key)
-        if "lm_head.weight" not in trunk and self.arch.tie_embeddings and "model.embed_tokens.weight" in trunk:
-            trunk["lm_head.weight"] = trunk["model.embed_tokens.weight"].clone()
         expected = expected_trunk_tensors(c, self.quant)
+        tied = self.arch.tie_embeddings and "lm_head.weight" in expected and "lm_head.weight" not in trunk
+        if tied and "model.embed_tokens.weight" in trunk:  # Mixtral's layout stores lm_head even when tied
+            trunk["lm_head.weight"] = trunk["model.embed_tokens.weight"].clone()
         missing = sorted(set(expected) - set(trunk))
         if missing:
             raise ConvertError(f"the source holds no {missing[0]!r} (and {len(missing) - 1} more trunk tensors)")
@@ -663,7 +647,7 @@ tags: [{a.family}, hqq, offloading, quantized]
 
 Converted from `{plan.source.description}` with `python -m colab_helpers convert`:
 HQQ quantization (half-quadratic optimizer), experts {q.experts.nbits}-bit (group {q.experts.group_size},
-scale group {q.experts.scale_group_size}), attention {q.attention.nbits}-bit (group {q.attention.group_size},
+scale group {q.experts.scale_group_size}), {_attention_like(a)} {q.attention.nbits}-bit (group {q.attention.group_size},
 scale group {q.attention.scale_group_size}); embeddings, norms, router and `lm_head` in float16.
 {_layers(a)} x {a.num_experts} experts; one trunk file plus one file per expert, the
 layout of `lavawolfiee/Mixtral-8x7B-Instruct-v0.1-offloading-demo` (see `docs/checkpoint_format.md` of
@@ -676,6 +660,13 @@ model = ch.load_model(ch.download("OWNER/THIS-REPO"), device="cuda")
 
 Output size: {plan.output_bytes / GB:.2f} GB. The license of the source model applies.
 """
+
+
+def _attention_like(arch: MoEArchitecture) -> str:
+    """What the trunk quantizes with attention's settings."""
+    extra = ["the shared expert"] * bool(arch.shared_intermediate)
+    extra += ["the dense layers' MLPs"] * bool(arch.dense_layers)
+    return "attention" + (f" (and {' and '.join(extra)})" if extra else "")
 
 
 def _settings(plan: ConversionPlan, optimize: bool) -> dict:
@@ -818,7 +809,11 @@ def _parser() -> argparse.ArgumentParser:
     from .usage import ArgumentParser
 
     p = ArgumentParser(prog="python -m colab_helpers convert", description=__doc__.split("\n")[0])
-    p.add_argument("src", help="hub repo id (owner/name) or local folder of a transformers Mixtral checkpoint")
+    p.add_argument(
+        "src",
+        help="hub repo id (owner/name) or local folder of a transformers Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE or "
+        "Phi-3.5-MoE checkpoint (the family is read from its config.json)",
+    )
     p.add_argument("out", help="output folder (rerun with the same arguments to resume)")
     p.add_argument("--expert-bits", type=int, default=2, choices=(2, 3, 4), help="expert bit width (default 2)")
     p.add_argument("--attn-bits", type=int, default=4, choices=(2, 3, 4), help="attention bit width (default 4)")
