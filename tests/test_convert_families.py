@@ -234,3 +234,24 @@ def test_interrupted_conversion_of_a_family_with_dense_layers_resumes_byte_ident
     monkeypatch.setattr(cv, "write_shard", real)
     cv.convert(src, tmp_path / "resumed", **kw)
     assert files_of(tmp_path / "resumed") == whole
+
+
+SHIPPED = sorted((Path(cv.__file__).parent / "data" / "configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_flagship_configs_plan_a_conversion(tmp_path, config) -> None:
+    """Each family's real shapes pass the 2/3/4-bit group checks, and the plan sizes the real output:
+    Mixtral-8x7B-Instruct at 2-bit experts is exactly the public demo repo's total size."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copyfile(config, tmp_path / "config.json")
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")  # the plan reads only the listing
+    for bits in (2, 3, 4):
+        plan = cv.plan_conversion(tmp_path, expert_bits=bits, optimize=False)
+        assert plan.output_files == 1 + plan.arch.total_experts
+        assert plan.report().split(": ", 1)[1].startswith(f"{plan.arch.name} {plan.arch.num_layers} layers")
+        if config.stem == "mistralai--Mixtral-8x7B-Instruct-v0.1" and bits == 2:
+            assert plan.output_bytes == 18_239_794_688  # the demo repo's whole model (docs/checkpoint_format.md)
