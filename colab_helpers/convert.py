@@ -100,7 +100,7 @@ def classify(key: str, names: SourceNames) -> SourceKey | None:
 
 @dataclass(frozen=True)
 class Source:
-    """A Mixtral checkpoint in sharded safetensors: file sizes, and where to fetch each file from."""
+    """A checkpoint in sharded safetensors (any supported family): file sizes, and where to fetch each file from."""
 
     description: str  # "owner/name@commit" or the folder's absolute path
     files: dict[str, int]  # every file name -> size in bytes
