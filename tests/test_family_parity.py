@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colab_helpers.checkpoint import save_checkpoint
+from colab_helpers.checkpoint import Checkpoint, save_checkpoint
 from colab_helpers.copysim import simulate_copies
 from colab_helpers.dispatch_count import count_decode
 from colab_helpers.families import from_transformers
@@ -79,6 +79,21 @@ def test_the_cache_holds_moe_layers_only_and_dense_layers_keep_their_mlp(family_
     with RoutingRecorder(model) as rec:
         model.generate(PROMPT, max_new_tokens=3, do_sample=False)
     assert rec.layers == list(range(len(moe)))
+
+
+def test_layers_split_across_devices(family_pair) -> None:
+    """Whole layers per device (CPU stand-ins for GPUs): the same tokens; dense layers refuse a split for now."""
+    from colab_helpers.placement import LayerPlacement
+
+    family, path, _, ref_greedy = family_pair
+    arch = Checkpoint.open(path, verify=False).arch
+    placement = LayerPlacement.even(["cpu", "cpu"], arch.num_layers)
+    if arch.dense_layers:
+        with pytest.raises(ValueError, match="cannot be split across devices"):
+            load_model(path, experts_on_device=2, placement=placement, progress=False)
+        return
+    model = load_model(path, experts_on_device=2, placement=placement, progress=False)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW, do_sample=False), ref_greedy)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
