@@ -135,3 +135,24 @@ def test_cuda_offloaded_family_matches_the_reference(family_pair, k: int) -> Non
         assert rel_err(model(PROMPT.cuda()).logits.cpu(), ref_logits) < 1e-3
     assert torch.equal(model.generate(PROMPT.cuda(), max_new_tokens=NEW, do_sample=False).cpu(), ref_greedy)
     model.expert_cache.check_invariants()
+
+
+def test_tied_embeddings_are_not_stored_and_still_tied(tmp_path) -> None:
+    """A family other than Mixtral with tied embeddings: no ``lm_head`` in the trunk, the loaded head is the
+    embedding (one tensor), and the logits match the reference."""
+    from safetensors.torch import load_file
+
+    family = "qwen3_moe" if "qwen3_moe" in FAMILIES else FAMILIES[-1]
+    save_checkpoint(
+        random_model(small_config(family, tie_word_embeddings=True)), tmp_path, optimize=False, progress=False
+    )
+    assert "lm_head.weight" not in load_file(tmp_path / "model-00001-of-00017.safetensors")
+    model = load_model(tmp_path, experts_on_device=3, progress=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = dequantized_reference(tmp_path)
+    with torch.no_grad():
+        assert rel_err(model(PROMPT).logits, ref(PROMPT).logits) < 1e-3
+    assert torch.equal(
+        model.generate(PROMPT, max_new_tokens=NEW, do_sample=False),
+        ref.generate(PROMPT, max_new_tokens=NEW, do_sample=False),
+    )
