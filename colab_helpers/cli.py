@@ -226,7 +226,7 @@ def _run(argv: list[str]) -> int:
 
         return cli_main(argv[1:])
     if argv and argv[0] == "twin":
-        from .twin import cli_main
+        from .twin_cli import cli_main
 
         return cli_main(argv[1:])
     parser = ArgumentParser(prog="python -m colab_helpers", description=__doc__.split("\n")[0])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from colab_helpers import twin
+from colab_helpers import twin, twin_cli, twin_project
 from colab_helpers.twin import EXPERT_BYTES, T4, Op, Schedule, simulate
 
 HW = twin.replace(T4, eager_launch_s=1e-6, fused_launch_s=1e-6, copy_launch_s=1e-6, sync_s=1e-6, kernel_floor_s=1e-6)
@@ -80,7 +80,7 @@ def test_counted_ops_simulate_like_the_ops_one_by_one():
 
 @needs_trace
 def test_paper_calibration_within_25_percent_and_json_contract(capsys):
-    assert twin.cli_main(["--paper", "--json", "--trace", str(TRACE)]) == 0
+    assert twin_cli.cli_main(["--paper", "--json", "--trace", str(TRACE)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     got = json.loads(lines[-1])
     assert {"full", "no_prefetch", "no_cache", "naive"} <= set(got)
@@ -135,7 +135,7 @@ def test_twin_json_contract(capsys):
     if trace is None:
         pytest.skip(f"the real routing trace ({TRACE}) is absent")
     argv = ["--json", "--tokens", "2", "--warmup", "0", "--experts-on-device", "5", "--trace", str(trace)]
-    assert twin.cli_main(argv) == 0
+    assert twin_cli.cli_main(argv) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("tok_s", "experts_on_device", "hit_rate", "syncs_per_token", "launches_per_token"):
         assert key in got
@@ -143,7 +143,7 @@ def test_twin_json_contract(capsys):
 
 
 def test_cli_bad_trace_is_one_line_exit_2(capsys, tmp_path):
-    assert twin.cli_main(["--trace", str(tmp_path / "missing.npz")]) == 2
+    assert twin_cli.cli_main(["--trace", str(tmp_path / "missing.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("twin:")
 
@@ -154,7 +154,7 @@ def test_no_trace_given_is_one_line_naming_the_ways_to_give_one(capsys, monkeypa
     projection is never silently made from synthetic routing)."""
     monkeypatch.delenv("COLAB_HELPERS_TRACE", raising=False)
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # where ../shared/traces might be: not looked at
-    assert twin.cli_main(argv) == 2
+    assert twin_cli.cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--trace" in err[0] and "COLAB_HELPERS_TRACE" in err[0]
 
@@ -163,7 +163,7 @@ def test_the_trace_comes_from_the_environment_variable(capsys, monkeypatch, tmp_
     path = tmp_path / "stand-in.npz"
     np.savez(path, seq_decode_experts=_routing(tokens=20, layers=32).astype(np.int8))
     monkeypatch.setenv("COLAB_HELPERS_TRACE", str(path))
-    assert twin.cli_main(["--json", "--tokens", "1", "--warmup", "0", "--experts-on-device", "4"]) == 0
+    assert twin_cli.cli_main(["--json", "--tokens", "1", "--warmup", "0", "--experts-on-device", "4"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["routing"] == "the recorded routing trace stand-in.npz" and got["experts_on_device"] == [4] * 32
 
@@ -177,7 +177,7 @@ def test_compare_with_an_offload_report_uses_its_measurements():
         "device": "NVIDIA H200",
     }
     trace = {"seq_decode_experts": _routing()}
-    got = twin.compare_with_offload(report, trace, tokens=2, warmup=0)
+    got = twin_project.compare_with_offload(report, trace, tokens=2, warmup=0)
     assert got["measured_tok_s"] == 20.0 and got["predicted_tok_s"] > 0
     assert got["predicted_over_measured"] == pytest.approx(got["predicted_tok_s"] / 20.0, rel=1e-2)
     assert got["inputs"]["h2d_bytes_per_s"] == 50e9 and got["twin"]["experts_on_device"] == [3, 2, 3, 2]

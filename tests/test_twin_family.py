@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from colab_helpers import twin
+from colab_helpers import twin_cli
 from colab_helpers.checkpoint import QuantConfig
 from colab_helpers.families import architecture
 from colab_helpers.families.configs import load_config
@@ -102,7 +102,7 @@ def test_a_mixtral_trace_is_never_taken_for_another_family(tmp_path):
 
 def test_cli_refuses_another_models_trace_in_one_line(capsys, tmp_path):
     path = _mixtral_shaped_trace(tmp_path / "mixtral.npz")
-    assert twin.cli_main(["--model", "microsoft/Phi-3.5-MoE-instruct", "--trace", str(path)]) == 2
+    assert twin_cli.cli_main(["--model", "microsoft/Phi-3.5-MoE-instruct", "--trace", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a trace of another model" in err[0] and "16" in err[0]
 
@@ -112,7 +112,7 @@ def test_other_family_with_the_mixtral_trace_in_the_environment_runs_on_labelled
 ):
     monkeypatch.setenv("COLAB_HELPERS_TRACE", str(_mixtral_shaped_trace(tmp_path / "mixtral.npz")))
     argv = ["--model", "allenai/OLMoE-1B-7B-0924", "--json", "--tokens", "1", "--warmup", "0"]
-    assert twin.cli_main(argv) == 0
+    assert twin_cli.cli_main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
     got = json.loads(out[-1])
     assert got["routing"].startswith("SYNTHETIC routing") and "Mixtral" not in got["routing"].split("(")[0]
@@ -135,22 +135,22 @@ def test_bad_model_is_one_line_exit_2(capsys, tmp_path, model, message):
         llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
         (tmp_path / "config.json").write_text(json.dumps(llama))
         model = str(tmp_path)
-    assert twin.cli_main(["--model", model, "--routing", "synthetic"]) == 2
+    assert twin_cli.cli_main(["--model", model, "--routing", "synthetic"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("twin:") and message in err[0], err
 
 
 def test_paper_takes_no_other_model(capsys):
-    assert twin.cli_main(["--paper", "--model", "allenai/OLMoE-1B-7B-0924"]) == 2
+    assert twin_cli.cli_main(["--paper", "--model", "allenai/OLMoE-1B-7B-0924"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--paper" in err[0]
 
 
 def test_mixtral_8x7b_by_name_is_the_twins_own_narrow_mixtral():
     """``--model mistralai/Mixtral-8x7B-Instruct-v0.1`` takes exactly the path without ``--model``."""
-    target = twin._target("mistralai/Mixtral-8x7B-Instruct-v0.1")
+    target = twin_cli._target("mistralai/Mixtral-8x7B-Instruct-v0.1")
     assert target.family is None
-    assert twin._target("microsoft/Phi-3.5-MoE-instruct").family is not None
+    assert twin_cli._target("microsoft/Phi-3.5-MoE-instruct").family is not None
 
 
 # ---- the narrow engine of another family ----------------------------------------------------------
