@@ -1,8 +1,9 @@
 """``OffloadedMoE``: a drop-in for a transformers sparse MoE block (any supported family), experts from the cache.
 
 Routing is the family's own router module (``MixtralTopKRouter``, ``OlmoeTopKRouter``, ``Qwen2MoeTopKRouter``,
-``Qwen3MoeTopKRouter``: softmax top-k, renormalized or not by ``norm_topk_prob``, fused below into one matmul
-with the next layers' routers; ``PhimoeTopKRouter``: sparsemixer, run by its own forward). Qwen2-MoE's shared
+``Qwen3MoeTopKRouter``: softmax top-k, renormalized or not by ``norm_topk_prob``; ``PhimoeTopKRouter``:
+sparsemixer, at decode by ``sparsemixer.sparsemixer_eval``, equal to its own forward bit for bit), fused below
+into one matmul with the next layers' routers. Qwen2-MoE's shared
 expert (its projections low-bit) is added, scaled by ``sigmoid(shared_expert_gate(x))``, as transformers does.
 
 One decode step of a layer, in the order the GPU should see it:
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from . import kernels
 from .experts import ExpertCache
 from .quant import QuantizedWeight
+from .sparsemixer import sparsemixer_eval
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,22 @@ SOFTMAX_TOPK_ROUTERS = ("MixtralTopKRouter", "OlmoeTopKRouter", "Qwen2MoeTopKRou
 def _plain_router(gate: nn.Module) -> bool:
     """A softmax top-k router of ``SOFTMAX_TOPK_ROUTERS``, which ``_route_one`` can fuse."""
     return type(gate).__name__ in SOFTMAX_TOPK_ROUTERS and not hasattr(gate, "predict")
+
+
+def _sparsemixer_router(gate: nn.Module) -> bool:
+    """Phi-3.5-MoE's top-2 sparsemixer router at inference, which ``sparsemixer_eval`` computes exactly."""
+    return (
+        type(gate).__name__ == "PhimoeTopKRouter"
+        and not hasattr(gate, "predict")
+        and not gate.training
+        and gate.top_k == 2
+        and _stackable(gate)
+    )
+
+
+def _pad_to(index: torch.Tensor, width: int) -> torch.Tensor:
+    """``index`` [r, w] padded with -1 (no expert) to ``width`` columns; itself when already that wide."""
+    return index if index.shape[-1] == width else F.pad(index, (0, width - index.shape[-1]), value=-1)
 
 
 def _stackable(gate: nn.Module) -> bool:
@@ -120,7 +138,10 @@ class OffloadedMoE(nn.Module):
         [d][<=n] (None without prefetch), read from the device in one host sync."""
         guessing = self.prefetch.enabled and bool(self.next_gates)
         n = self.prefetch.experts if guessing else 0
-        if _plain_router(self.gate) and all(_stackable(g) and not hasattr(g, "predict") for g in self.next_gates):
+        fusable = all(_stackable(g) and not hasattr(g, "predict") for g in self.next_gates)
+        if _sparsemixer_router(self.gate) and fusable:
+            return self._route_sparsemixer(x, guessing, n)
+        if _plain_router(self.gate) and fusable:
             k = self.gate.top_k
             rows = 1 + (len(self.next_gates) if guessing else 0)
             logits = F.linear(x, self._router_weight(rows)).view(rows, -1)  # this router and the next d
@@ -129,7 +150,7 @@ class OffloadedMoE(nn.Module):
             top = values[:1, :k]
             # transformers' top-k weights: renormalized (Mixtral always; others with ``norm_topk_prob``)
             weights = top / top.sum(dim=-1, keepdim=True) if getattr(self.gate, "norm_topk_prob", True) else top
-        else:  # sparsemixer (Phi-3.5-MoE), scripted or custom routers: their own forward, the guesses beside it
+        else:  # scripted or custom routers (a training-mode sparsemixer too): their own forward, guesses beside it
             _, weights, index = self.gate(x)
             k = index.shape[-1]
             values = torch.ones(index.shape, device=index.device)  # this layer's choice passes any bar
@@ -145,6 +166,27 @@ class OffloadedMoE(nn.Module):
         choice = [rows[0][:k]]
         guesses = [[e for e in row[:n] if e >= 0] for row in rows[1:]] if guessing else None
         return weights, choice, guesses
+
+    def _route_sparsemixer(
+        self, x: torch.Tensor, guessing: bool, n: int
+    ) -> tuple[torch.Tensor, list[list[int]], list[list[int]] | None]:
+        """``_route_one`` for Phi-3.5-MoE: this router's and the next ones' logits in one matmul, sparsemixer on
+        the first row (``sparsemixer_eval``: transformers' result in 12 launches, not 21), the guesses the next
+        routers' top-n (their softmax only when a confidence bar needs the probabilities)."""
+        rows = 1 + (len(self.next_gates) if guessing else 0)
+        logits = F.linear(x, self._router_weight(rows)).view(rows, -1)
+        weights, index = sparsemixer_eval(logits[:1], self.gate.router_jitter_noise)
+        if guessing:
+            if self.prefetch.min_confidence > 0:
+                g_values, g_index = F.softmax(logits[1:].float(), dim=-1).topk(n, dim=-1)
+                g_index = torch.where(g_values >= self.prefetch.min_confidence, g_index, -1)
+            else:  # softmax is monotonic: the top-n logits are the top-n probabilities
+                g_index = logits[1:].topk(n, dim=-1).indices
+            width = max(2, n)
+            index = torch.cat([_pad_to(index, width), _pad_to(g_index, width)])
+        rows_read = index.tolist()  # the one host sync per layer
+        guesses = [[e for e in row[:n] if e >= 0] for row in rows_read[1:]] if guessing else None
+        return weights, [rows_read[0][:2]], guesses
 
     def _router_weight(self, rows: int) -> torch.Tensor:
         """This router's weight stacked over the next ``rows - 1`` routers' (rebuilt if any was replaced)."""
