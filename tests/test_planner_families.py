@@ -194,3 +194,51 @@ def test_a_broken_config_is_one_line(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe", "num_hidden_layers": "many"}))
     rc, out, err = _run(["--model", str(tmp_path), "--vram-gb", "15", "--ram-gb", "12.7"], capsys)
     assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: --model")
+
+
+# ---- a hub repo's config.json (the fake hub on 127.0.0.1, tests/fake_hub.py) -----------------------------
+
+
+@pytest.fixture
+def hub_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return monkeypatch
+
+
+def test_plan_model_reads_a_hub_config_then_its_cached_copy_offline(hub_env, capsys):
+    from fake_hub import FakeHub
+
+    olmoe = shipped()["allenai/OLMoE-1B-7B-0924"].read_bytes()
+    server = FakeHub()
+    server.add_repo("someone/my-olmoe", files={"config.json": olmoe})
+    server.start()
+    try:
+        hub_env.setenv("HF_ENDPOINT", server.url)
+        argv = ["--model", "someone/my-olmoe", "--vram-gb", "15", "--ram-gb", "12.7", "--json"]
+        cli_main(argv)
+        out, err = capsys.readouterr()
+        assert "hub someone/my-olmoe config.json" in err and json.loads(out)["experts_on_device"]
+    finally:
+        server.stop()
+    hub_env.setenv("HF_HUB_OFFLINE", "1")  # the hub is gone: the cached config.json still plans
+    cli_main(argv)
+    out, err = capsys.readouterr()
+    assert "config.json (cached)" in err and json.loads(out)["experts_on_device"]
+
+
+def test_an_unreachable_hub_is_one_line_without_the_librarys_retries(hub_env, capsys):
+    import socket
+
+    from colab_helpers.usage import UsageError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hub_env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(UsageError, match="unreachable.*shipped for offline planning") as info:
+        cli_main(["--model", "someone/not-cached", "--vram-gb", "15", "--ram-gb", "12.7"])
+    assert "\n" not in str(info.value)
+    assert "Retrying" not in capsys.readouterr().err

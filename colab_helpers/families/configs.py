@@ -57,17 +57,50 @@ def load_config(ref: str) -> tuple[dict, str]:
 
 
 def _from_hub(repo_id: str) -> tuple[dict, str]:
+    """config.json from the hub cache, else from the hub: one quick reachability probe first, so an offline
+    machine gets one line at once instead of the library's retries (about 25 s of "Retrying in ..." lines)."""
+    import logging
+
     from huggingface_hub import hf_hub_download
 
+    from ..hub import _endpoint, _hub_cache, _offline_mode
+
+    endpoint, cache = _endpoint(), _hub_cache()
     try:
-        local = hf_hub_download(repo_id, "config.json")
+        return read_config(Path(hf_hub_download(repo_id, "config.json", cache_dir=cache, local_files_only=True))), (
+            f"hub {repo_id} config.json (cached)"
+        )
+    except Exception:  # not cached: ask the hub
+        pass
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    try:
+        if _offline_mode():
+            raise ConnectionError("HF_HUB_OFFLINE is set")
+        _probe(f"{endpoint}/{repo_id}/resolve/main/config.json")
+        hub_log.setLevel(logging.ERROR)  # its retry lines would break the one-line error
+        local = hf_hub_download(repo_id, "config.json", cache_dir=cache, endpoint=endpoint)
     except Exception as err:  # offline, unknown repo, gated, network: all one line
         why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
         raise ConfigNotFoundError(
             f"could not get its config.json from the hub ({why}); "
             f"shipped for offline planning: {_names()}; or give a local folder or config.json"
         ) from err
+    finally:
+        hub_log.setLevel(level)
     return read_config(Path(local)), f"hub {repo_id} config.json"
+
+
+def _probe(url: str, timeout_s: float = 10.0) -> None:
+    """One HEAD with a short timeout: any HTTP answer (even 401/404) means the hub is reachable; a network
+    error is raised as ``ConnectionError`` naming the host."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(url, timeout=timeout_s, follow_redirects=False)
+    except Exception as err:
+        host = url.split("/")[2]
+        raise ConnectionError(f"{host} is unreachable: {' '.join(str(err).split()) or type(err).__name__}") from err
 
 
 def _names() -> str:
