@@ -48,16 +48,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, chat: bool):
+    """The model and tokenizer the arguments name; with ``chat`` the tokenizer must format a chat (checked
+    before the experts load, so a base model's missing template costs nothing)."""
     from .checkpoint import Checkpoint
     from .hub import resolve_model
     from .model import load_model, load_tokenizer
     from .moe import PrefetchConfig
+    from .tokenizer import NoChatTemplateError, require_chat_template
 
     device = require_device(args.device)  # before any download: a wrong --device costs nothing
     path, what = resolve_model(args.model)
     arch = Checkpoint.open(path, verify=False).arch  # a junk folder fails here, naming the missing file
     check_experts_on_device(args.experts_on_device, arch.num_experts, what)
+    tokenizer = load_tokenizer(path)
+    if chat:
+        try:
+            require_chat_template(tokenizer)
+        except NoChatTemplateError as err:
+            raise UsageError(f"{what}: {err}") from None
     k = args.experts_on_device
     if k is None:
         k = _planned_experts(path, device)
@@ -69,7 +78,7 @@ def _load(args: argparse.Namespace):
         policy=args.policy,
         prefetch=PrefetchConfig(enabled=not args.no_prefetch),
     )
-    return model, load_tokenizer(path)
+    return model, tokenizer
 
 
 def _planned_experts(path, device) -> int | list[int]:
@@ -91,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         planned_context,
     )
 
-    model, tok = _load(args)
+    model, tok = _load(args, chat=not args.raw)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     with _quiet_transformers():  # our own length check below says it better than the tokenizer's warning
         ids = tok(args.prompt, return_tensors="pt").input_ids if args.raw else chat_prompt_ids(tok, args.prompt)
@@ -125,7 +134,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .generation import SamplingConfig
     from .session import ChatSession
 
-    model, tok = _load(args)
+    model, tok = _load(args, chat=True)
     session = ChatSession(model, tok, SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed))
     print(
         "chat: /quit, Ctrl-D or an empty line quits; Ctrl-C stops an answer; /clear forgets the conversation",

@@ -16,6 +16,8 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .tokenizer import require_chat_template
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -105,6 +107,7 @@ def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, context: int) -> 
 
 def chat_prompt_ids(tokenizer, message: str) -> torch.Tensor:
     """One user message rendered with the tokenizer's chat template, ready for ``generate`` ([1, T])."""
+    require_chat_template(tokenizer)
     encoded = tokenizer.apply_chat_template(
         [{"role": "user", "content": message}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )

@@ -31,13 +31,39 @@ def _model_type(path: Path) -> str | None:
         return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+class NoChatTemplateError(ValueError):
+    """The tokenizer has no chat template (a base model's, or one converted without it): a chat cannot be
+    formatted; plain-text continuation (``generate --raw``) still works."""
+
+
 def load_tokenizer(path: str | os.PathLike, local_files_only: bool = False):
-    """``AutoTokenizer`` from the checkpoint folder; a Mixtral one without a chat template gets Mixtral-Instruct's."""
+    """``AutoTokenizer`` from the checkpoint folder; a Mixtral one without a chat template gets Mixtral-Instruct's.
+
+    A folder with no tokenizer file is refused (``FileNotFoundError`` naming it): transformers 5 would build
+    an empty one-token tokenizer there, and the model would answer garbage."""
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy them from the model this checkpoint "
+            "was converted from (convert copies them when the source has them)"
+        )
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=local_files_only)
     if not getattr(tok, "chat_template", None) and _model_type(path) == "mixtral":
         print(f"tokenizer: {path.name} has no chat template; using Mixtral-Instruct's [INST] template", file=sys.stderr)
         tok.chat_template = MIXTRAL_INSTRUCT_TEMPLATE
     return tok
+
+
+def require_chat_template(tokenizer) -> None:
+    """``NoChatTemplateError`` (one line, saying what still works) when the tokenizer cannot format a chat."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplateError(
+            "this model's tokenizer has no chat template (a base model, or converted without one), so a chat "
+            "cannot be formatted; plain-text continuation works (python -m colab_helpers generate --raw), or set "
+            "tokenizer.chat_template"
+        )

@@ -152,3 +152,50 @@ def test_plan_json_stdout_pipes_into_json_tool() -> None:
     tool = subprocess.run([sys.executable, "-m", "json.tool"], input=out.stdout, capture_output=True, text=True)
     assert tool.returncode == 0, tool.stderr
     assert json.loads(out.stdout)["fits"] is True and "FITS" in out.stderr
+
+
+# ---- a converted model's tokenizer: missing, or without a chat template ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3_checkpoint(tmp_path_factory) -> Path:
+    """A tiny Qwen3-MoE in the offloading layout with the embedded model's tokenizer files, minus its template."""
+    import shutil
+
+    from colab_helpers.checkpoint import save_checkpoint
+    from colab_helpers.random_moe import random_model, small_config
+    from colab_helpers.tokenizer import load_tokenizer
+
+    vocab = len(load_tokenizer(TINY))
+    out = save_checkpoint(
+        random_model(small_config("qwen3_moe", vocab_size=vocab)),
+        tmp_path_factory.mktemp("qwen3") / "ckpt",
+        optimize=False,
+        progress=False,
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # no chat_template.jinja
+        shutil.copy(Path(TINY) / name, out / name)
+    return out
+
+
+def test_a_checkpoint_without_tokenizer_files_is_one_line_naming_the_folder(qwen3_checkpoint, tmp_path, capsys):
+    """transformers 5 would build an empty one-token tokenizer there and the model would answer garbage."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(qwen3_checkpoint, bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    line = assert_one_line_exit_2(["generate", "hi", "--model", str(bare)], capsys, "no tokenizer files")
+    assert str(bare) in line
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi"], ["chat"]])
+def test_a_tokenizer_without_chat_template_is_one_line_before_loading(argv, qwen3_checkpoint, capsys):
+    line = assert_one_line_exit_2([*argv, "--model", str(qwen3_checkpoint)], capsys, "no chat template")
+    assert "--raw" in line
+
+
+def test_raw_generation_needs_no_chat_template(qwen3_checkpoint, capsys):
+    assert main(["generate", "--raw", "hi", "--model", str(qwen3_checkpoint), "--max-new-tokens", "3"]) == 0
+    assert "stats:" in capsys.readouterr().err

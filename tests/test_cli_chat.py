@@ -28,7 +28,7 @@ def _chat(monkeypatch, loaded, lines) -> tuple[int, list]:
         return item
 
     monkeypatch.setattr("builtins.input", fake_input)
-    monkeypatch.setattr(cli, "_load", lambda args: loaded)
+    monkeypatch.setattr(cli, "_load", lambda args, chat: loaded)
     args = argparse.Namespace(max_new_tokens=8, temperature=0.0, top_p=1.0, seed=None)
     code = cli.cmd_chat(args)
     return code, list(feed)
