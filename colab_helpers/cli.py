@@ -249,7 +249,9 @@ def _run(argv: list[str]) -> int:
     _add_model_args(c)
     c.set_defaults(func=cmd_chat)
     sub.add_parser("plan", help="memory plan: experts per layer for given VRAM/RAM (see plan --help)")
-    sub.add_parser("convert", help="quantize any Mixtral checkpoint (hub repo or folder) into this layout")
+    sub.add_parser(
+        "convert", help="quantize a Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE or Phi-3.5-MoE model (hub repo or folder)"
+    )
     sub.add_parser("replay", help="replay a routing trace through eviction policies (see replay --help)")
     sub.add_parser("twin", help="T4 twin: calibrate on the paper (--paper) or project ours, any family (--model)")
     args = parser.parse_args(argv)
