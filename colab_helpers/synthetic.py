@@ -14,7 +14,14 @@ import torch
 import torch.nn as nn
 from transformers import MixtralConfig
 
-from .checkpoint import QuantConfig, expected_expert_tensors, expected_trunk_tensors, to_transformers_name
+from .checkpoint import (
+    QuantConfig,
+    arch_of,
+    expected_expert_tensors,
+    expected_trunk_tensors,
+    to_transformers_name,
+    trunk_entries,
+)
 
 
 def mixtral_8x7b_config() -> MixtralConfig:
@@ -85,16 +92,20 @@ def _random_quantized(
 def random_trunk(
     config: MixtralConfig, quant: QuantConfig, device: torch.device | str = "cpu", seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Every non-expert tensor under transformers 5 names, random but well-scaled."""
+    """Every non-expert tensor under transformers 5 names, random but well-scaled (any supported family:
+    quantized matrices are the trunk's quantized entries, biases are zero, norms one)."""
     device = torch.device(device)
     gen = torch.Generator(device).manual_seed(seed)
+    bases = {e.name.removesuffix(".weight") for e in trunk_entries(config) if e.quantized}
     quantized, dense = {}, {}
     for key, spec in expected_trunk_tensors(config, quant).items():
-        (quantized if ".self_attn." in key else dense)[key] = spec
+        (quantized if key.removesuffix(".W_q").split(".meta.")[0] in bases else dense)[key] = spec
     out = _random_quantized(quantized, quant.attention.nbits, gen, device)
     for key, (dtype, shape) in dense.items():
         if key.endswith("norm.weight"):
             out[key] = torch.ones(shape, dtype=dtype, device=device)
+        elif key.endswith(".bias"):
+            out[key] = torch.zeros(shape, dtype=dtype, device=device)
         else:
             std = 1.0 if "gate" in key else 0.02  # router: spread logits so routing varies
             out[key] = (torch.randn(shape, generator=gen, device=device) * std).to(dtype)
@@ -116,9 +127,10 @@ def random_experts(
         {k: v.cpu() for k, v in _random_quantized(specs, quant.experts.nbits, gen, device).items()}
         for _ in range(distinct)
     ]
-    for layer in range(config.num_hidden_layers):
-        for e in range(config.num_local_experts):
-            yield layer, e, pool[(layer * config.num_local_experts + e) % distinct]
+    arch = arch_of(config)
+    for layer in arch.moe_layers:
+        for e in range(arch.num_experts):
+            yield layer, e, pool[(layer * arch.num_experts + e) % distinct]
 
 
 class ScriptedRouter(nn.Module):

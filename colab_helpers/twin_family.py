@@ -2,16 +2,15 @@
 
 The twin records our engine decoding a *narrow* model (``twin_record``) and scales every byte to full
 size. For Mixtral-8x7B that model is the narrow Mixtral of ``twin_record`` (unchanged). For another
-family, ``FamilyTwin`` builds the same engine with that family's layer count, expert count and top-k,
-widths chosen so the quantization groups fit (hidden 256, the expert FFN in proportion), and a byte ratio
-per weight so each matrix reads what the full-size one reads: one expert the family's 2-bit expert bytes,
-attention its 4-bit projections, the lm_head and embeddings its vocabulary. Shared experts (Qwen2-MoE)
-and the MLPs of dense (non-MoE) layers are always resident: ``ResidentMLP`` runs them in the layer as
-4-bit linears, so their compute and bytes count every token and they never touch the expert cache.
+family, ``FamilyTwin`` builds the family's own transformers class through ``assemble_model``, as
+``load_model`` does, with its layer count (dense layers included), expert count, top-k, head counts,
+biases, q/k norms, LayerNorm, shared expert and gate at narrow widths (hidden 256, every other width in
+proportion, rounded so the quantization groups fit), and a byte ratio per weight so each tensor reads
+what its full-size one reads (``MoEArchitecture.trunk_shapes``; one expert the family's 2-bit expert
+bytes). Its launches, syncs and copies per token are then the family runtime's.
 
-What it does not model: q/k norms, attention and lm_head biases, LayerNorm vs RMSNorm, the sparsemixer
-router (a few small eager ops per layer each); the engine's attention is Mixtral's at that family's
-head counts.
+What it does not model: the routers replay the routing (``NoisyScriptedRouter``, as for Mixtral), so a
+router's own few ops (Phi-3.5-MoE's sparsemixer included) are the scripted router's.
 
 Routing: a recorded trace is used only when it is a trace of this model (layers, top-k, and expert count
 from the file or its highest expert id); Mixtral's trace is never used for another family. Otherwise
@@ -27,10 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from .families import MoEArchitecture
+from .families import MoEArchitecture, from_transformers
 
 TRACE_ENV = "COLAB_HELPERS_TRACE"  # a routing trace .npz used when --trace is not given
 NARROW_HIDDEN = 256
@@ -115,25 +112,18 @@ def trace_mismatch(arrays: dict, arch: MoEArchitecture) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-class ResidentMLP(nn.Module):
-    """A layer's always-resident MLP: a shared expert next to the routed ones, scaled by ``sigmoid(gate x)``
-    (Qwen2-MoE), or a dense layer's MLP in place of them (``moe`` None). Its weights live in the trunk."""
-
-    def __init__(self, moe: nn.Module | None, projs: dict[str, nn.Module], gate: nn.Module | None) -> None:
-        super().__init__()
-        self.moe = moe
-        self.gate_proj, self.up_proj, self.down_proj = projs["gate_proj"], projs["up_proj"], projs["down_proj"]
-        self.gate = gate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        if self.gate is not None:
-            y = torch.sigmoid(self.gate(x)) * y
-        return y if self.moe is None else self.moe(x) + y
-
-
 def _round_to(x: float, step: int) -> int:
     return max(step, int(round(x / step)) * step)
+
+
+# family -> (its transformers config class, the field naming the expert count, the one naming the expert FFN)
+_CONFIG_FIELDS = {
+    "mixtral": ("MixtralConfig", "num_local_experts", "intermediate_size"),
+    "olmoe": ("OlmoeConfig", "num_experts", "intermediate_size"),
+    "qwen2_moe": ("Qwen2MoeConfig", "num_experts", "moe_intermediate_size"),
+    "qwen3_moe": ("Qwen3MoeConfig", "num_experts", "moe_intermediate_size"),
+    "phimoe": ("PhimoeConfig", "num_local_experts", "intermediate_size"),
+}
 
 
 @dataclass(frozen=True)
@@ -149,33 +139,57 @@ class FamilyTwin:
         return self.arch.hidden / NARROW_HIDDEN
 
     def narrow_config(self):
-        """A MixtralConfig of this family's layers, experts and top-k at narrow widths (groups fit)."""
-        from transformers import MixtralConfig
+        """The family's own transformers config at narrow widths (groups fit): its layers (dense ones where
+        it has them), experts, top-k, heads, biases, norms and router as at full size."""
+        import transformers
 
         a, w = self.arch, self.width
-        expert_group = self.quant.experts.group_size
-        return MixtralConfig(
+        if a.family not in _CONFIG_FIELDS:
+            raise ValueError(f"the twin has no narrow engine for {a.name}")
+        cls, experts, ffn = _CONFIG_FIELDS[a.family]
+        resident = self.quant.attention.group_size
+        fields = dict(
             hidden_size=NARROW_HIDDEN,
-            intermediate_size=_round_to(a.expert_intermediate / w, expert_group),
             num_hidden_layers=a.num_layers,
             num_attention_heads=a.heads,
             num_key_value_heads=a.kv_heads,
             head_dim=max(8, 64 // math.gcd(a.kv_heads, 64)),  # k/v rows a multiple of the 4-bit group (64)
-            num_local_experts=a.num_experts,
-            num_experts_per_tok=a.top_k,
             vocab_size=max(64, round(a.vocab / w)),
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-            rms_norm_eps=1e-5,
+            num_experts_per_tok=a.top_k,
+            tie_word_embeddings=a.tie_embeddings,
             bos_token_id=1,
             eos_token_id=2,
+            pad_token_id=None,
+            **{experts: a.num_experts, ffn: _round_to(a.expert_intermediate / w, self.quant.experts.group_size)},
         )
-
-    def resident_intermediate(self, full: int) -> int:
-        return _round_to(full / self.width, self.quant.attention.group_size)
+        if a.family in ("olmoe", "qwen2_moe", "qwen3_moe"):
+            fields["norm_topk_prob"] = a.norm_topk_prob
+        if a.family in ("olmoe", "phimoe"):
+            fields["attention_bias"] = a.qkv_bias
+        if a.family == "olmoe":  # its q/k norms are sized by hidden / heads, whatever head_dim says
+            fields["head_dim"] = NARROW_HIDDEN // a.heads
+        if a.family in ("qwen2_moe", "qwen3_moe"):  # the dense layers by index, whatever rule made them
+            fields.update(mlp_only_layers=list(a.dense_layers), decoder_sparse_step=1)
+            fields["intermediate_size"] = _round_to(max(a.dense_intermediate, 1) / w, resident)
+        if a.family == "qwen2_moe":
+            fields["qkv_bias"] = a.qkv_bias
+            shared = _round_to(a.shared_intermediate / w, resident) if a.shared_intermediate else 0
+            fields["shared_expert_intermediate_size"] = shared
+        if a.family == "phimoe":
+            fields.update(lm_head_bias=a.lm_head_bias, router_jitter_noise=a.router_jitter)
+        config = getattr(transformers, cls)(**fields)
+        narrow = from_transformers(config)
+        for key in ("family", "moe_layers", "num_experts", "top_k", "heads", "kv_heads", "router", "norm_bias"):
+            if getattr(narrow, key) != getattr(a, key):  # the narrow model must be the same model, only narrower
+                raise ValueError(f"the narrow {a.name} differs in {key}: {getattr(narrow, key)} != {getattr(a, key)}")
+        return config
 
     def build(self, run, routing: np.ndarray):
-        """The narrow engine (``twin_record.EngineRun`` with ``family=self``), routers replaying ``routing``."""
+        """The narrow engine (``twin_record.EngineRun`` with ``family=self``), routers replaying ``routing``.
+
+        ``assemble_model`` builds the family's own class, as ``load_model`` does: its attention (biases,
+        q/k norms), norms, shared expert and gate, dense layers' MLPs. Only the routers are scripted."""
         from .model import OffloadConfig, assemble_model
         from .moe import PrefetchConfig
         from .synthetic import random_experts, random_trunk
@@ -183,12 +197,10 @@ class FamilyTwin:
 
         a = self.arch
         config = self.narrow_config()
-        moe_ks = dict(zip(a.moe_layers, run.experts_on_device, strict=True))
-        ks = tuple(moe_ks.get(i, 1) for i in range(a.num_layers))  # dense layers: one idle slot
         cfg = OffloadConfig(
             device="cpu",
             dtype=torch.float16,
-            experts_on_device=ks,
+            experts_on_device=tuple(run.experts_on_device),
             policy=run.policy,
             prefetch=PrefetchConfig(enabled=run.prefetch, experts=a.top_k),
             dense_on_cpu=False,
@@ -205,35 +217,18 @@ class FamilyTwin:
         blocks = [layers[i].mlp for i in a.moe_layers]
         for j, block in enumerate(blocks):
             block.link(blocks[j + 1 : j + 1 + block.prefetch.lookahead])
-        gen = torch.Generator().manual_seed(run.seed + 7)
-        for i, layer in enumerate(layers):
-            if i in moe_ks and a.shared_intermediate:
-                projs = self._resident_projs(a.shared_intermediate, gen)
-                gate = nn.Linear(NARROW_HIDDEN, 1, bias=False, dtype=torch.float16).requires_grad_(False)
-                layer.mlp = ResidentMLP(layer.mlp, projs, gate)
-            elif i not in moe_ks:
-                layer.mlp = ResidentMLP(None, self._resident_projs(a.dense_intermediate, gen), None)
         model.twin_scale = self.byte_scale(model)
         return model
 
-    def _resident_projs(self, full_intermediate: int, gen: torch.Generator) -> dict[str, nn.Module]:
-        from .linear import QuantLinear
-        from .quant import QuantizedWeight
-        from .synthetic import _random_quantized
-
-        i, h, spec = self.resident_intermediate(full_intermediate), NARROW_HIDDEN, self.quant.attention
-        out = {}
-        for name, shape in {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}.items():
-            tensors = _random_quantized(spec.tensor_specs(shape), spec.nbits, gen, torch.device("cpu"))
-            out[name] = QuantLinear(QuantizedWeight.from_tensors(spec, shape, tensors), dense_on_cpu=False)
-        return out
-
     def byte_scale(self, model):
-        """Full-size bytes per narrow byte for each weight the engine reads (see the module docstring)."""
+        """Full-size bytes per narrow byte for each weight the engine reads: each trunk tensor reads what its
+        full-size tensor (``MoEArchitecture.trunk_shapes``) reads, 4-bit matrices as quantized."""
+        from .linear import QuantLinear
         from .planner import ModelSizes
         from .twin_record import ByteScale
 
         a, q = self.arch, self.quant
+        full_shapes = a.trunk_shapes
         ratios: dict[int, float] = {}
 
         def put(tensors, full_bytes: float) -> None:
@@ -242,21 +237,12 @@ class FamilyTwin:
             for t in tensors:
                 ratios[t.untyped_storage().data_ptr()] = full_bytes / narrow
 
-        for layer in model.model.layers:
-            for proj, shape in a.attention_shapes.items():
-                put(getattr(layer.self_attn, proj).buffers(), q.attention.nbytes(shape))
-            mlp = layer.mlp
-            if isinstance(mlp, ResidentMLP):
-                shapes = a.shared_expert_shapes if mlp.moe is not None else a.dense_mlp_shapes
-                for proj, shape in shapes.items():
-                    put(getattr(mlp, proj).buffers(), q.attention.nbytes(shape))
-                if mlp.gate is not None:
-                    put([mlp.gate.weight], 2 * a.hidden)
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                put([norm.weight], 2 * a.hidden * (1 + a.norm_bias))
-        put([model.model.embed_tokens.weight], 2 * a.vocab * a.hidden)
-        put([model.lm_head.weight], 2 * a.vocab * a.hidden)
-        put([model.model.norm.weight], 2 * a.hidden)
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                put(module.buffers(), q.attention.nbytes(full_shapes[f"{name}.weight"]))
+        for name, p in model.named_parameters():
+            if name in full_shapes:
+                put([p], 2 * math.prod(full_shapes[name]))
         w = self.width
         return ByteScale(ModelSizes.of(a, q).expert_bytes, ratios, w * w, w)
 

@@ -12,12 +12,12 @@ import pytest
 from colab_helpers import twin_cli
 from colab_helpers.checkpoint import QuantConfig
 from colab_helpers.families import architecture
+from colab_helpers.families import from_transformers as architecture_of
 from colab_helpers.families.configs import load_config
 from colab_helpers.planner import ModelSizes
 from colab_helpers.twin_family import (
     STICKINESS,
     FamilyTwin,
-    ResidentMLP,
     repeat_fraction,
     synthetic_routing,
     trace_mismatch,
@@ -179,17 +179,22 @@ def test_recorded_bytes_are_the_full_size_models(repo, tmp_path):
     assert s.per_token("sync") >= len(arch.moe_layers)  # one routing readback per MoE layer at least
 
 
-def test_shared_experts_and_dense_layers_are_resident_compute(tmp_path):
+def test_shared_experts_and_dense_layers_are_the_familys_own_modules(tmp_path):
+    from colab_helpers.linear import QuantLinear
+    from colab_helpers.moe import OffloadedMoE
+
     arch = architecture(load_config(str(_small_qwen2_moe(tmp_path)))[0])
     assert arch.moe_layers == (0, 2) and arch.dense_layers == (1,) and arch.shared_intermediate == 1024
     fam = FamilyTwin(arch, Q2)
     routing = synthetic_routing(2, 8, 2, 64)
     model = build_narrow_engine(EngineRun((3, 3), decode_tokens=1, family=fam), routing)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
     mlps = [layer.mlp for layer in model.model.layers]
-    assert isinstance(mlps[0], ResidentMLP) and mlps[0].moe is not None and mlps[0].gate is not None
-    assert isinstance(mlps[1], ResidentMLP) and mlps[1].moe is None  # the dense layer: no experts
-    assert isinstance(mlps[2], ResidentMLP) and mlps[2].moe._following == []  # prefetch links MoE layers only
-    assert mlps[0].moe._following == [mlps[2].moe]
+    assert isinstance(mlps[0], OffloadedMoE) and type(mlps[0].shared_expert).__name__ == "Qwen2MoeMLP"
+    assert isinstance(mlps[0].shared_expert.down_proj, QuantLinear) and mlps[0].shared_expert_gate is not None
+    assert type(mlps[1]).__name__ == "Qwen2MoeMLP" and isinstance(mlps[1].down_proj, QuantLinear)  # dense layer
+    assert mlps[0]._following == [mlps[2]] and mlps[2]._following == []  # prefetch links MoE layers only
+    assert model.model.layers[0].self_attn.q_proj.bias is not None  # Qwen2-MoE's q/k/v biases
     # every resident weight is scaled to its full-size bytes
     scale = model.twin_scale
     down = mlps[1].down_proj
@@ -200,6 +205,31 @@ def test_shared_experts_and_dense_layers_are_resident_compute(tmp_path):
     s = record_engine(EngineRun((3, 3), decode_tokens=4, prompt_tokens=4, family=fam), routing)
     loads = [op for op in s.ops if op.kind == "copy" and op.to_device]
     assert loads and all(op.nbytes == pytest.approx(ModelSizes.of(arch, Q2).expert_bytes) for op in loads)
+
+
+@pytest.mark.parametrize(
+    "repo, extras",
+    [
+        ("allenai/OLMoE-1B-7B-0924", ["self_attn.q_norm", "self_attn.k_norm"]),
+        ("Qwen/Qwen3-30B-A3B", ["self_attn.q_norm", "self_attn.k_norm"]),
+        ("microsoft/Phi-3.5-MoE-instruct", ["self_attn.q_proj.bias", "self_attn.o_proj.bias", "input_layernorm.bias"]),
+    ],
+)
+def test_the_narrow_engine_is_the_familys_own_class_with_its_extras(repo, extras):
+    """q/k norms, biases and LayerNorm are the family's own modules, so their launches are recorded."""
+    arch = _arch(repo)
+    config = FamilyTwin(arch, Q2).narrow_config()
+    assert type(config).__name__.removesuffix("Config") == arch.model_class.removesuffix("ForCausalLM")
+    narrow = architecture_of(config)
+    assert (narrow.moe_layers, narrow.num_experts, narrow.top_k, narrow.router) == (
+        arch.moe_layers,
+        arch.num_experts,
+        arch.top_k,
+        arch.router,
+    )
+    names = set(narrow.trunk_shapes)
+    assert all(f"model.layers.0.{e}" in names or f"model.layers.0.{e}.weight" in names for e in extras)
+    assert narrow.lm_head_bias == arch.lm_head_bias and narrow.norm_bias == arch.norm_bias
 
 
 # ---- the README's families table ------------------------------------------------------------------
