@@ -419,7 +419,8 @@ def _kv_row(s: ModelSizes, context: int, itemsize: int) -> tuple[str, int, str]:
 
 
 def _trunk_label(s: ModelSizes) -> str:
-    return f"trunk: {s.attention_bits}-bit attention + fp16 embed/lm_head/norms/router"
+    mlps = " and shared/dense MLPs" if s.resident_mlp_bytes else ""  # Mixtral's label unchanged
+    return f"trunk: {s.attention_bits}-bit attention{mlps} + fp16 embed/lm_head/norms/router"
 
 
 def _cuda_fixed_rows(s: ModelSizes, context: int, m: Margins, attention: AttentionPath) -> list[Row]:

@@ -242,3 +242,33 @@ def test_an_unreachable_hub_is_one_line_without_the_librarys_retries(hub_env, ca
         cli_main(["--model", "someone/not-cached", "--vram-gb", "15", "--ram-gb", "12.7"])
     assert "\n" not in str(info.value)
     assert "Retrying" not in capsys.readouterr().err
+
+
+# ---- no Mixtral-only claims for other families -----------------------------------------------------
+
+
+@pytest.mark.parametrize("repo", sorted(shipped()))
+def test_upgrade_suggestions_quote_the_papers_mmlu_for_mixtral_only(repo):
+    """The paper's MMLU figures were measured on Mixtral-8x7B: another family's upgrade says its bytes and fit."""
+    from colab_helpers.multigpu import plan_gpus, single_gpu_upgrades
+
+    arch = architecture(json.loads(shipped()[repo].read_text()))
+    quant = QuantConfig.for_bits(4, 2)
+    big = Budget.given(80, 400)  # every family fits at 2 bits and can upgrade
+    plan = single_gpu_upgrades(plan_memory(arch, quant, big, "cuda"), arch, quant)
+    reports = [plan.report()]
+    assert any(x.startswith("3-bit experts fit (") for x in plan.suggestions)
+    if arch.num_layers >= 2 and not arch.dense_layers:
+        reports.append(plan_gpus(arch, quant, [40 * GB, 40 * GB], 400 * GB).report())
+    for report in reports:
+        assert ("MMLU" in report) == (arch.family == "mixtral"), report
+        assert f"memory plan: {arch.name} " in report
+        if arch.family != "mixtral":
+            assert "Mixtral" not in report.replace("counted: Mixtral decoder layer", "")
+
+
+def test_trunk_row_names_the_quantized_mlps_of_families_that_have_them():
+    arch = architecture(json.loads(shipped()["Qwen/Qwen1.5-MoE-A2.7B"].read_text()))
+    plan = plan_memory(arch, QuantConfig(), T4, "cuda")
+    assert "trunk: 4-bit attention and shared/dense MLPs + fp16" in plan.report()
+    assert "trunk: 4-bit attention + fp16" in plan_memory(stock_config(), QuantConfig(), T4, "cuda").report()
