@@ -91,6 +91,7 @@ class ModelSizes:
     moe_layers: int = 0  # layers with routed experts (0: all); the rest have a dense MLP in the trunk
     top_k: int = 2
     resident_mlp_bytes: int = 0  # quantized shared experts and dense-layer MLPs, all layers (in the trunk)
+    resident_mlp_params: int = 0  # their weights' elements: what a CPU run's dense_on_cpu copies dequantize
 
     @classmethod
     def of(cls, config: MixtralConfig | MoEArchitecture, quant: QuantConfig) -> ModelSizes:
@@ -141,6 +142,7 @@ class ModelSizes:
             moe_layers=len(a.moe_layers),
             top_k=a.top_k,
             resident_mlp_bytes=mlp,
+            resident_mlp_params=len(a.moe_layers) * a.shared_params + len(a.dense_layers) * a.dense_mlp_params,
         )
 
     @property
@@ -488,8 +490,10 @@ def _cpu_rows(
 ) -> list[Row]:
     """A CPU run keeps device slots and host experts in RAM and computes in float32.
 
-    With ``dense`` (``OffloadConfig.dense_on_cpu``) it also keeps an fp32 copy of every attention
-    weight and of every expert in a slot, made on first use: far more than the packed bytes.
+    With ``dense`` (``OffloadConfig.dense_on_cpu``) it also keeps an fp32 copy of every ``QuantLinear``
+    weight (attention; shared experts and dense-layer MLPs where a family has them) and of every expert in
+    a slot, made on first use: far more than the packed bytes (``tests/test_planner_families.py`` compares
+    these rows with what a loaded tiny model of each family holds).
     """
     rows = _process_rows("cpu", budget, m)
     rows.append(
@@ -509,6 +513,8 @@ def _cpu_rows(
     if dense:
         src = "exact: OffloadConfig.dense_on_cpu copies"
         rows.append(Row("fp32 attention weights (dense_on_cpu)", 0, 4 * s.num_layers * s.attention_params, src))
+        if s.resident_mlp_params:  # Qwen-MoE style shared experts and dense layers (none in Mixtral)
+            rows.append(Row("fp32 shared-expert/dense-layer MLPs (dense_on_cpu)", 0, 4 * s.resident_mlp_params, src))
         rows.append(Row(f"fp32 experts in {slots} slots (dense_on_cpu)", 0, 4 * slots * s.expert_params, src))
     return rows
 

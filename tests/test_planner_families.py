@@ -272,3 +272,50 @@ def test_trunk_row_names_the_quantized_mlps_of_families_that_have_them():
     plan = plan_memory(arch, QuantConfig(), T4, "cuda")
     assert "trunk: 4-bit attention and shared/dense MLPs + fp16" in plan.report()
     assert "trunk: 4-bit attention + fp16" in plan_memory(stock_config(), QuantConfig(), T4, "cuda").report()
+
+
+# ---- a CPU run's dense copies, as load_model allocates them -------------------------------------------
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("family", __import__("colab_helpers.random_moe", fromlist=["x"]).families())
+def test_cpu_plan_counts_the_dense_copies_a_loaded_model_holds(family, tied, tmp_path):
+    """dense_on_cpu: the plan's fp32 rows equal what a loaded tiny model holds after a forward (every QuantLinear
+    dequantized: attention, shared experts, dense-layer MLPs; every fp32 parameter; one slot's expert)."""
+    import torch
+
+    from colab_helpers.checkpoint import save_checkpoint
+    from colab_helpers.linear import QuantLinear
+    from colab_helpers.model import close_model, load_model
+    from colab_helpers.planner import plan_for_checkpoint
+    from colab_helpers.random_moe import random_model, small_config
+
+    save_checkpoint(random_model(small_config(family, tie_word_embeddings=tied)), tmp_path, progress=False)
+    model = load_model(tmp_path, device="cpu", experts_on_device=2, progress=False)
+    with torch.no_grad():
+        model(torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7]]))
+    held = {"attention": 0, "mlp": 0}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            assert mod.weight_q.dense is not None, name  # one forward dequantized every resident weight
+            held["attention" if ".self_attn." in name else "mlp"] += _nbytes(mod.weight_q.dense)
+    params = {id(t): t for n, t in [*model.named_parameters(), *model.named_buffers()] if "rotary" not in n}
+    fp32 = sum(_nbytes(t) for t in params.values() if t.dtype == torch.float32)
+    cache = model.expert_cache
+    slot = next(i for i, dense in enumerate(cache._slot_dense) if dense)
+    expert = sum(_nbytes(w.dense) for w in cache._slot_weights[slot].values())
+    close_model(model)
+
+    plan = plan_for_checkpoint(tmp_path, "cpu", experts_on_device=2, budget=Budget.given(None, 64))
+    rows = {r.item: r.ram for r in plan.rows}
+    assert rows["fp32 copies of embed/lm_head/norms/router"] == fp32
+    assert rows["fp32 attention weights (dense_on_cpu)"] == held["attention"]
+    assert rows.get("fp32 shared-expert/dense-layer MLPs (dense_on_cpu)", 0) == held["mlp"]
+    assert (held["mlp"] > 0) == (family in ("qwen2_moe", "qwen3_moe"))
+    assert rows[f"fp32 experts in {plan.slots} slots (dense_on_cpu)"] == plan.slots * expert
+    off = plan_for_checkpoint(tmp_path, "cpu", experts_on_device=2, budget=Budget.given(None, 64), dense_on_cpu=False)
+    assert not any("dense_on_cpu" in r.item for r in off.rows)
