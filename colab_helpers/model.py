@@ -24,7 +24,7 @@ from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, arch_of, quantized_tr
 from .experts import ExpertCache, ExpertLayout, experts_per_layer
 from .linear import QuantLinear
 from .moe import OffloadedMoE, PrefetchConfig
-from .placement import ExpertCacheGroup, LayerPlacement, place_layers
+from .placement import ExpertCacheGroup, LayerPlacement, place_layers, split_refusal
 from .quant import QuantizedWeight
 from .tokenizer import load_tokenizer  # noqa: F401  (re-exported: model.load_tokenizer)
 
@@ -83,7 +83,7 @@ def load_model(
     ckpt = Checkpoint.open(Path(path), verify=cfg.verify)
     plan = None
     several_gpus = dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1
-    if cfg.placement is None and several_gpus and not ckpt.arch.dense_layers:
+    if cfg.placement is None and several_gpus and split_refusal(ckpt.arch) is None:
         plan, cfg = _every_gpu(ckpt, cfg)  # layers split across all visible GPUs, experts per layer planned
     elif cfg.check_memory and cfg.placement is None:
         from .planner import check_fits, measure_budget, plan_memory
@@ -156,8 +156,8 @@ def assemble_model(
     placement = cfg.placement
     if placement is not None and placement.num_layers != arch.num_layers:
         raise ValueError(f"placement covers {placement.num_layers} layers, the model has {arch.num_layers}")
-    if placement is not None and arch.dense_layers:
-        raise ValueError(f"{arch.name} with dense layers cannot be split across devices yet (one device only)")
+    if placement is not None and (why := split_refusal(arch)):
+        raise ValueError(why)
 
     def device_of(layer: int) -> torch.device:
         return dev if placement is None else placement.device(layer)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from transformers import MixtralConfig
 
 from .checkpoint import QuantConfig
+from .families import MoEArchitecture, from_transformers
+from .placement import split_refusal
 from .planner import (
     GB,
     MB,
@@ -169,12 +171,20 @@ class MultiGpuPlan:
 
 
 def _share_sizes(s: ModelSizes, layers: int, first: bool, last: bool) -> ModelSizes:
-    """The model as one GPU sees it: ``layers`` layers, the embeddings only if first, ``lm_head`` only if last."""
-    per_layer = (s.trunk_bytes - 2 * s.vocab * s.hidden * 2 - s.hidden * 2) // s.num_layers
-    trunk = (
-        layers * per_layer + (s.vocab * s.hidden * 2 if first else 0) + ((s.vocab + 1) * s.hidden * 2 if last else 0)
+    """The model as one GPU sees it: ``layers`` layers, the embeddings only if first, ``lm_head`` (its bias and
+    the final norm) only if last. Every layer is MoE (``placement.split_refusal``), so layers weigh alike."""
+    per_layer, rest = divmod(s.trunk_bytes - s.embed_bytes - s.head_bytes, s.num_layers)
+    assert rest == 0 and s.expert_layers == s.num_layers, "layers of unequal trunk bytes cannot be split"
+    trunk = layers * per_layer + (s.embed_bytes if first else 0) + (s.head_bytes if last else 0)
+    resident = s.resident_mlp_bytes * layers // s.num_layers  # shared experts: the same in every layer
+    return replace(
+        s,
+        num_layers=layers,
+        moe_layers=layers,
+        trunk_bytes=trunk,
+        resident_mlp_bytes=resident,
+        resident_mlp_params=s.resident_mlp_params * layers // s.num_layers,
     )
-    return replace(s, num_layers=layers, trunk_bytes=trunk)
 
 
 def _share(
@@ -231,7 +241,7 @@ def _whole_layers(s: ModelSizes, vrams: Sequence[int], context: int, m: Margins,
 
 
 def plan_gpus(
-    config: MixtralConfig,
+    config: MixtralConfig | MoEArchitecture,
     quant: QuantConfig,
     vram: Sequence[int],
     ram: int,
@@ -244,7 +254,10 @@ def plan_gpus(
 ) -> MultiGpuPlan:
     """Whole layers per GPU, no offloading, when that fits; else an even split with offloading."""
     m = margins or Margins()
-    s = ModelSizes.of(config, quant)
+    arch = config if isinstance(config, MoEArchitecture) else from_transformers(config)
+    if why := split_refusal(arch):
+        raise ValueError(why)
+    s = ModelSizes.of(arch, quant)
     n = len(vram)
     if n < 1:
         raise ValueError("plan_gpus needs at least one GPU")

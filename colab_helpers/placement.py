@@ -19,6 +19,21 @@ import torch
 from .experts import CacheStats, ExpertCache
 
 
+def split_refusal(arch) -> str | None:
+    """Why a model (its ``families.MoEArchitecture``) cannot be split across devices, or None when it can.
+
+    One sentence, said alike by ``plan --gpus`` and ``load_model``: dense (non-MoE) layers would leave the
+    expert caches' layer numbering and the plan's per-GPU shares out of step; a tied ``lm_head`` is the
+    embeddings' own tensor, so it cannot sit on the last device while the embeddings sit on the first
+    (Mixtral's layout stores ``lm_head`` even when tied, so Mixtral is never tied at load).
+    """
+    if arch.dense_layers:
+        return f"{arch.name} with dense layers cannot be split across devices yet (one device only)"
+    if arch.tie_embeddings and arch.family != "mixtral":
+        return f"{arch.name} with tied embeddings cannot be split across devices yet (one device only)"
+    return None
+
+
 @dataclass(frozen=True)
 class LayerPlacement:
     """``devices[i]`` holds layers ``starts[i] .. starts[i] + counts[i] - 1``."""

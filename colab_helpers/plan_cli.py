@@ -15,7 +15,9 @@ import torch
 from transformers import MixtralConfig
 
 from .checkpoint import QuantConfig
+from .families import MoEArchitecture, from_transformers
 from .multigpu import plan_gpus, single_gpu_upgrades
+from .placement import split_refusal
 from .planner import (
     DEFAULT_CONTEXT,
     GB,
@@ -116,12 +118,13 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     return 0 if plan.fits else 2
 
 
-def _cli_multi_gpu(args: argparse.Namespace, config: MixtralConfig, quant: QuantConfig) -> int:
+def _cli_multi_gpu(args: argparse.Namespace, config: MixtralConfig | MoEArchitecture, quant: QuantConfig) -> int:
     """``plan --gpus N``: whole layers per GPU (see ``multigpu.py``); each GPU measured here when present."""
     if args.experts_on_device is not None:
         raise UsageError("--experts-on-device is chosen per GPU with --gpus; leave it out")
-    if not isinstance(config, MixtralConfig):
-        raise UsageError("--gpus plans Mixtral checkpoints only so far (other families: one GPU)")
+    arch = config if isinstance(config, MoEArchitecture) else from_transformers(config)
+    if why := split_refusal(arch):
+        raise UsageError(f"--gpus {args.gpus}: {why}")
     if args.vram_gb is not None:
         vram = [int(args.vram_gb * GB)] * args.gpus
     elif torch.cuda.device_count() >= args.gpus:

@@ -92,6 +92,8 @@ class ModelSizes:
     top_k: int = 2
     resident_mlp_bytes: int = 0  # quantized shared experts and dense-layer MLPs, all layers (in the trunk)
     resident_mlp_params: int = 0  # their weights' elements: what a CPU run's dense_on_cpu copies dequantize
+    embed_bytes: int = 0  # fp16 embeddings (the first device's share of the trunk when layers are split)
+    head_bytes: int = 0  # fp16 lm_head (unless tied and not stored), its bias and the final norm (the last device's)
 
     @classmethod
     def of(cls, config: MixtralConfig | MoEArchitecture, quant: QuantConfig) -> ModelSizes:
@@ -108,8 +110,10 @@ class ModelSizes:
         mlp += len(a.dense_layers) * sum(quant.attention.nbytes(sh) for sh in a.dense_mlp_shapes.values())
         fp16 = a.embedding_params + a.num_layers * (a.norm_params + a.attention_small_params)
         fp16 += len(a.moe_layers) * a.router_params
-        if a.tie_embeddings and a.family == "mixtral":  # the Mixtral trunk file stores lm_head even when tied
+        stored_lm_head = not a.tie_embeddings or a.family == "mixtral"  # Mixtral's trunk stores it even when tied
+        if a.tie_embeddings and a.family == "mixtral":
             fp16 += a.vocab * a.hidden
+        head = a.vocab * a.hidden * stored_lm_head + a.vocab * a.lm_head_bias + a.hidden * (1 + a.norm_bias)
         mats = [a.expert_intermediate * a.hidden, *(o * i for o, i in (*attn_shapes, *mlp_shapes))]
         weights = [(quant.experts, shape) for shape in a.expert_shapes.values()]
         weights += [(quant.attention, shape) for shape in (*attn_shapes, *mlp_shapes)]
@@ -143,6 +147,8 @@ class ModelSizes:
             top_k=a.top_k,
             resident_mlp_bytes=mlp,
             resident_mlp_params=len(a.moe_layers) * a.shared_params + len(a.dense_layers) * a.dense_mlp_params,
+            embed_bytes=2 * a.vocab * a.hidden,
+            head_bytes=2 * head,
         )
 
     @property

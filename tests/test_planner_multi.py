@@ -156,3 +156,98 @@ def test_every_gpu_path_plans_one_range_per_visible_gpu(make_checkpoint, monkeyp
     plan, cfg = model_mod._every_gpu(ckpt, OffloadConfig(device="cuda", progress=False))
     assert plan.fits and cfg.placement.devices == ("cuda:0", "cuda:1") and cfg.placement.counts == (2, 2)
     assert cfg.experts_on_device == (8, 8, 8, 8)
+
+
+# ---- every all-MoE family, and the ones a split refuses -------------------------------------------------
+
+
+def _family_config(family: str, **overrides):
+    from colab_helpers.random_moe import small_config
+
+    # Qwen's tiny variants have dense layers on purpose; these overrides make every layer MoE
+    all_moe = {"qwen2_moe": dict(mlp_only_layers=[]), "qwen3_moe": dict(decoder_sparse_step=1)}.get(family, {})
+    return small_config(family, **{**all_moe, **overrides})
+
+
+def _families() -> list[str]:
+    from colab_helpers.random_moe import families
+
+    return families()
+
+
+@pytest.mark.parametrize("family", _families())
+def test_each_gpus_trunk_share_is_the_bytes_of_its_layers(family) -> None:
+    """A GPU's trunk row = the checkpoint's trunk tensors of its layers, + the embeddings on the first GPU,
+    + lm_head, its bias and the final norm on the last (read from the layout, not from the planner)."""
+    from colab_helpers.checkpoint import expected_trunk_tensors
+    from colab_helpers.planner import _tensor_bytes
+
+    config = _family_config(family, num_hidden_layers=5)
+    q = quant(2)
+    plan = plan_gpus(config, q, [15 * GB] * 3, 64 * GB)
+    assert plan.fits and plan.host_experts == 0 and sum(plan.layers_per_gpu) == 5
+    tensors = expected_trunk_tensors(config, q)
+    for g in plan.gpus:
+        layers = range(g.first_layer, g.first_layer + g.num_layers)
+        mine = {n: t for n, t in tensors.items() if n.startswith("model.layers.") and int(n.split(".")[2]) in layers}
+        if g.index == 0:
+            mine.update({n: t for n, t in tensors.items() if n.startswith("model.embed_tokens.")})
+        if g.index == len(plan.gpus) - 1:
+            mine.update({n: t for n, t in tensors.items() if n.startswith(("lm_head.", "model.norm."))})
+        trunk = next(r for r in g.rows if r.item.startswith("trunk"))
+        assert trunk.vram == _tensor_bytes(mine), (family, g.index)
+
+
+@pytest.mark.parametrize("repo", ["Qwen/Qwen3-30B-A3B", "allenai/OLMoE-1B-7B-0924", "microsoft/Phi-3.5-MoE-instruct"])
+def test_cli_plans_other_families_on_two_gpus(repo) -> None:
+    plan = _plan_json("--model", repo, "--gpus", "2", "--vram-gb", "15", "--ram-gb", "29")
+    assert plan["fits"] and plan["gpus"] == 2 and sum(plan["layers_per_gpu"]) > 2
+    assert not any("MMLU" in s for s in plan["suggestions"])
+
+
+@pytest.mark.parametrize(
+    "family, overrides, why",
+    [
+        ("qwen3_moe", dict(decoder_sparse_step=2), "Qwen3-MoE with dense layers cannot be split across devices yet"),
+        ("qwen2_moe", dict(mlp_only_layers=[1]), "Qwen2-MoE with dense layers cannot be split across devices yet"),
+        ("olmoe", dict(tie_word_embeddings=True), "OLMoE with tied embeddings cannot be split across devices yet"),
+    ],
+)
+def test_a_split_is_refused_alike_by_the_plan_the_cli_and_the_loader(family, overrides, why, tmp_path, capsys):
+    from colab_helpers.checkpoint import save_checkpoint
+    from colab_helpers.cli import main
+    from colab_helpers.random_moe import random_model
+
+    config = _family_config(family, **overrides)
+    with pytest.raises(ValueError, match=why):
+        plan_gpus(config, quant(2), [15 * GB, 15 * GB], 29 * GB)
+    save_checkpoint(random_model(config), tmp_path, progress=False)
+    rc = main(["plan", "--model", str(tmp_path), "--gpus", "2", "--vram-gb", "15", "--ram-gb", "29"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and err.count("\n") == 1 and why in err
+    placement = LayerPlacement.even(["cpu", "cpu"], config.num_hidden_layers)
+    with pytest.raises(ValueError, match=why):
+        load_model(tmp_path, config=OffloadConfig(device="cpu", placement=placement, progress=False))
+
+
+@pytest.mark.parametrize("family", _families())
+def test_every_all_moe_family_splits_across_devices_and_matches_the_reference(family, tmp_path) -> None:
+    """The placement the plan hands ``load_model``, on identical CPU devices: same logits as one device."""
+    from colab_helpers.checkpoint import save_checkpoint
+    from colab_helpers.model import close_model
+    from colab_helpers.random_moe import random_model
+
+    config = _family_config(family, num_hidden_layers=4)
+    save_checkpoint(random_model(config), tmp_path, progress=False)
+    plan = plan_gpus(config, quant(2), [15 * GB, 15 * GB], 29 * GB)
+    placement = plan.placement(["cpu", "cpu"])
+    assert placement.counts == (2, 2)
+    cfg = OffloadConfig(device="cpu", experts_on_device=(2, 3, 2, 1), placement=placement, progress=False)
+    model = load_model(tmp_path, config=cfg)
+    ref = dequantized_reference(tmp_path)
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7]])
+    with torch.no_grad():
+        out, want = model(ids).logits, ref(ids).logits
+    assert ((out - want).norm() / want.norm()).item() < 1e-3
+    assert model.boundary_hooks.crossings == 1
+    close_model(model)
