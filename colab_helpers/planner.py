@@ -401,7 +401,7 @@ def _transient_rows(
         (
             f"hidden states: {m.hidden_copies} x [{t}, {s.hidden}] {dt}",
             m.hidden_copies * t * s.hidden * itemsize,
-            SOURCES["hidden"],
+            SOURCES["hidden"] if s.family == "Mixtral" else "assumed: as counted on Mixtral's decoder layer",
         ),
         (
             f"expert intermediates: 3 x [{t}, {s.intermediate}] {dt}",
