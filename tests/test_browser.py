@@ -269,9 +269,10 @@ def _chat_flow(nb: Notebook) -> None:
 
     # From here on an answer must still be running when the test acts on it. The tiny model answers in about a
     # second, so on a fast machine it can end before a click or cell lands (CI saw it): every forward pass is
-    # paced to 40 ms (a real T4 takes longer per token), which leaves seconds; the pace is removed at the end.
+    # paced to 80 ms (a real T4 takes longer per token), which leaves ~10 s even on a loaded machine; the pace
+    # is removed at the end.
     cell = nb.run_code(
-        "import time\n_pace = model.register_forward_pre_hook(lambda *_: time.sleep(0.04))\nprint('paced')"
+        "import time\n_pace = model.register_forward_pre_hook(lambda *_: time.sleep(0.08))\nprint('paced')"
     )
     assert "paced" in nb.wait_output(cell, "paced")
 
