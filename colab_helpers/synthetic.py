@@ -22,6 +22,7 @@ from .checkpoint import (
     to_transformers_name,
     trunk_entries,
 )
+from .random_mixtral import small_config
 
 
 def mixtral_8x7b_config() -> MixtralConfig:
@@ -45,17 +46,9 @@ def mixtral_8x7b_config() -> MixtralConfig:
 
 def smoke_config() -> MixtralConfig:
     """A Mixtral small enough for a CPU smoke run of the GPU benchmarks (same code paths, tiny widths)."""
-    return MixtralConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=512,
-        max_position_embeddings=512,
-    )
+    config = small_config(layers=4, vocab=512)
+    config.max_position_embeddings = 512
+    return config
 
 
 def _random_quantized(

@@ -13,6 +13,7 @@ from hypothesis import settings
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from colab_helpers.checkpoint import save_checkpoint
+from colab_helpers.random_mixtral import random_mixtral, small_config
 
 # Hypothesis: in CI (``CI`` set) every run draws the same examples, so a red run reproduces exactly;
 # locally examples vary (more bugs found) and a failure prints the blob to replay it with @reproduce_failure.
@@ -31,28 +32,12 @@ def _seeded_rngs() -> None:
 
 def tiny_config(layers: int = 2, vocab: int = 128) -> MixtralConfig:
     """The smallest shapes that satisfy the format's group constraints (see CHECKPOINT_FORMAT.md)."""
-    return MixtralConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    return small_config(layers=layers, vocab=vocab)
 
 
 def random_model(seed: int = 0, layers: int = 2) -> MixtralForCausalLM:
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(tiny_config(layers)).eval()
-    with torch.no_grad():  # larger router weights: sharper, more varied routing than the 0.02 init
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0, 0.5)
-    return model
+    """Random weights, routers scaled up for varied routing (``random_mixtral``)."""
+    return random_mixtral(small_config(layers=layers), seed)
 
 
 _CACHE: dict[tuple, Path] = {}

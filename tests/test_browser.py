@@ -3,6 +3,7 @@
 Run All, read the ``chat()`` turn from the widget, send with Ctrl+Enter and watch the answer stream,
 run a cell during an answer, stop an answer midway and send another, check the layout, and check
 nothing broke (no error output, no red status, ``check_invariants()``). Every wait is on page state.
+A second widget built after Run All shows the conversation so far (Notebook 6).
 
 In JupyterLab widget callbacks run on a kernel subshell, so the widget's Stop button stops; in
 Notebook 6 (and Colab) they run on the main thread, so the kernel interrupt stops. Needs Debian's
@@ -239,6 +240,47 @@ def _one_attempt(kind, browser, shots, root: Path) -> None:
         page.close()
         server.close()
         shutil.rmtree(root / "server" / "jupyter", ignore_errors=True)
+
+
+SECOND_CHAT = """() => { const chats = document.querySelectorAll('.colab-helpers-chat');
+    return chats.length > 1 && !!chats[1].querySelector('.colab-helpers-transcript'); }"""
+
+
+def test_a_second_widget_shows_the_conversation_so_far(browser, shots, tmp_path) -> None:
+    """Notebook 6.5 + ipywidgets 7.7.1 (Colab's widget version): after Run All, a new ``ChatUI`` over the same
+    session shows the ``chat()`` turn and its numbers at once (the first widget also survives Run All)."""
+    reason = missing(FRONT_ENDS["nb6"])
+    if reason:
+        if REQUIRED:
+            pytest.fail(f"browser test required but: {reason}")
+        pytest.skip(reason)
+    server = Server(FRONT_ENDS["nb6"], tmp_path / "server")
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page_errors: list[str] = []
+    page.on("pageerror", lambda err: page_errors.append(str(err)))
+    try:
+        page.goto(server.url("quickstart.ipynb"))
+        nb = Notebook(page, "nb6", shots)
+        nb.run_all()
+        assert not nb.errors(), nb.errors()
+        chats = page.locator(".colab-helpers-chat")
+        assert chats.count() == 1 and chats.first.is_visible(), "Run All left no visible chat widget"
+
+        nb.run_code('ChatUI(session, title="The same conversation")')
+        nb.wait(SECOND_CHAT, LONG)
+        second = chats.nth(1).locator(".colab-helpers-transcript").inner_text()
+        assert "What is the capital of France?" in second and "Paris" in second, second
+        assert "No messages yet" not in second and "tok/s" in chats.nth(1).locator(".colab-helpers-status").inner_text()
+        assert second == chats.first.locator(".colab-helpers-transcript").inner_text()
+        assert not chats.nth(1).locator(".colab-helpers-send").is_disabled()
+        assert not page_errors, f"JavaScript errors on the page: {page_errors[:3]}"
+    except BaseException:
+        print(server.log_text()[-4000:])
+        raise
+    finally:
+        page.close()
+        server.close()
+        shutil.rmtree(tmp_path / "server" / "jupyter", ignore_errors=True)
 
 
 def _chat_flow(nb: Notebook) -> None:
