@@ -84,6 +84,13 @@ def _stackable(gate: nn.Module) -> bool:
     return isinstance(getattr(gate, "weight", None), torch.Tensor) and getattr(gate, "bias", None) is None
 
 
+def _read_back(index: torch.Tensor, k: int, n: int, guessing: bool) -> tuple[list[list[int]], list[list[int]] | None]:
+    """The one host sync of a decode layer: row 0 of ``index`` is this layer's choice ([[k]]), the other rows
+    the guesses per following layer ([d][<=n], -1 = gated out or padding, dropped; None without prefetch)."""
+    rows = index.tolist()
+    return [rows[0][:k]], ([[e for e in row[:n] if e >= 0] for row in rows[1:]] if guessing else None)
+
+
 class OffloadedMoE(nn.Module):
     """Routing plus offloaded experts for one MoE layer; ``gate`` is transformers' own router module.
 
@@ -162,10 +169,7 @@ class OffloadedMoE(nn.Module):
                 index = torch.cat([F.pad(index, (0, width - k), value=-1), F.pad(g_index, (0, width - n), value=-1)])
         if guessing and self.prefetch.min_confidence > 0:
             index = torch.where(values >= self._thresholds(index), index, -1)
-        rows = index.tolist()  # the one host sync per layer
-        choice = [rows[0][:k]]
-        guesses = [[e for e in row[:n] if e >= 0] for row in rows[1:]] if guessing else None
-        return weights, choice, guesses
+        return (weights, *_read_back(index, k, n, guessing))
 
     def _route_sparsemixer(
         self, x: torch.Tensor, guessing: bool, n: int
@@ -184,9 +188,7 @@ class OffloadedMoE(nn.Module):
                 g_index = logits[1:].topk(n, dim=-1).indices
             width = max(2, n)
             index = torch.cat([_pad_to(index, width), _pad_to(g_index, width)])
-        rows_read = index.tolist()  # the one host sync per layer
-        guesses = [[e for e in row[:n] if e >= 0] for row in rows_read[1:]] if guessing else None
-        return weights, [rows_read[0][:2]], guesses
+        return (weights, *_read_back(index, 2, n, guessing))
 
     def _router_weight(self, rows: int) -> torch.Tensor:
         """This router's weight stacked over the next ``rows - 1`` routers' (rebuilt if any was replaced)."""
