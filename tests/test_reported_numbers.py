@@ -186,3 +186,26 @@ def test_a_full_cache_reports_every_access_a_hit_and_nothing_moved(tiny_path) ->
     model = load_model(tiny_path, experts_on_device=8, progress=False)
     st = generate_stream(model, NoTokenizer(), PROMPT, SamplingConfig(max_new_tokens=3)).stats
     assert st.hit_rate == 1.0 and st.h2d_bytes == st.d2h_bytes == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# replay --json
+# --------------------------------------------------------------------------------------------------
+
+
+def test_replay_json_hit_rates_by_hand(tmp_path, capsys) -> None:
+    """One layer, cold cache, LRU. K=2: [0,1] 2 misses; [0,2] hit, miss (1 goes); [1,0] miss (2 goes), hit;
+    [2,1] miss (0 goes), hit: 3 hits of 8. K=3: 3 misses then 5 hits. Two layers of one step each count alike."""
+    import json
+
+    import numpy as np
+
+    from colab_helpers.trace import cli_main
+
+    steps = np.array([[[0, 1]], [[0, 2]], [[1, 0]], [[2, 1]]], dtype=np.int8)  # [T, L=1, k=2]
+    path = tmp_path / "hand.npz"
+    np.savez(path, hand_decode_experts=steps, num_experts=np.array(3))
+    assert cli_main([str(path), "--experts-on-device", "2,3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["2"]["lru"] == 3 / 8 and out["3"]["lru"] == 5 / 8
+    assert out["2"]["belady"] == 3 / 8  # at K=2 every eviction is forced (the step's other expert stays)
