@@ -156,3 +156,31 @@ def test_second_chat_turn_reuses_the_kv_cache_and_matches_the_reference(family) 
         check_every_forward(ref, first, log.tokens(first), label + " turn 1")
         check_every_forward(ref, second, log.tokens(), label + " turn 2")
         assert len([c for c in second if len(c[1]) == 1]) >= 5
+
+
+def test_a_turn_after_an_interrupt_mid_forward_matches_the_reference(family) -> None:
+    """Ctrl-C inside a decode forward, after the first layers appended this token's keys and before the last
+    did: the session crops every layer back to the answer kept, and the next turn computes what a fresh
+    full forward computes (a stale key left in one layer would shift its attention)."""
+    name, path, ref = family
+    model = loaded(path, 2, True, False)
+    log = ForwardLog(model)
+    decode_forwards = {"n": 0}
+
+    def interrupt_third_decode_step(module, args, kwargs) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden.shape[1] == 1:
+            decode_forwards["n"] += 1
+            if decode_forwards["n"] == 3:
+                raise KeyboardInterrupt
+
+    hook = model.model.layers[-1].register_forward_pre_hook(interrupt_third_decode_step, with_kwargs=True)
+    chat = ChatSession(model, CharTokenizer(), SamplingConfig(max_new_tokens=8))
+    first = chat.send("hello there, model")
+    hook.remove()
+    assert first.stats.stop_reason == "interrupted" and len(first.token_ids) == 3
+    before = len(log.calls)
+    chat.send("and again")
+    second = log.calls[before:]
+    assert len([c for c in second if len(c[1]) == 1]) >= 7
+    check_every_forward(ref, second, log.tokens(), f"{name} after an interrupt")
