@@ -83,3 +83,44 @@ def test_temperature_and_top_p_reach_the_sampler(sampled) -> None:
     assert any(h != greedy for h in hot)  # sampling really samples at this temperature
     assert all(sampled(temperature=1e-4, seed=s) == greedy for s in range(4))  # near-zero temperature: argmax
     assert all(sampled(temperature=1.5, top_p=1e-6, seed=s) == greedy for s in range(4))  # top-p keeps the top token
+
+
+# ---- the checkpoint reader: what it refuses ----------------------------------------------------------
+
+
+@pytest.fixture
+def broken_copy(make_checkpoint, tmp_path):
+    """A private copy of a valid 2-bit checkpoint and the file of expert 0.3 in it."""
+    import shutil
+
+    from colab_helpers.checkpoint import shard_name
+
+    dst = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint(2), dst)
+    return dst, dst / shard_name(2 + 3, 17)
+
+
+def test_a_shard_longer_than_its_header_promises_is_refused(broken_copy) -> None:
+    """Bytes after the promised data (a half-overwritten or concatenated file) are as corrupt as missing ones."""
+    from colab_helpers.checkpoint import CheckpointError
+
+    path, f = broken_copy
+    size = f.stat().st_size
+    with open(f, "ab") as out:
+        out.write(b"\0" * 8)
+    with pytest.raises(CheckpointError, match=rf"{f.name}: truncated or corrupt: {size + 8} bytes on disk"):
+        load_model(path, progress=False)
+
+
+def test_an_expert_file_with_a_tensor_too_many_is_refused(broken_copy) -> None:
+    """Expert files hold exactly their 21 tensors: an extra one means a different layout, not a bonus."""
+    from safetensors.torch import load_file, save_file
+
+    from colab_helpers.checkpoint import CheckpointError
+
+    path, f = broken_copy
+    tensors = load_file(f)
+    tensors["w4.W_q"] = torch.zeros(4, dtype=torch.uint8)
+    save_file(tensors, f)
+    with pytest.raises(CheckpointError, match=rf"{f.name}: unexpected tensors \['w4.W_q'\]"):
+        load_model(path, progress=False)
