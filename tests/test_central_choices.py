@@ -124,3 +124,17 @@ def test_an_expert_file_with_a_tensor_too_many_is_refused(broken_copy) -> None:
     save_file(tensors, f)
     with pytest.raises(CheckpointError, match=rf"{f.name}: unexpected tensors \['w4.W_q'\]"):
         load_model(path, progress=False)
+
+
+def test_attention_scratch_by_hand() -> None:
+    """The planner's attention row on a T4 (memory-efficient kernel, no GQA flag), Mixtral's shapes (32 heads,
+    8 KV heads, head dim 128, fp16), 4096 tokens: K/V expanded to 32 heads = 2 x 4096 x 32 x 128 x 2 B; the mask
+    of a 1024-token chunk after the first costs 1 + 2 x 2 B per entry (the bool mask and torch's fp16 copies,
+    as attention.py counts them), a whole-prompt prefill's only the bool one."""
+    from colab_helpers.attention import T4_CAPABILITY, choose_attention
+
+    expanded = 2 * 4096 * 32 * 128 * 2
+    chunked = choose_attention("cpu", capability=T4_CAPABILITY, prefill_chunk=1024)
+    assert chunked.scratch_bytes(4096, 32, 8, 128, 2) == expanded + 1024 * 4096 * 5
+    whole = choose_attention("cpu", capability=T4_CAPABILITY, prefill_chunk=None)
+    assert whole.scratch_bytes(4096, 32, 8, 128, 2) == expanded + 4096 * 4096

@@ -209,3 +209,29 @@ def test_replay_json_hit_rates_by_hand(tmp_path, capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     assert out["2"]["lru"] == 3 / 8 and out["3"]["lru"] == 5 / 8
     assert out["2"]["belady"] == 3 / 8  # at K=2 every eviction is forced (the step's other expert stays)
+
+
+# --------------------------------------------------------------------------------------------------
+# the chat widget's status after a turn
+# --------------------------------------------------------------------------------------------------
+
+
+def test_widget_status_says_how_many_old_turns_were_forgotten_and_the_answers_stats() -> None:
+    pytest.importorskip("ipywidgets")
+    from colab_helpers.chat import ChatUI
+    from colab_helpers.model import load_tokenizer
+    from colab_helpers.session import ChatSession
+    from colab_helpers.tiny import tiny_model_path
+
+    path = tiny_model_path()
+    model = load_model(path, experts_on_device=2, progress=False)
+    session = ChatSession(model, load_tokenizer(path), SamplingConfig(max_new_tokens=16), max_context=64)
+    ui = ChatUI(session, refresh_every=1000, refresh_seconds=60)
+    for q in ("What is 2 + 3?", "What is the capital of Spain?", "What is 5 + 6?", "What is the capital of Peru?"):
+        result = ui.send(q)
+        n = result.extra.get("dropped_turns", 0)
+        if n:
+            break
+    assert n >= 1, "the context never overflowed: the test no longer reaches the branch"
+    assert "oldest turn" in ui.status and str(n) in ui.status  # how many were forgotten, whatever the wording
+    assert stats_line(result.stats) in ui.status_line
