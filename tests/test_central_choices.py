@@ -138,3 +138,18 @@ def test_attention_scratch_by_hand() -> None:
     assert chunked.scratch_bytes(4096, 32, 8, 128, 2) == expanded + 1024 * 4096 * 5
     whole = choose_attention("cpu", capability=T4_CAPABILITY, prefill_chunk=None)
     assert whole.scratch_bytes(4096, 32, 8, 128, 2) == expanded + 4096 * 4096
+
+
+def test_the_system_prompt_prefixes_the_first_message_only() -> None:
+    """Mixtral's template has no system role: the system prompt leads the conversation's first user message,
+    where it stays as turns are added (not the latest message, which would move it every turn)."""
+    from colab_helpers.session import ChatSession, ChatTurn
+
+    chat = ChatSession(None, None, max_context=256, system_prompt="Be brief.")
+    assert chat.messages("hi") == [{"role": "user", "content": "Be brief.\n\nhi"}]
+    chat.turns = [ChatTurn("hi", "hello", "eos")]
+    assert chat.messages("and now?") == [
+        {"role": "user", "content": "Be brief.\n\nhi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and now?"},
+    ]

@@ -235,3 +235,18 @@ def test_widget_status_says_how_many_old_turns_were_forgotten_and_the_answers_st
     assert n >= 1, "the context never overflowed: the test no longer reaches the branch"
     assert "oldest turn" in ui.status and str(n) in ui.status  # how many were forgotten, whatever the wording
     assert stats_line(result.stats) in ui.status_line
+
+
+def test_replay_prefetch_precision_and_recall_by_hand() -> None:
+    """Layer 0 guesses 3 experts for layer 1 ([2, 4, 5]); layer 1 uses [2, 3] at both steps: 3 guesses, 1 right,
+    2 used per step, so precision 1/3 and recall 1/2 (with top-n = top-k the two would be equal)."""
+    import numpy as np
+
+    from colab_helpers.trace import ReplayOptions, replay
+
+    experts = np.array([[[0, 1], [2, 3]]] * 2, dtype=np.int8)  # [T=2, L=2, k=2]
+    guesses = np.full((2, 2, 1, 3), -1, dtype=np.int8)  # [T, L, d=1, n=3]
+    guesses[:, 0, 0] = [2, 4, 5]
+    s = replay(experts, "lru", 8, guesses=guesses, options=ReplayOptions(prefetch=True, num_experts=8))
+    assert (s.predicted, s.correct, s.needed) == ([0, 6], [0, 2], [0, 4])
+    assert s.precision == 1 / 3 and s.recall == 1 / 2
