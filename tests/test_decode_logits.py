@@ -191,3 +191,23 @@ def test_a_turn_after_an_interrupt_mid_forward_matches_the_reference(family) -> 
     second = log.calls[before:]
     assert len([c for c in second if len(c[1]) == 1]) >= 7
     check_every_forward(ref, second, log.tokens(), f"{name} after an interrupt")
+
+
+def test_fp16_decode_routing_is_the_routers_own_bit_for_bit(family) -> None:
+    """In fp16 (the GPU's dtype) the fused decode routing returns the router module's own experts and
+    weights exactly: softmax in fp32, renormalized where the family says (a fp16 softmax or a skipped
+    renormalization is invisible in fp32 CPU logits but not here)."""
+    from colab_helpers.moe import OffloadedMoE
+
+    name, path, _ = family
+    model = load_model(
+        path, dtype=torch.float16, experts_on_device=8, dense_on_cpu=False, progress=False, check_memory=False
+    )
+    block = next(m for m in model.modules() if isinstance(m, OffloadedMoE) and m.next_gates)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        x = torch.randn(1, model.config.hidden_size, generator=g).half()
+        weights, choice, _ = block._route_one(x)
+        _, want_w, want_e = block.gate(x)
+        assert choice == want_e.tolist(), name
+        assert torch.equal(weights.to(want_w.dtype), want_w), (name, weights, want_w)
