@@ -20,7 +20,9 @@ class Projection:
 
     @property
     def overlapped(self) -> float:
-        """Every transfer hidden behind compute: the ceiling a perfect prefetch would reach."""
+        """Copies and compute fully overlapped: 1 / max(transfer, compute). When copies dominate (every cache
+        size a T4 holds) this is compute hidden behind copies, the PCIe bound: no prefetch beats it, only
+        fewer loads do."""
         return 1.0 / max(self.transfer_s, self.compute_s)
 
     @property
