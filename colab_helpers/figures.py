@@ -110,7 +110,7 @@ def twin_table() -> str:
         lines.append(
             f"{r.configuration:<46}{r.tok_s:>7.2f}{r.loads_per_token:>13.1f}{r.demand_misses_per_token:>8.1f}"
             f"{r.speculative_per_token:>9.1f}{r.h2d_busy_ms:>8.1f}ms{r.total_ms:>6.1f}ms"
-            f"{pcie_bound_tok_s(r.loads_per_token):>9.1f}/s"
+            f"{pcie_bound_tok_s(r.loads_per_token):>10.1f}/s"
         )
     if TWIN_AUTO is None:
         lines.append(f"{'gated prefetch (auto)':<46}{'not measured yet':>21}")
@@ -152,9 +152,3 @@ def replay_table() -> str:
         lines.append(f"{policy:<11}" + "".join(f"{h:>8.3f}" for h in rates))
     lines.append(f"real Mixtral routing trace, hit rate per expert selection: {REPLAY_COMMAND} ({REPLAY_DATE})")
     return "\n".join(lines)
-
-
-# ---- Colab times: expected, never timed -----------------------------------------------------------
-
-EXPECTED_TIMES = "install about a minute, download 3-10 minutes, load 2-4 minutes"
-"""Estimates for a free Colab T4 from download size and typical Colab bandwidth; nobody has timed them."""
