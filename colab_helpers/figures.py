@@ -4,11 +4,13 @@ Notebooks print these (never a figure typed into markdown); ``tests/test_figures
 and docs quote the same checkpoint size and projected speed. Nothing here ran on a GPU: the tok/s are the
 T4 twin's projections (``python -m colab_helpers twin``, docs/benchmarks.md), the rest is arithmetic from
 the checkpoint format or a replay of the recorded routing trace (never shipped: pass its path). When a
-change moves a figure, rerun its command and update it here, with the date.
+change moves a figure, ``remeasure(TRACE)`` reruns every twin row's command and says which moved; update
+them here, with the date, and point ``PROJECTED`` at the row of the engine's default configuration.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 GB = 10**9
@@ -115,6 +117,35 @@ def twin_table() -> str:
     if TWIN_AUTO is None:
         lines.append(f"{'gated prefetch (auto)':<46}{'not measured yet':>21}")
     lines.append(f"projected, not measured: {_TWIN} [--no-prefetch | --recall R] ({TWIN_DATE})")
+    return "\n".join(lines)
+
+
+def remeasure(trace: str, run: Callable[[list[str]], str] | None = None) -> str:
+    """Rerun every twin row's command on ``trace`` and say, row by row, whether the stored figures still hold.
+
+    For whoever updates this module after an engine change (then update the rows and ``TWIN_DATE``).
+    ``run`` takes an argv and returns its stdout (default: a subprocess of this Python).
+    """
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    def default_run(argv: list[str]) -> str:
+        return subprocess.run([sys.executable, *argv[1:]], check=True, capture_output=True, text=True).stdout
+
+    run = run or default_run
+    lines = []
+    for row in twin_rows():
+        argv = [trace if a == "TRACE.npz" else a for a in shlex.split(row.command)]
+        now = json.loads(run(argv).strip().splitlines()[-1])
+        pairs = [
+            ("tok/s", row.tok_s, now["tok_s"], 0.005),
+            ("loads/token", row.loads_per_token, now["loads_per_token"], 0.05),
+            ("hit rate", row.hit_rate, now["hit_rate"], 0.0005),
+        ]
+        off = [f"{name} {old} -> {new:g}" for name, old, new, tol in pairs if abs(old - new) > tol]
+        lines.append(f"{row.configuration}: {'changed: ' + ', '.join(off) if off else 'unchanged'}")
     return "\n".join(lines)
 
 

@@ -124,3 +124,25 @@ def test_notebooks_print_speeds_from_figures_instead_of_typing_them(path: Path) 
     for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
         typed = SPEED_IN_CELL.findall(cell.source)
         assert not typed, f"{path.name} cell {i} types {typed}: print colab_helpers.figures instead"
+
+
+def test_remeasure_reruns_each_rows_command_on_the_trace_and_flags_what_moved() -> None:
+    import json
+
+    seen = []
+
+    def fake_twin(argv: list[str]) -> str:
+        seen.append(argv)
+        command = " ".join("TRACE.npz" if a == "/data/trace.npz" else a for a in argv)
+        row = next(r for r in figures.twin_rows() if r.command == command)
+        tok_s = 12.0 if "--no-prefetch" in argv else row.tok_s
+        return "report\n" + json.dumps(
+            {"tok_s": tok_s, "loads_per_token": row.loads_per_token, "hit_rate": row.hit_rate}
+        )
+
+    report = figures.remeasure("/data/trace.npz", fake_twin).splitlines()
+    assert len(seen) == len(figures.twin_rows()) and all("/data/trace.npz" in argv for argv in seen)
+    assert all(argv[:3] == ["python", "-m", "colab_helpers"] and argv[3] == "twin" for argv in seen)
+    off = report[[r.configuration for r in figures.twin_rows()].index("prefetch off")]
+    assert off == f"prefetch off: changed: tok/s {figures.TWIN_NO_PREFETCH.tok_s} -> 12"
+    assert sum(line.endswith("unchanged") for line in report) == len(report) - 1
