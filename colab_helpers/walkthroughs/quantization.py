@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -131,7 +132,7 @@ def bits_breakdown(specs: dict, shape: tuple[int, int] = (14336, 4096)) -> str:
     lines = [f"{'bits':>4} {'group':>6} {'codes':>7} {'packing':>8} {'step+zero':>10} {'meta':>7} {'total':>7}"]
     for nbits, spec in sorted(specs.items()):
         sizes = {
-            name: _numel(shape_) * torch.empty((), dtype=dt).element_size()
+            name: math.prod(shape_) * torch.empty((), dtype=dt).element_size()
             for name, (dt, shape_) in spec.tensor_specs(shape).items()
         }
         packed = bits(sizes.pop("W_q"))
@@ -142,10 +143,3 @@ def bits_breakdown(specs: dict, shape: tuple[int, int] = (14336, 4096)) -> str:
             f"{meta:>7.3f} {packed + step_zero + meta:>7.3f}"
         )
     return "\n".join(lines)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
