@@ -98,7 +98,7 @@ KEYS_JS = (
 # shows. Classic Notebook only (``Jupyter.notebook``); JupyterLab and Colab do not lose the widget.
 RERUN_LINE = (
     "The chat box did not appear (Notebook 6 loses widgets shown while the kernel was still starting): "
-    "run this cell again to show it; the conversation is kept."
+    "run this cell again to show it."
 )
 WATCH_JS = (
     "(function(el){if(!(window.Jupyter&&window.Jupyter.notebook)||(window.google&&window.google.colab)){return;}"
