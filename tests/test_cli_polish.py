@@ -188,3 +188,23 @@ def test_top_level_help_is_plain_text() -> None:
     run = _run("--help")
     assert run.returncode == 0 and "``" not in run.stdout and "python -m colab_helpers: generate" in run.stdout
     assert "record" in run.stdout
+
+
+# ---- running the tests -------------------------------------------------------------------------------
+
+
+def test_the_test_docs_say_how_long_and_every_skip_says_why() -> None:
+    import ast
+    import re
+
+    addopts = re.search(r'^addopts = "([^"]*)"', (REPO / "pyproject.toml").read_text(), re.M)
+    assert addopts and "-rs" in addopts.group(1).split(), "skipped tests must list their reasons"
+    testing = (REPO / "docs" / "testing.md").read_text()
+    assert "## Running the tests" in testing and "9 minutes on 2 CPU cores" in testing and "-rs" in testing
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("pytest.mark.skipif", "pytest.mark.skip"):
+                where = f"{path.name}:{node.lineno}"
+                assert any(k.arg == "reason" for k in node.keywords), f"{where}: a skip without a reason"
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "pytest.skip":
+                assert node.args or node.keywords, f"{path.name}:{node.lineno}: pytest.skip() without a reason"
