@@ -12,7 +12,7 @@ Where widget callbacks arrive decides how an answer can be stopped:
   mode ends the answer (``ChatSession.stop``). Cells keep running meanwhile; the expert cache's lock
   keeps the model correct, and a second message to the same conversation is refused.
 
-The way to stop is decided once, before the first answer, and kept (``stop_mode``). Deciding per click
+The way to stop is decided once, before the first answer, and kept (``ChatUI.subshell``). Deciding per click
 does not work: ipykernel 7.4 routes a comm's next message to the shell it last published from, so in
 JupyterLab the first Send after a cell touched the widget arrives on the main thread and later ones on
 the subshell, and a widget that followed the thread offered Kernel → Interrupt for one answer and a

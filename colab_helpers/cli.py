@@ -273,5 +273,5 @@ def build_parser() -> ArgumentParser:
     sub.add_parser("twin", help="T4 twin: calibrate on the paper (--paper) or project ours, any family (--model)")
     from .record import add_record_parser
 
-    add_record_parser(sub, _add_model_args)
+    add_record_parser(sub, _add_model_args, _load)
     return parser

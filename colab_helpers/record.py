@@ -10,6 +10,7 @@ reads (``docs/cache_policies.md``).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,8 +55,8 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out}: is a folder")
 
 
-def cmd_record(args: argparse.Namespace) -> int:
-    from .cli import _load
+def cmd_record(args: argparse.Namespace, load: Callable) -> int:
+    """``record``: ``load(args, chat=...)`` is the CLI's model loader (passed in: this module never imports cli)."""
     from .generation import PromptTooLongError
     from .trace import DECODE_SUFFIX, load_trace_arrays, sequence_names
 
@@ -64,7 +65,7 @@ def cmd_record(args: argparse.Namespace) -> int:
         raise UsageError("empty prompt: every prompt needs some text")
     out = Path(args.out).expanduser()
     _check_out(out)
-    model, tok = _load(args, chat=not args.raw)
+    model, tok = load(args, chat=not args.raw)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     echo = (lambda t: print(t, end="", flush=True)) if args.show else None
     try:
@@ -88,7 +89,7 @@ def cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_record_parser(sub, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_record_parser(sub, add_model_args: Callable[[argparse.ArgumentParser], None], load: Callable) -> None:
     """``record``'s arguments: prompts, --out, --raw, --show, then the model and sampling options of ``generate``."""
     r = sub.add_parser(
         "record",
@@ -102,4 +103,4 @@ def add_record_parser(sub, add_model_args: Callable[[argparse.ArgumentParser], N
     r.add_argument("--raw", action="store_true", help="no chat template: continue each prompt as plain text")
     r.add_argument("--show", action="store_true", help="also print the answers as they stream (default: quiet)")
     add_model_args(r)
-    r.set_defaults(func=cmd_record)
+    r.set_defaults(func=functools.partial(cmd_record, load=load))
