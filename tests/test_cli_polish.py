@@ -66,6 +66,29 @@ def test_a_refused_convert_creates_nothing(tmp_path, capsys, kind) -> None:
     assert not out.exists(), sorted(str(p) for p in out.rglob("*"))
 
 
+def test_a_refused_hub_source_leaves_nothing_behind(tmp_path, capsys, monkeypatch) -> None:
+    """A hub source's config is fetched into OUT/.convert/source before it can be judged: when it is refused
+    (here: already quantized), that folder goes again."""
+    folder = Path(tiny_model_path())
+    fetched: list[Path] = []
+
+    def download(repo_id, name, revision, local_dir, token):
+        target = local_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((folder / name).read_bytes())
+        fetched.append(target)
+        return target
+
+    listing = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
+    monkeypatch.setattr(cv, "_hub_listing", lambda repo_id, revision, token: ("c0ffee", listing))
+    monkeypatch.setattr(cv, "_hub_download", download)
+    out = tmp_path / "out"
+    assert cv.cli_main(["owner/tiny", str(out)]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert fetched and fetched[0].is_relative_to(out), "the config really went into the output folder first"
+    assert not out.exists()
+
+
 def test_a_refused_convert_keeps_an_existing_output_folder(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()
