@@ -404,8 +404,8 @@ def _double_click_send(nb: Notebook) -> None:
 
 
 def _check_mode(nb: Notebook) -> None:
-    """During an answer: JupyterLab delivers clicks on a subshell (after the first one; see chat.py), so a
-    Stop button and a note saying so; Notebook 6 runs them on the main thread, so the interrupt note."""
+    """During an answer: JupyterLab has kernel subshells, so every answer runs on a worker with a Stop button and a
+    note saying so (decided once, see chat.py); Notebook 6 runs clicks on the main thread, so the interrupt note."""
     if nb.kind == "lab":
         assert nb.button("Stop").is_visible() and nb.button("Stop").is_enabled(), nb.note()
         assert "Stop ends an answer early" in nb.note()
