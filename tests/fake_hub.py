@@ -51,6 +51,10 @@ class Request:
     range: str | None
 
 
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 @dataclass
 class Repo:
     files: dict[str, bytes]
@@ -62,7 +66,7 @@ class Repo:
         data = self.files[name]
         if name.endswith(LFS_SUFFIXES):
             return hashlib.sha256(data).hexdigest()
-        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        return git_blob_id(data)
 
 
 @dataclass
@@ -218,12 +222,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _entry(self, repo: Repo, name: str, tree: bool = False) -> dict:
         data = repo.files[name]
         lfs = None
+        blob_id = git_blob_id(data)  # as on the hub: the git object id of the file (of its pointer, for LFS)
         if name.endswith(LFS_SUFFIXES):
             lfs = {"sha256": repo.etag(name), "size": len(data), "pointerSize": 134}
+            blob_id = git_blob_id(f"version https://git-lfs.github.com/spec/v1\noid sha256:{lfs['sha256']}\n".encode())
         if tree:
-            out = {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+            out = {"type": "file", "path": name, "size": len(data), "oid": blob_id}
             return out | ({"lfs": {"oid": lfs["sha256"], "size": len(data), "pointerSize": 134}} if lfs else {})
-        out = {"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest()}
+        out = {"rfilename": name, "size": len(data), "blobId": blob_id}
         return out | ({"lfs": lfs} if lfs else {})
 
     def _resolve(self, repo_id: str, rev: str, name: str, body: bool) -> None:
