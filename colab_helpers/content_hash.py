@@ -87,9 +87,11 @@ def file_matches(path: Path, etag: str | None, size: int | None, block: int = BL
     return digest.matches()
 
 
-def header_ok(path: Path) -> bool:
-    """A .safetensors file's header parses (8-byte length, then a JSON object that fits the file)."""
-    if path.suffix != ".safetensors":
+def header_ok(path: Path, name: str = "") -> bool:
+    """A .safetensors file's header parses (8-byte length, then a JSON object that fits the file).
+
+    ``name`` is the file's name in the repo (a hub-cache blob is named by its hash)."""
+    if not (name or path.name).endswith(".safetensors"):
         return True
     try:
         with open(path, "rb") as f:
@@ -136,7 +138,7 @@ class Stamp:
             return None
 
 
-def verified(path: Path, etag: str | None, size: int | None, stamp: Path, commit: str = "") -> bool:
+def verified(path: Path, etag: str | None, size: int | None, stamp: Path, commit: str = "", name: str = "") -> bool:
     """``path`` holds the hub's bytes for ``etag``: trusted from a fresh stamp, else rehashed (and stamped).
 
     A stamp of other content with the file unchanged since is a quick no; a safetensors header that
@@ -153,7 +155,7 @@ def verified(path: Path, etag: str | None, size: int | None, stamp: Path, commit
     if known is not None and known.fresh(path):
         if known.etag != etag:
             return False
-        if header_ok(path):
+        if header_ok(path, name):
             return True
     if not file_matches(path, etag, size):
         return False

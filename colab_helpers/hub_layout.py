@@ -137,7 +137,7 @@ class Layout:
         """
         if f.size is None:
             return False
-        return verified(self.final(listing, f), f.etag, f.size, self.stamp(listing, f), listing.commit)
+        return verified(self.final(listing, f), f.etag, f.size, self.stamp(listing, f), listing.commit, f.name)
 
     def link(self, listing: RemoteListing, f: RemoteFile) -> None:
         """Cache only: ``snapshots/<commit>/<name>`` points at the blob (a copy where links are not allowed)."""
@@ -216,7 +216,9 @@ class Layout:
         files = record.get("files", {})
         commit = record.get("commit", "")
         return bool(files) and all(
-            verified(self.root / name, meta.get("etag"), meta.get("size"), self.root / OURS / "verified" / name, commit)
+            verified(
+                self.root / name, meta.get("etag"), meta.get("size"), self.root / OURS / "verified" / name, commit, name
+            )
             for name, meta in files.items()
         )
 
@@ -229,7 +231,8 @@ class Layout:
             if algorithm(etag) is None:
                 continue  # named per commit: the hub gave no id to check
             stamp = self.root / ".colab_helpers" / "verified" / etag
-            if not verified(blob, etag, blob.stat().st_size if blob.is_file() else None, stamp, commit):
+            size = blob.stat().st_size if blob.is_file() else None
+            if not verified(blob, etag, size, stamp, commit, pointer.name):
                 return False
         return True
 

@@ -171,7 +171,7 @@ class FileJob:
         """The final file is there and verified (a fresh stamp, else rehashed)."""
         if self.stamp is None:
             return self.size is not None and self.final.is_file() and self.final.stat().st_size == self.size
-        return verified(self.final, self.etag, self.size, self.stamp, self.commit)
+        return verified(self.final, self.etag, self.size, self.stamp, self.commit, self.name)
 
     def on_disk(self) -> int:
         try:
