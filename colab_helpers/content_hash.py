@@ -138,6 +138,12 @@ class Stamp:
             return None
 
 
+def stamped(path: Path, etag: str | None, stamp: Path) -> bool:
+    """A fresh stamp of ``etag`` (or nothing to check): ``verified`` will not need to read the file."""
+    known = Stamp.read(stamp) if algorithm(etag) is not None else None
+    return algorithm(etag) is None or (known is not None and known.etag == etag and known.fresh(path))
+
+
 def verified(path: Path, etag: str | None, size: int | None, stamp: Path, commit: str = "", name: str = "") -> bool:
     """``path`` holds the hub's bytes for ``etag``: trusted from a fresh stamp, else rehashed (and stamped).
 

@@ -237,6 +237,11 @@ def _fetch(listing: RemoteListing, layout: Layout, token: str | None, net: NetCo
     from huggingface_hub.utils import build_hf_headers
 
     layout.remember(listing)
+    if unchecked := layout.unchecked(listing):
+        say(
+            f"hub: checking {len(unchecked)} files already on disk against the hub's hashes "
+            f"({sum(f.size or 0 for f in unchecked) / 1e9:.2f} GB; once, later runs trust their stamps) ..."
+        )
     todo = [f for f in listing.files if not layout.complete(listing, f)]
     unique = {layout.partial(listing, f): f for f in todo}  # files with the same content share one blob
     jobs = [

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .content_hash import algorithm, verified
+from .content_hash import algorithm, stamped, verified
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 OURS = Path(".cache") / "colab_helpers"  # in a folder: partial files, locks, stamps, the record
@@ -138,6 +138,14 @@ class Layout:
         if f.size is None:
             return False
         return verified(self.final(listing, f), f.etag, f.size, self.stamp(listing, f), listing.commit, f.name)
+
+    def unchecked(self, listing: RemoteListing) -> list[RemoteFile]:
+        """Files on disk that ``complete`` must hash first (no fresh stamp: an earlier version, or changed)."""
+        return [
+            f
+            for f in listing.files
+            if self.final(listing, f).is_file() and not stamped(self.final(listing, f), f.etag, self.stamp(listing, f))
+        ]
 
     def link(self, listing: RemoteListing, f: RemoteFile) -> None:
         """Cache only: ``snapshots/<commit>/<name>`` points at the blob (a copy where links are not allowed)."""

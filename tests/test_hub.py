@@ -579,6 +579,21 @@ def test_a_damaged_header_is_repaired_even_with_size_and_mtime_unchanged(fake, t
 
 
 @LAYOUTS
+def test_files_without_stamps_are_hashed_once_then_trusted(fake, tmp_path, capsys, local):
+    path = fetch(**folder_kw(tmp_path, local))
+    stamps = tmp_path / "ckpt" / OURS / "verified" if local else path.parents[1] / ".colab_helpers" / "verified"
+    assert len(list(stamps.rglob("*"))) == len(list(TINY_MODEL_DIR.iterdir()))  # one per verified file
+    for stamp in stamps.iterdir():
+        stamp.unlink()  # as a folder from an earlier version of this package
+    capsys.readouterr()
+    assert_identical(fetch(**folder_kw(tmp_path, local)))
+    assert f"checking {len(list(TINY_MODEL_DIR.iterdir()))} files already on disk" in capsys.readouterr().err
+    assert_identical(fetch(**folder_kw(tmp_path, local)))
+    assert "checking" not in capsys.readouterr().err  # stamped now: not read again
+    assert len(file_gets(fake)) == len(list(TINY_MODEL_DIR.iterdir()))  # nothing fetched twice
+
+
+@LAYOUTS
 def test_a_damaged_file_is_not_used_offline(fake, tmp_path, local):
     fetch(**folder_kw(tmp_path, local))
     damage(stored(fake, tmp_path, local, SHARD))
