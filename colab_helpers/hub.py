@@ -462,7 +462,7 @@ def _message(err: Exception, repo_id: str, revision: str, target: Path) -> tuple
 
 
 _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
-_ELSEWHERE = "pass local_dir= (CLI: set HF_HUB_CACHE=<folder>) on another disk, or set HF_HUB_CACHE for the hub cache"
+_ELSEWHERE = "download to another folder: set HF_HUB_CACHE=<folder> (or pass download(local_dir=...))"
 
 
 def _disk_message(err: OSError, repo_id: str, target: Path) -> str:
@@ -477,9 +477,9 @@ def _disk_message(err: OSError, repo_id: str, target: Path) -> str:
         )
     if err.errno == errno.EFBIG:
         return (
-            f"{path}: the file system refuses a file this big (EFBIG: a FAT/exFAT disk stops at 4 GB, or a "
-            f"ulimit -f is set) while downloading {repo_id}. Use a disk formatted ext4/NTFS/APFS or lift the "
-            f"limit: {_ELSEWHERE}. {kept}"
+            f"{path}: the file system refuses a file this big (EFBIG: FAT/exFAT stop at 4 GB, or a ulimit -f is "
+            f"set) while downloading {repo_id}. Lift the limit, or {_ELSEWHERE} on a disk formatted "
+            f"ext4/NTFS/APFS. {kept}"
         )
     if err.errno == errno.EROFS:
         return f"{path}: the file system is read-only, so {repo_id} cannot be downloaded there; {_ELSEWHERE}."
