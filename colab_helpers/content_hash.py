@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,7 +127,7 @@ class Stamp:
 
     def write(self, where: Path) -> None:
         where.parent.mkdir(parents=True, exist_ok=True)
-        tmp = where.with_name(f"{where.name}.{os.getpid()}.tmp")
+        tmp = where.with_name(f"{where.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(asdict(self)))
         os.replace(tmp, where)
 
