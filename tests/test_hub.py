@@ -649,9 +649,20 @@ def test_retry_after_is_honoured(fake, capsys, where):
     assert ("retry in 1 s" if where == "file" else "try 2 of 3 in 1 s") in capsys.readouterr().err
 
 
-def test_retry_after_is_capped():
+def test_retry_after_is_capped_and_read_as_seconds_or_a_date():
+    from email.utils import formatdate
+
+    from colab_helpers.transfer import retry_after_s
+
     net = NetConfig(first_wait_s=1, max_wait_s=30)
     assert net.wait_s(1, 10) == 10 and net.wait_s(1, 600) == 30 and net.wait_s(3, None) == 4
+
+    def answer(value: str) -> SimpleNamespace:
+        return SimpleNamespace(response=SimpleNamespace(headers={"Retry-After": value}))
+
+    assert retry_after_s(answer("7")) == 7
+    assert 8 <= retry_after_s(answer(formatdate(time.time() + 10, usegmt=True))) <= 10
+    assert retry_after_s(answer("soon")) is None and retry_after_s(ConnectionResetError()) is None
 
 
 # ---- one commit per folder: the repo's main moves ----------------------------------------------------------
