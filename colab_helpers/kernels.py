@@ -116,31 +116,41 @@ def warm_up(
     gemv=None,
     expert=None,
 ) -> int:
-    """Compile the decode kernels for each distinct weight geometry now (at load), not on the first token.
+    """Compile, now (at load), every Triton variant that decode and a short prefill launch.
 
-    Single-row launches on zeros: ``triton_gemv`` for each (spec, shape) of ``linears`` (attention),
-    ``fused_expert`` (first and accumulating call) for each geometry of ``experts``. Returns how many
-    geometries were compiled; 0 where the fused path is off (no CUDA, no Triton, or disabled).
-    ``gemv``/``expert`` are test seams. A compile or launch failure switches the fused kernels off
-    with the same warning as at run time.
+    Triton compiles one variant per *specialization key*: argument dtypes, constexprs, which integer
+    arguments equal 1 or are divisible by 16, and which pointers are 16-byte aligned. Decode and a
+    prefill of up to ``MAX_GEMV_ROWS`` tokens per expert vary only the row count (1 is its own variant,
+    and the rows decide whether a launch splits the input dimension, which makes its output fp32), so
+    ``triton_gemv`` is launched at every row count 1..``MAX_GEMV_ROWS`` for each (spec, shape) of
+    ``linears`` (attention) and of the expert matrices (a short prompt routes a few tokens per expert
+    through it), and ``fused_expert`` (first and accumulating call) at one row for each expert
+    geometry. The routing coefficient decode passes (``coefs[i]``, a 0-d view 2 bytes into its vector)
+    is not specialized on its alignment (``_DOWN``). ``tests/test_warm_up_keys.py`` lists the keys a
+    decode and a 3-token prefill hit and checks this covers them.
+
+    Returns how many geometries were compiled; 0 where the fused path is off (no CUDA, no Triton, or
+    disabled). ``gemv``/``expert`` are test seams. A compile or launch failure switches the fused
+    kernels off with the same warning as at run time.
     """
     dev = torch.device(device)
     if gemv is None or expert is None:
         if not (HAS_TRITON and _fused_enabled and dev.type == "cuda"):
             return 0
         gemv, expert = gemv or triton_gemv, expert or fused_expert
-    shapes: dict[tuple, QuantizedWeight] = {}
-    for w in linears:
-        shapes.setdefault((w.spec, tuple(w.shape)), w)
     mlps: dict[tuple, dict[str, QuantizedWeight]] = {}
     for w in experts:
         mlps.setdefault(tuple((k, v.spec, tuple(v.shape)) for k, v in sorted(w.items())), w)
+    shapes: dict[tuple, QuantizedWeight] = {}
+    for w in [*linears, *(v for mlp in mlps.values() for _, v in sorted(mlp.items()))]:
+        shapes.setdefault((w.spec, tuple(w.shape)), w)
     if progress:
         n = len(shapes) + len(mlps)
         print(f"compiling fused low-bit kernels for {n} weight shapes...", file=sys.stderr, flush=True)
     for w in shapes.values():
-        if _fused_or_none(gemv, (torch.zeros(1, w.shape[1], dtype=dtype, device=dev), w)) is None:
-            return 0
+        for rows in range(1, MAX_GEMV_ROWS + 1):
+            if _fused_or_none(gemv, (torch.zeros(rows, w.shape[1], dtype=dtype, device=dev), w)) is None:
+                return 0
     for w in mlps.values():
         x = torch.zeros(1, w["w1"].shape[1], dtype=dtype, device=dev)
         coef = torch.zeros((), dtype=dtype, device=dev)
@@ -360,7 +370,41 @@ def _gemv_kernel(
     tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-_KERNEL = triton.jit(_gemv_kernel) if HAS_TRITON else None  # interpreted iff TRITON_INTERPRET was set first
+# pointers whose alignment may vary between launches and must not make a new variant: 0-d scalars read
+# once per program (decode's coefficient ``coefs[i]`` sits at any 2-byte offset)
+_NO_ALIGNMENT = {
+    "_gemv_kernel": ("zs_ptr", "zz_ptr"),
+    "_gate_up_kernel": ("a_zs", "a_zz", "b_zs", "b_zz"),
+    "_down_kernel": ("zs_ptr", "zz_ptr", "coef_ptr"),
+}
+# interpreted iff TRITON_INTERPRET was set first
+_KERNEL = triton.jit(_gemv_kernel, do_not_specialize_on_alignment=_NO_ALIGNMENT["_gemv_kernel"]) if HAS_TRITON else None
+
+
+def _launch(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+    """``kernel[grid](*args, **kwargs)``: every Triton launch goes through here (a test seam: the keys)."""
+    kernel[grid](*args, **kwargs)
+
+
+def specialization_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """The key Triton compiles one variant of ``kernel`` per, for these arguments (its own binder on the
+    kernel's parameters: dtypes, constexprs, ints equal to 1 or divisible by 16, 16-byte aligned
+    pointers, launch options). Needs no GPU; used by tests to check ``warm_up`` covers every launch."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    fn = getattr(kernel, "fn", kernel)
+    while hasattr(fn, "fn"):  # an interpreted function wraps the python function
+        fn = fn.fn
+    jit = _KEY_FUNCTIONS.get(fn)
+    if jit is None:
+        dns_oa = _NO_ALIGNMENT.get(fn.__name__, ())
+        jit = _KEY_FUNCTIONS[fn] = JITFunction(fn, do_not_specialize_on_alignment=dns_oa)
+    _, spec, options = create_function_from_signature(jit.signature, jit.params, BaseBackend)(*args, **kwargs)
+    return (fn.__name__, tuple(tuple(x) for x in spec), tuple(sorted(options.items())))
+
+
+_KEY_FUNCTIONS: dict = {}
 
 
 def triton_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | None = None) -> torch.Tensor:
@@ -385,16 +429,9 @@ def triton_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | N
         plan = make_plan(weight.spec, tuple(weight.shape), rows, config)
     y = torch.empty(plan.split, rows, out_f, dtype=x.dtype if plan.split == 1 else torch.float32, device=x.device)
     tensors = (weight.W_q, weight.scale_q, weight.scale_scale, weight.scale_zero, weight.zero_q)
+    args = (x2, *(t.contiguous() for t in tensors), weight.zero_scale, weight.zero_zero, y, *plan.ints)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # triton uses the current device
-        _KERNEL[plan.grid](
-            x2,
-            *(t.contiguous() for t in tensors),
-            weight.zero_scale,
-            weight.zero_zero,
-            y,
-            *plan.ints,
-            **plan.constants,
-        )
+        _launch(_KERNEL, plan.grid, args, plan.constants)
     y = y[0] if plan.split == 1 else y.sum(0).to(x.dtype)
     return y.reshape(*x.shape[:-1], out_f)
 
@@ -520,8 +557,10 @@ def _down_kernel(
 
 if HAS_TRITON:  # the kernels call it by this global name, so it must be a jit function itself
     _tile_update = triton.jit(_tile_update)
-_GATE_UP = triton.jit(_gate_up_kernel) if HAS_TRITON else None
-_DOWN = triton.jit(_down_kernel) if HAS_TRITON else None
+_GATE_UP = (
+    triton.jit(_gate_up_kernel, do_not_specialize_on_alignment=_NO_ALIGNMENT["_gate_up_kernel"]) if HAS_TRITON else None
+)
+_DOWN = triton.jit(_down_kernel, do_not_specialize_on_alignment=_NO_ALIGNMENT["_down_kernel"]) if HAS_TRITON else None
 
 
 def _weight_args(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
@@ -550,7 +589,7 @@ def triton_expert_gate_up(
     if rows == 0:
         return h
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _GATE_UP[plan.grid](x2, *_weight_args(w1), *_weight_args(w3), h, *plan.ints, **plan.constants)
+        _launch(_GATE_UP, plan.grid, (x2, *_weight_args(w1), *_weight_args(w3), h, *plan.ints), plan.constants)
     return h
 
 
@@ -586,16 +625,8 @@ def triton_expert_down(
     if rows == 0:
         return out
     with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
-        _DOWN[plan.grid](
-            h.contiguous(),
-            *_weight_args(w2),
-            coef,
-            out,
-            *plan.ints,
-            H_SPLIT=splits,
-            ACCUMULATE=accumulate,
-            **plan.constants,
-        )
+        args = (h.contiguous(), *_weight_args(w2), coef, out, *plan.ints)
+        _launch(_DOWN, plan.grid, args, dict(H_SPLIT=splits, ACCUMULATE=accumulate, **plan.constants))
     return out
 
 

@@ -91,7 +91,7 @@ def test_warm_up_compiles_each_weight_geometry_once_with_a_progress_line(capsys)
 
     def gemv(x, weight):
         calls.append(("gemv", tuple(x.shape), x.dtype))
-        return x.new_zeros(1, weight.shape[0])
+        return x.new_zeros(x.shape[0], weight.shape[0])
 
     def expert(x, ws, coef, out=None):
         calls.append(("expert", tuple(x.shape), out is not None))  # first and accumulating launch
@@ -99,8 +99,9 @@ def test_warm_up_compiles_each_weight_geometry_once_with_a_progress_line(capsys)
 
     mlp = {"w1": w, "w3": w, "w2": other}
     n = kernels.warm_up([w, other], [mlp, dict(mlp)], torch.float16, "cpu", gemv=gemv, expert=expert)
-    assert n == 2
-    assert calls == [("gemv", (1, 256), torch.float16), ("expert", (1, 256), False), ("expert", (1, 256), True)]
+    assert n == 2  # one matrix geometry (attention and experts share it here), one expert geometry
+    rows = [("gemv", (r, 256), torch.float16) for r in range(1, kernels.MAX_GEMV_ROWS + 1)]  # decode + short prefill
+    assert calls == [*rows, ("expert", (1, 256), False), ("expert", (1, 256), True)]
     assert "compiling fused low-bit kernels" in capsys.readouterr().err
     assert kernels.warm_up([w], [mlp], torch.float16, "cpu") == 0  # no GPU: nothing to compile
 
