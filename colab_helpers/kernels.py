@@ -376,6 +376,7 @@ _NO_ALIGNMENT = {
     "_gemv_kernel": ("zs_ptr", "zz_ptr"),
     "_gate_up_kernel": ("a_zs", "a_zz", "b_zs", "b_zz"),
     "_down_kernel": ("zs_ptr", "zz_ptr", "coef_ptr"),
+    "_dequant_kernel": ("zs_ptr", "zz_ptr"),
 }
 # interpreted iff TRITON_INTERPRET was set first
 _KERNEL = triton.jit(_gemv_kernel, do_not_specialize_on_alignment=_NO_ALIGNMENT["_gemv_kernel"]) if HAS_TRITON else None
@@ -630,6 +631,92 @@ def triton_expert_down(
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# dequantize a whole matrix in one launch (prefill: dequantize + matmul)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dequant_kernel(
+    wq_ptr, sq_ptr, ss_ptr, sz_ptr, zq_ptr, zs_ptr, zz_ptr,  # the weight's seven tensors
+    out_ptr,  # [g, M] the grid of W (row-major W[out, in]), in the output dtype
+    num_groups, scale_cols,
+    NBITS: tl.constexpr, GROUP: tl.constexpr, PACKED_ROWS: tl.constexpr, P_PAD: tl.constexpr,
+    PER_WORD: tl.constexpr, PER_WORD_PAD: tl.constexpr, TOP_SHIFT: tl.constexpr, BLOCK_J: tl.constexpr,
+):  # fmt: skip
+    """One program per ``BLOCK_J`` grid columns: every code of them, ``(q - zero) * step`` in fp16 op for op as
+    ``QuantizedWeight.dequantize`` (and ``_gemv_kernel``), stored row by row (coalesced along the columns)."""
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = j < num_groups
+    sj = j % scale_cols
+    step = (tl.load(sq_ptr + j, mask=j_ok, other=0).to(tl.float16) - tl.load(sz_ptr + sj, mask=j_ok, other=0.0)) * (
+        tl.load(ss_ptr + sj, mask=j_ok, other=0.0)
+    )
+    zero = (tl.load(zq_ptr + j, mask=j_ok, other=0).to(tl.float16) - tl.load(zz_ptr)) * tl.load(zs_ptr)
+    k = tl.arange(0, PER_WORD_PAD)
+    p = tl.arange(0, P_PAD)
+    shift = tl.maximum(TOP_SHIFT - k * NBITS, 0)[:, None, None]
+    words = tl.load(
+        wq_ptr + p[:, None] * num_groups + j[None, :], mask=(p < PACKED_ROWS)[:, None] & j_ok[None, :], other=0
+    )
+    codes = ((words.to(tl.int32)[None, :, :] >> shift) & ((1 << NBITS) - 1)) | 0x6400
+    q = codes.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    w = (q - zero[None, None, :]) * step[None, None, :]
+    i = k[:, None] * PACKED_ROWS + p[None, :]  # grid row of (code slot, packed row)
+    ok = (k[:, None] < PER_WORD) & (p < PACKED_ROWS)[None, :] & (i < GROUP)
+    dst = out_ptr + i[:, :, None] * num_groups + j[None, None, :]
+    tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=ok[:, :, None] & j_ok[None, None, :])
+
+
+_DEQUANT = (
+    triton.jit(_dequant_kernel, do_not_specialize_on_alignment=_NO_ALIGNMENT["_dequant_kernel"]) if HAS_TRITON else None
+)
+_DEQUANT_SLOTS = 4096  # grid values one program dequantizes (codes per word x packed rows x columns)
+
+
+def triton_dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``weight.dequantize(dtype)`` in one launch, bit for bit (fp16 arithmetic, then cast); same devices
+    and conditions as ``triton_gemv``."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    spec = weight.spec
+    geo = Geometry.of(spec, tuple(weight.shape))
+    m = spec.num_groups(tuple(weight.shape))
+    if spec.group_size * m >= 2**31:
+        raise ValueError(f"weight {list(weight.shape)} too large for the kernel's 32-bit offsets")
+    out = torch.empty(spec.group_size, m, dtype=dtype, device=weight.W_q.device)
+    p_pad, k_pad = _pow2(geo.packed_rows), _pow2(geo.codes_per_word)
+    block_j = max(16, _DEQUANT_SLOTS // (p_pad * k_pad))
+    constants = dict(
+        NBITS=geo.nbits,
+        GROUP=geo.group_size,
+        PACKED_ROWS=geo.packed_rows,
+        P_PAD=p_pad,
+        PER_WORD=geo.codes_per_word,
+        PER_WORD_PAD=k_pad,
+        TOP_SHIFT=geo.top_shift,
+        BLOCK_J=block_j,
+    )
+    args = (*(t.contiguous() for t in _weight_args(weight)), out, m, m // spec.scale_group_size)
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _launch(_DEQUANT, (math.ceil(m / block_j),), args, constants)
+    return out.view(weight.shape)
+
+
+def use_fused_dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether ``QuantizedWeight.dequantize`` takes the one-launch Triton path: CUDA, Triton, fp16/fp32."""
+    return HAS_TRITON and _fused_enabled and weight.W_q.is_cuda and would_use_fused_dequantize(weight, dtype)
+
+
+def would_use_fused_dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """The device-independent half of ``use_fused_dequantize`` (``dispatch_count``'s CUDA-like counting)."""
+    return dtype in FUSED_DTYPES
+
+
+def reference_dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """What ``triton_dequantize`` computes: the torch path of ``QuantizedWeight.dequantize``."""
+    return weight.dequantize_blocks(dtype)
+
+
 def reference_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | None = None) -> torch.Tensor:
     """What ``triton_gemv`` computes, in torch (the kernel tests' and ``dispatch_count``'s stand-in)."""
     return dequantized_linear(x, weight)
@@ -663,9 +750,11 @@ FUSED_LAUNCHES: dict[str, int] = {  # triton_gemv: +2 (sum, cast) when a plan sp
     "triton_gemv": 1,
     "triton_expert_gate_up": 1,
     "triton_expert_down": 1,
+    "triton_dequantize": 1,
 }
 REFERENCES = {
     "triton_gemv": reference_gemv,
     "triton_expert_gate_up": reference_expert_gate_up,
     "triton_expert_down": reference_expert_down,
+    "triton_dequantize": reference_dequantize,
 }

@@ -212,8 +212,20 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """``W[out, in]``; float16 arithmetic (bit-exact with hqq), then cast to ``dtype``.
 
-        Written block by block of ``DEQUANT_BLOCK`` codes into the output, so the scratch beyond the
-        result stays ~10 bytes x the block (measured by ``tests/test_quant.py`` with
+        On CUDA one Triton launch (``kernels.triton_dequantize``, the same fp16 ops, no scratch beyond
+        the result); elsewhere, or without Triton, ``dequantize_blocks``.
+        """
+        from . import kernels  # kernels imports this module: looked up when called
+
+        if kernels.use_fused_dequantize(self, dtype):
+            out = kernels._fused_or_none(kernels.triton_dequantize, (self, dtype), "fused dequantize")
+            if out is not None:
+                return out
+        return self.dequantize_blocks(dtype)
+
+    def dequantize_blocks(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """``dequantize`` in torch ops: written block by block of ``DEQUANT_BLOCK`` codes into the output, so
+        the scratch beyond the result stays ~10 bytes x the block (measured by ``tests/test_quant.py`` with
         ``memtrack.TensorMemoryTracker``) instead of ~8 bytes x the whole matrix: the planner counts it.
         """
         step, zero = self.step_and_zero()
