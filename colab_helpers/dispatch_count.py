@@ -70,7 +70,7 @@ _NO_KERNEL = {
 # methods whose CPU implementation never reaches dispatch but which read device data on CUDA
 _PATCHED_METHODS = ("tolist", "cpu", "numpy")
 # ``torch.tensor(data, device=...)``: host data uploaded from pageable memory, a stream sync on CUDA
-# (counted as a sync named ``sync:tensor_upload``)
+# (counted, with ``uploads=True``, as a sync named ``sync:tensor_upload``)
 
 
 @dataclass
@@ -130,8 +130,9 @@ class _Mode(TorchDispatchMode):
 class OpCounter:
     """Tallies per named scope (``"other"`` unless inside ``scope(...)``); ``total`` sums them."""
 
-    def __init__(self, cuda_like: bool = False) -> None:
+    def __init__(self, cuda_like: bool = False, uploads: bool = False) -> None:
         self.cuda_like = cuda_like
+        self.uploads = uploads
         self.scopes: dict[str, Tally] = {}
         self._stack: list[str] = ["other"]
         self._muted = 0
@@ -182,7 +183,8 @@ class OpCounter:
         with contextlib.ExitStack() as stack:
             for method in _PATCHED_METHODS:
                 stack.enter_context(_patched(torch.Tensor, method, self._host_read(method)))
-            stack.enter_context(_module_patched(torch, "tensor", self._upload(torch.tensor)))
+            if self.uploads:
+                stack.enter_context(_module_patched(torch, "tensor", self._upload(torch.tensor)))
             for patch in _engine_patches(self):
                 stack.enter_context(patch)
             stack.enter_context(_Mode(self))
@@ -286,9 +288,10 @@ def _module_patched(module, name: str, value) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def count_ops(cuda_like: bool = False) -> Iterator[OpCounter]:
-    """Count syncs, launches and copies of the block: ``with count_ops() as c: ...; c.total``."""
-    counter = OpCounter(cuda_like)
+def count_ops(cuda_like: bool = False, uploads: bool = False) -> Iterator[OpCounter]:
+    """Count syncs, launches and copies of the block: ``with count_ops() as c: ...; c.total``; with
+    ``uploads`` also ``torch.tensor(data, device=...)`` as a sync."""
+    counter = OpCounter(cuda_like, uploads)
     with counter.recording():
         yield counter
 
@@ -401,10 +404,11 @@ class PrefillCounts:
 
 
 def count_prefill(model, input_ids: torch.Tensor, cuda_like: bool = True) -> PrefillCounts:
-    """Count one forward of the whole prompt ``input_ids`` (a prefill chunk), MoE blocks in their own scope."""
+    """Count one forward of the whole prompt ``input_ids`` (a prefill chunk), MoE blocks in their own scope;
+    list uploads (``torch.tensor(data, device=...)``) count as syncs."""
     from .moe import OffloadedMoE
 
-    counter = OpCounter(cuda_like)
+    counter = OpCounter(cuda_like, uploads=True)
     blocks = [m for m in model.modules() if isinstance(m, OffloadedMoE)]
     hooks = _moe_scope_hooks(blocks, counter)
     try:

@@ -477,11 +477,11 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
     """
     import psutil
     import torch
-    from transformers import DynamicCache
 
     from colab_helpers.checkpoint import QuantConfig
     from colab_helpers.generation import _kv_cache_kwarg
     from colab_helpers.generation import prefill as prefill_in_chunks
+    from colab_helpers.kv_cache import new_kv_cache
     from colab_helpers.planner import Budget, Margins, measure_budget, plan_memory
     from colab_helpers.synthetic import mixtral_8x7b_config, smoke_config
 
@@ -555,7 +555,7 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
     start, oom = time.perf_counter(), None
     try:
         with torch.no_grad():  # the path a chat turn takes: generate_stream prefills in the attention path's
-            kv = DynamicCache(config=model.config)  # chunks (generation.prefill), then generate adds a token
+            kv = new_kv_cache(model, prefill + 1)  # chunks (generation.prefill), then generate adds a token
             prefill_in_chunks(model, ids, kv, model.attention_path.prefill_chunk or prefill)
             model.generate(ids, max_new_tokens=1, do_sample=False, **{_kv_cache_kwarg(model): kv})
         if cuda:
