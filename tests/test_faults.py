@@ -172,6 +172,25 @@ def test_pinning_registers_the_exact_size_once() -> None:
     assert fake.registered == {}  # unregistered when freed
 
 
+def test_unpinning_waits_for_the_copies_of_the_caches_own_device(monkeypatch) -> None:
+    """With several GPUs the finalizer may run while another device is current: it synchronizes the device
+    whose copies use the buffer (the expert cache's), before unregistering."""
+    fake, order = FakeCudart(), []
+    monkeypatch.setattr(pinning, "_wait_for_copies", lambda device: order.append(("sync", device)))
+    unregister = fake.cudaHostUnregister
+    fake.cudaHostUnregister = lambda ptr: (order.append(("unregister", ptr)), unregister(ptr))[1]
+    buf = pinning.pinned_host_buffer(3, 1000, cudart=fake, device=torch.device("cuda:1"))
+    base = buf.data_ptr()
+    pinning.release(buf)
+    assert order == [("sync", torch.device("cuda:1")), ("unregister", base)] and fake.registered == {}
+    seen = {}
+    monkeypatch.setattr(pinning, "pinned_host_buffer", lambda rows, nbytes, **kw: seen.update(kw))
+    from colab_helpers.experts import host_buffer
+
+    host_buffer(2, 64, pin=True, device=torch.device("cuda:1"))  # what ExpertCache passes: its own device
+    assert seen == {"device": torch.device("cuda:1")}
+
+
 def test_a_refused_registration_clears_the_error_and_pins_in_chunks(monkeypatch) -> None:
     monkeypatch.setattr(pinning, "PIN_CHUNK", 3000)
     fake = FakeCudart(limit=3000)
