@@ -14,7 +14,9 @@ from colab_helpers import kernels
 from colab_helpers.quant import DEMO_ATTENTION_SPEC, DEMO_EXPERT_SPEC
 from tests.test_kernels import DEVICE, SPECS, TINY_SHAPES, interpreter_results, on_device, random_weight
 
+pytestmark = pytest.mark.gpu_kernels  # gpu_check runs these on CUDA too
 pytest.importorskip("triton")
+
 CASES = [(spec, shape, dtype) for spec in SPECS for shape in TINY_SHAPES for dtype in (torch.float16, torch.float32)]
 
 

@@ -17,7 +17,9 @@ from colab_helpers.model import load_model
 from colab_helpers.moe import OffloadedMoE
 from colab_helpers.tiny import tiny_model_path
 
+pytestmark = pytest.mark.gpu_kernels  # gpu_check runs these on CUDA too
 pytest.importorskip("triton")
+
 FUSED = ("triton_gemv", "triton_expert_gate_up", "triton_expert_down")
 
 
