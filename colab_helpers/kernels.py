@@ -115,8 +115,9 @@ def warm_up(
     progress: bool = True,
     gemv=None,
     expert=None,
+    dequant=None,
 ) -> int:
-    """Compile, now (at load), every Triton variant that decode and a short prefill launch.
+    """Compile, now (at load), every Triton variant that decode and a prefill launch.
 
     Triton compiles one variant per *specialization key*: argument dtypes, constexprs, which integer
     arguments equal 1 or are divisible by 16, and which pointers are 16-byte aligned. Decode and a
@@ -124,10 +125,11 @@ def warm_up(
     and the rows decide whether a launch splits the input dimension, which makes its output fp32), so
     ``triton_gemv`` is launched at every row count 1..``MAX_GEMV_ROWS`` for each (spec, shape) of
     ``linears`` (attention) and of the expert matrices (a short prompt routes a few tokens per expert
-    through it), and ``fused_expert`` (first and accumulating call) at one row for each expert
-    geometry. The routing coefficient decode passes (``coefs[i]``, a 0-d view 2 bytes into its vector)
-    is not specialized on its alignment (``_DOWN``). ``tests/test_warm_up_keys.py`` lists the keys a
-    decode and a 3-token prefill hit and checks this covers them.
+    through it); ``fused_expert`` (first and accumulating call) at one row for each expert geometry;
+    ``triton_dequantize`` (longer prefills dequantize, then matmul) once per matrix geometry. The
+    routing coefficient decode passes (``coefs[i]``, a 0-d view 2 bytes into its vector) is not
+    specialized on its alignment (``_DOWN``). ``tests/test_warm_up_keys.py`` lists the keys a decode, a
+    3-token and a 40-token prefill hit and checks this covers them.
 
     Returns how many geometries were compiled; 0 where the fused path is off (no CUDA, no Triton, or
     disabled). ``gemv``/``expert`` are test seams. A compile or launch failure switches the fused
@@ -138,6 +140,7 @@ def warm_up(
         if not (HAS_TRITON and _fused_enabled and dev.type == "cuda"):
             return 0
         gemv, expert = gemv or triton_gemv, expert or fused_expert
+        dequant = dequant or triton_dequantize
     mlps: dict[tuple, dict[str, QuantizedWeight]] = {}
     for w in experts:
         mlps.setdefault(tuple((k, v.spec, tuple(v.shape)) for k, v in sorted(w.items())), w)
@@ -151,6 +154,8 @@ def warm_up(
         for rows in range(1, MAX_GEMV_ROWS + 1):
             if _fused_or_none(gemv, (torch.zeros(rows, w.shape[1], dtype=dtype, device=dev), w)) is None:
                 return 0
+        if dequant is not None and _fused_or_none(dequant, (w, dtype), "fused dequantize") is None:
+            return 0
     for w in mlps.values():
         x = torch.zeros(1, w["w1"].shape[1], dtype=dtype, device=dev)
         coef = torch.zeros((), dtype=dtype, device=dev)

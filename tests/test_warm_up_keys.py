@@ -20,7 +20,7 @@ from colab_helpers.tiny import tiny_model_path
 pytestmark = pytest.mark.gpu_kernels  # gpu_check runs these on CUDA too
 pytest.importorskip("triton")
 
-FUSED = ("triton_gemv", "triton_expert_gate_up", "triton_expert_down")
+FUSED = ("triton_gemv", "triton_expert_gate_up", "triton_expert_down", "triton_dequantize")
 
 
 @pytest.fixture
@@ -48,11 +48,14 @@ def keys(monkeypatch) -> set:
     for name in FUSED:
         monkeypatch.setattr(kernels, name, stand_in(name))
     monkeypatch.setattr(kernels, "use_fused_kernel", kernels.would_use_fused_kernel)
+    monkeypatch.setattr(kernels, "use_fused_dequantize", kernels.would_use_fused_dequantize)
     monkeypatch.setattr(kernels, "_fused_enabled", True)
     return seen
 
 
-def test_warm_up_covers_every_variant_decode_and_a_3_token_prefill_launch(keys) -> None:
+def test_warm_up_covers_every_variant_decode_and_prefills_launch(keys) -> None:
+    """Decode, a 3-token prefill (at most 3 rows per matrix: the GEMV at rows 1..3) and a 40-token one
+    (dequantize in one launch, then matmul)."""
     model = load_model(tiny_model_path(), device="cpu", dtype=torch.float16, experts_on_device=2, progress=False)
     cache = model.expert_cache
     for m in model.modules():  # on CUDA each trunk tensor is its own (aligned) allocation; here a shard view
@@ -61,7 +64,7 @@ def test_warm_up_covers_every_variant_decode_and_a_3_token_prefill_launch(keys) 
     linears = [m.weight_q for m in model.modules() if isinstance(m, QuantLinear)]
     n = kernels.warm_up(
         linears, [cache.layout.weights(cache.device_buf[0])], torch.float16, "cpu", False,
-        kernels.triton_gemv, kernels.fused_expert,
+        kernels.triton_gemv, kernels.fused_expert, kernels.triton_dequantize,
     )  # fmt: skip
     assert n > 0
     warmed = set(keys)
@@ -71,11 +74,13 @@ def test_warm_up_covers_every_variant_decode_and_a_3_token_prefill_launch(keys) 
     for block in model.modules():
         if isinstance(block, OffloadedMoE):
             block.observers.append(lambda layer, choice, guesses: routed.append(choice))
+    longer = torch.randint(3, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model.generate(prefill, max_new_tokens=4, do_sample=False)
+        model(longer)  # > 4 rows per matrix: dequantize + matmul
     hit = set(keys)
     names = {k[0] for k in hit}
-    assert names == {"_gemv_kernel", "_gate_up_kernel", "_down_kernel"}, names  # decode and prefill both ran
+    assert names == {"_gemv_kernel", "_gate_up_kernel", "_down_kernel", "_dequant_kernel"}, names
     assert any(len(c) == 3 for c in routed) and any(len(c) == 1 for c in routed)
     missing = hit - warmed
     assert not missing, f"{len(missing)} of {len(hit)} variants would compile during the first tokens: {missing}"
