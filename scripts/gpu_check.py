@@ -881,6 +881,11 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # logs and step files: packed into one archive in out
+    if args.steps and (out / ARCHIVE).is_file():  # a rerun of some steps builds on the last run's step files
+        import tarfile
+
+        with tarfile.open(out / ARCHIVE) as tar:
+            tar.extractall(work, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     ctx = Context(out=out, smoke=args.cpu_smoke, emulate_t4=emulate, work=work, trace=trace)
 
     steps = STEPS
