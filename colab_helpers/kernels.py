@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import quant
 from .quant import QuantizedWeight, QuantSpec, dequantized_linear
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -715,6 +716,16 @@ def use_fused_dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
 def would_use_fused_dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
     """The device-independent half of ``use_fused_dequantize`` (``dispatch_count``'s CUDA-like counting)."""
     return dtype in FUSED_DTYPES
+
+
+def _device_dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor | None:
+    """``QuantizedWeight.dequantize``'s CUDA path (registered in ``quant.DEVICE_DEQUANTIZE``); None elsewhere."""
+    if not use_fused_dequantize(weight, dtype):
+        return None
+    return _fused_or_none(triton_dequantize, (weight, dtype), "fused dequantize")
+
+
+quant.DEVICE_DEQUANTIZE.append(_device_dequantize)
 
 
 def reference_dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:

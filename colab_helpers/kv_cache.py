@@ -94,11 +94,9 @@ class PreallocatedCache(DynamicCache):
         self.capacity = capacity
 
 
-def new_kv_cache(model, tokens: int | None = None) -> PreallocatedCache:
-    """A KV cache for ``model`` holding ``tokens`` positions (default: the context it was planned for)."""
-    from .generation import planned_context
-
-    return PreallocatedCache(model.config, planned_context(model) if tokens is None else tokens)
+def new_kv_cache(model, tokens: int) -> PreallocatedCache:
+    """A KV cache for ``model`` holding ``tokens`` positions (a chat: ``generation.planned_context(model)``)."""
+    return PreallocatedCache(model.config, tokens)
 
 
 __all__ = ["PreallocatedCache", "PreallocatedLayer", "new_kv_cache"]

@@ -213,12 +213,11 @@ class QuantizedWeight:
         """``W[out, in]``; float16 arithmetic (bit-exact with hqq), then cast to ``dtype``.
 
         On CUDA one Triton launch (``kernels.triton_dequantize``, the same fp16 ops, no scratch beyond
-        the result); elsewhere, or without Triton, ``dequantize_blocks``.
+        the result; ``kernels`` registers it in ``DEVICE_DEQUANTIZE``, as it imports this module);
+        elsewhere, or without Triton, ``dequantize_blocks``.
         """
-        from . import kernels  # kernels imports this module: looked up when called
-
-        if kernels.use_fused_dequantize(self, dtype):
-            out = kernels._fused_or_none(kernels.triton_dequantize, (self, dtype), "fused dequantize")
+        for fused in DEVICE_DEQUANTIZE:
+            out = fused(self, dtype)
             if out is not None:
                 return out
         return self.dequantize_blocks(dtype)
@@ -242,6 +241,9 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
+# whole-matrix dequantizers for devices (``weight, dtype -> W or None`` when they do not apply), registered by
+# ``kernels`` (which imports this module, so this one cannot import it)
+DEVICE_DEQUANTIZE: list[Callable[[QuantizedWeight, torch.dtype], torch.Tensor | None]] = []
 DEQUANT_BLOCK = 1 << 22  # codes dequantized at a time (4.2 M): bounds the scratch, few launches per matrix
 
 

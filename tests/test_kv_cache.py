@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, MixtralForCausalLM
 from transformers.cache_utils import Cache
 
-from colab_helpers.generation import SamplingConfig, generate_stream
+from colab_helpers.generation import SamplingConfig, generate_stream, planned_context
 from colab_helpers.kv_cache import PreallocatedCache, PreallocatedLayer, new_kv_cache
 from colab_helpers.model import load_model
 from colab_helpers.session import ChatSession
@@ -59,7 +59,7 @@ def _kv_bytes_per_decode_token(model, cache, context: int) -> int:
 
 def test_bytes_written_per_decode_token_do_not_grow_with_the_context() -> None:
     model = load_model(tiny_model_path(), experts_on_device=2, progress=False)
-    ours = {n: _kv_bytes_per_decode_token(model, new_kv_cache(model), n) for n in (64, 512)}
+    ours = {n: _kv_bytes_per_decode_token(model, new_kv_cache(model, planned_context(model)), n) for n in (64, 512)}
     stock = {n: _kv_bytes_per_decode_token(model, DynamicCache(config=model.config), n) for n in (64, 512)}
     cfg = model.config
     one_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
