@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.file.write_text(text.replace(args.old, args.new))
         env = {**os.environ, "CI": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args.tests]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *args.tests]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     finally:
         args.file.write_bytes(original)
