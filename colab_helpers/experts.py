@@ -118,6 +118,39 @@ class CopyRecord:
         return self.kind != WRITE_BACK
 
 
+@dataclass
+class _Staged:
+    """A speculative load into a free slot (the slot becomes the guess's ghost): no resident expert is evicted.
+
+    Its bytes go in ``chunks`` issued a few at a time (``ExpertCache.pump``), so a demand copy queues behind at
+    most the chunks already issued; ``issued`` counts them, ``event`` is the last one's completion."""
+
+    layer: int
+    expert: int
+    slot: int
+    host: int
+    chunks: list[tuple[int, int]]  # byte ranges of the flat expert buffer, in issue order
+    issued: int = 0
+    event: object = None
+    used: bool = False  # the guessed layer used it (re-mapped)
+    live: bool = True  # its layer's step has not ended yet
+
+    @property
+    def started(self) -> bool:
+        return self.issued > 0
+
+    @property
+    def complete(self) -> bool:
+        return self.issued == len(self.chunks)
+
+
+def chunk_ranges(nbytes: int, chunks: int) -> list[tuple[int, int]]:
+    """``nbytes`` cut into ``chunks`` byte ranges of near-equal size, each boundary 64-byte aligned."""
+    step = -(-nbytes // max(1, chunks))
+    step = -(-step // _ALIGN) * _ALIGN
+    return [(a, min(a + step, nbytes)) for a in range(0, nbytes, step)]
+
+
 class CopyEngine:
     """The one place every expert copy is issued (``copy``: kind, bytes, ordering), and the events that
     order compute after copies.
@@ -256,6 +289,9 @@ class CacheStats(RoutingCounters):
     d2h_bytes: list[int] = field(default_factory=list)
     wasted_bytes: list[int] = field(default_factory=list)  # prefetched bytes the layer did not use
     remaps: list[int] = field(default_factory=list)  # loads served by a freed slot still holding the expert
+    staged: list[int] = field(default_factory=list)  # speculative loads into a free slot that started copying
+    staged_used: list[int] = field(default_factory=list)  # ... that their layer then used
+    staged_dropped: list[int] = field(default_factory=list)  # guesses dropped before any byte moved
 
     COUNTERS: ClassVar[tuple[str, ...]] = (
         *RoutingCounters.COUNTERS,
@@ -263,6 +299,9 @@ class CacheStats(RoutingCounters):
         "d2h_bytes",
         "wasted_bytes",
         "remaps",
+        "staged",
+        "staged_used",
+        "staged_dropped",
     )
 
     def summary(self) -> dict[str, float]:
@@ -277,6 +316,9 @@ class CacheStats(RoutingCounters):
             "prefetch_recall": self.recall,
             "prefetch_wasted_bytes": sum(self.wasted_bytes),
             "remaps": sum(self.remaps),
+            "staged": sum(self.staged),
+            "staged_used": sum(self.staged_used),
+            "staged_dropped": sum(self.staged_dropped),
         }
 
 
@@ -356,6 +398,10 @@ class ExpertCache:
         self._deferred: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self._lazy: list[list[int]] = [[] for _ in range(num_layers)]
         self.speculative_bytes_left: float = float("inf")  # per-token cap, reset by ``begin_token``
+        # speculative loads into free slots (``stage``): by slot, and the ones with chunks still to issue
+        self.spec_chunks = 8  # a staged load is issued in this many chunks (a demand waits for at most one)
+        self._staged: dict[int, _Staged] = {}
+        self._spec_queue: deque[_Staged] = deque()
         self.stats = CacheStats(num_layers)
         # CPU fast path: a slot's weights are dequantized once per load instead of once per use
         self.dense_dtype = dense_dtype if self.device.type == "cpu" else None
@@ -434,6 +480,7 @@ class ExpertCache:
                 self._lazy[layer] = order[i + 1 :]
                 break
             self._swap_in(layer, e, victim, DEMAND)
+        self._retire_guesses(layer, order)
         return order
 
     def weights(self, layer: int, expert: int) -> dict[str, QuantizedWeight]:
@@ -477,6 +524,99 @@ class ExpertCache:
         self._prefetched[layer].add(expert)
         return True
 
+    def stage(self, layer: int, expert: int) -> bool:
+        """Start a speculative load of a guessed expert into a *free* slot, evicting nothing resident.
+
+        The slot becomes the guess's ghost: a demand for it at its layer is a re-map (no copy in; the
+        victim the policy then picks is written back as for any miss), a wrong guess costs only the bus
+        time of the chunks issued. Only free slots holding nothing or an evicted expert (the policy already
+        judged it least likely to be reused) are taken, never one another live guess is loading. The copy
+        is queued in ``spec_chunks`` chunks that ``pump`` issues; False when resident, already held by a
+        free slot, or no free slot may be used."""
+        if expert in self.slot_of[layer] or (layer, expert) in self._ghost:
+            return False
+        slot = self._free_slot_for_guess()
+        if slot is None:
+            return False
+        self._free_slots.remove(slot)
+        self._forget_ghost(slot)
+        self._drop_dense(slot)
+        self._free_slots.append(slot)  # still free (it is a ghost now), and the last a demand load takes
+        self._ghost[(layer, expert)] = slot
+        self._ghost_of[slot] = (layer, expert)
+        st = _Staged(
+            layer, expert, slot, self.host_of[layer][expert], chunk_ranges(self.layout.nbytes, self.spec_chunks)
+        )
+        self._staged[slot] = st
+        self._spec_queue.append(st)
+        return True
+
+    def pump(self, chunks: int) -> int:
+        """Issue up to ``chunks`` queued speculative chunks (oldest guess first); returns how many."""
+        n = 0
+        while n < chunks and self._spec_queue:
+            st = self._spec_queue[0]
+            self._issue_chunk(st, SPECULATIVE)
+            n += 1
+            if st.complete:
+                self._spec_queue.popleft()
+        return n
+
+    @property
+    def pending_chunks(self) -> int:
+        """Speculative chunks queued but not issued yet."""
+        return sum(len(st.chunks) - st.issued for st in self._spec_queue)
+
+    def _issue_chunk(self, st: _Staged, kind: str) -> None:
+        a, b = st.chunks[st.issued]
+        slot, host = st.slot, st.host
+        if st.issued == 0:
+            self.stats.staged[st.layer] += 1
+            after = (self._slot_used[slot], self._slot_drained[slot], self._host_written[host], self._slot_ready[slot])
+        else:
+            after = (st.event,)  # each chunk after the last: the last chunk's event covers the whole load
+        st.event = self.engine.copy(
+            self._slot_bufs[slot][a:b], self.host_buf[host][a:b], kind, after=after, layer=st.layer, expert=st.expert
+        )
+        self._slot_ready[slot] = st.event
+        st.issued += 1
+        self.stats.h2d_bytes[st.layer] += b - a
+        if st.complete:
+            self.stats.prefetch_loads[st.layer] += 1
+
+    def _free_slot_for_guess(self) -> int | None:
+        """A free slot a guess may load into: holding nothing, else the longest-freed evicted expert or stale
+        guess; None when every free slot holds a live guess."""
+        ghosts = []
+        for slot in self._free_slots:
+            st = self._staged.get(slot)
+            if st is not None and st.live:
+                continue
+            if self._ghost_of[slot] is None:
+                return slot
+            ghosts.append(slot)
+        return ghosts[0] if ghosts else None
+
+    def _unstage(self, slot: int) -> None:
+        """Forget the guess a slot was loading (its chunks not issued are dropped); its ghost goes when partial."""
+        st = self._staged.pop(slot, None)
+        if st is None:
+            return
+        if not st.complete:
+            with contextlib.suppress(ValueError):
+                self._spec_queue.remove(st)
+            if self._ghost_of[slot] == (st.layer, st.expert):
+                self._forget_ghost(slot)
+            if not st.started:
+                self.stats.staged_dropped[st.layer] += 1
+        if not st.used and st.live:
+            self.stats.wasted_bytes[st.layer] += sum(b - a for a, b in st.chunks[: st.issued])
+
+    def _drop_unstarted(self) -> None:
+        """A demand load is about to be issued: guesses that have not moved a byte yet give way."""
+        for st in [st for st in self._spec_queue if not st.started]:
+            self._unstage(st.slot)
+
     def score_prediction(self, layer: int, predicted: set[int], used: set[int]) -> None:
         """Record how a guess for ``layer`` compared with the experts it then used."""
         s = self.stats
@@ -490,7 +630,20 @@ class ExpertCache:
         if self._deferred[layer]:
             raise RuntimeError(f"layer {layer}: experts {sorted(self._deferred[layer])} were never computed")
         self._lazy[layer] = []
+        self._retire_guesses(layer, ())
         self.policy.on_step(layer)
+
+    def _retire_guesses(self, layer: int, used: Iterable[int]) -> None:
+        """The layer has routed: its guesses it does not use are wrong. One whose bytes are all issued stays a
+        ghost (re-mappable later); the rest of a partial one would be wasted bus time and is dropped."""
+        used = set(used)
+        for st in [st for st in self._staged.values() if st.layer == layer and st.expert not in used]:
+            if st.complete:
+                self.stats.wasted_bytes[layer] += self.layout.nbytes
+                st.live = False
+                del self._staged[st.slot]
+            else:
+                self._unstage(st.slot)
 
     # ---- internals -------------------------------------------------------------------------------
 
@@ -510,12 +663,12 @@ class ExpertCache:
         return self._slot_weights[slot]
 
     def _take_free_slot(self) -> int:
-        """A free slot to load into: one holding nothing re-mappable if any, else the longest-freed."""
-        for slot in self._free_slots:
-            if self._ghost_of[slot] is None:
-                break
-        else:
-            slot = self._free_slots[0]
+        """A free slot to load into: one holding nothing re-mappable if any, else the longest-freed; a slot
+        a live guess is loading only when no other is free (that guess is then dropped)."""
+        free = [slot for slot in self._free_slots if not (slot in self._staged and self._staged[slot].live)]
+        free = free or list(self._free_slots)
+        slot = next((slot for slot in free if self._ghost_of[slot] is None), free[0])
+        self._unstage(slot)
         self._free_slots.remove(slot)
         self._forget_ghost(slot)
         self._drop_dense(slot)
@@ -534,18 +687,35 @@ class ExpertCache:
             host = self.host_of[layer][expert]
             old = self.slot_of[layer][victim]
             slot = self._ghost.get((layer, expert))
-            if slot is not None:  # its old slot still holds it: no copy in
+            if slot is not None:  # its old slot (or a guess's) holds it: no copy in
+                st = self._staged.get(slot)
+                if st is not None:  # a guess: issue what is left of its copy now, as demand
+                    st.used = True
+                    self.stats.staged_used[layer] += 1
+                    if not st.complete:
+                        with contextlib.suppress(ValueError):
+                            self._spec_queue.remove(st)
+                        while not st.complete:
+                            self._issue_chunk(st, kind)
+                    del self._staged[slot]
                 self._free_slots.remove(slot)
                 self._forget_ghost(slot)
                 self.stats.remaps[layer] += 1
-                read_host = None
+                read_host = self._slot_ready[slot]  # the victim's write-back into host waits for that copy
             else:
+                if kind == DEMAND:
+                    self._drop_unstarted()
                 slot = self._take_free_slot()
                 ready = eng.copy(
                     self._slot_bufs[slot],
                     self.host_buf[host],
                     kind,
-                    after=(self._slot_used[slot], self._slot_drained[slot], self._host_written[host]),
+                    after=(
+                        self._slot_used[slot],
+                        self._slot_drained[slot],
+                        self._host_written[host],
+                        self._slot_ready[slot],
+                    ),
                     layer=layer,
                     expert=expert,
                 )
@@ -601,6 +771,7 @@ class ExpertCache:
             self.device_buf = torch.empty(0, self.layout.nbytes, dtype=torch.uint8, device=self.device)
             self.host_buf = torch.empty(0, self.layout.nbytes, dtype=torch.uint8)
             self.slot_of = self.host_of = _Closed()
+            self._spec_queue.clear()
             self.closed = True
 
     # ---- inspection (tests, notebooks) -----------------------------------------------------------
@@ -634,6 +805,9 @@ class ExpertCache:
         for (layer, e), slot in self._ghost.items():
             assert slot in self._free_slots and self._ghost_of[slot] == (layer, e), f"stale ghost {layer}.{e}"
             assert e in self.host_of[layer], f"ghost {layer}.{e} is resident"
+        for slot, st in self._staged.items():
+            assert st.slot == slot and self._ghost.get((st.layer, st.expert)) == slot, f"staged {st} lost its ghost"
+        assert all(st.slot in self._staged and not st.complete for st in self._spec_queue), "stale queued guess"
 
     @property
     def device_bytes(self) -> int:

@@ -107,7 +107,8 @@ def test_gated_and_capped_guesses_replay_to_the_live_counters(tmp_path) -> None:
         tiny_model_path(),
         experts_on_device=3,
         policy="lfu_decay",
-        prefetch=PrefetchConfig(min_confidence=0.25, max_bytes_per_token=300_000),
+        # the replay models guesses that evict (mode "evict"); "auto" staging is measured by the twin instead
+        prefetch=PrefetchConfig(mode="evict", min_confidence=0.25, max_bytes_per_token=300_000),
         progress=False,
     )
     with RoutingRecorder(model) as rec:
