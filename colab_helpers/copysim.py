@@ -63,6 +63,7 @@ class SimStats:
     copies: int = 0
     landed: int = 0
     demand_wait_behind_speculative_s: float = 0.0  # demand copies queued behind a speculative one
+    longest_demand_wait_behind_speculative_s: float = 0.0  # the longest one such wait
     busy_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COPY_KINDS, 0.0))
 
 
@@ -130,7 +131,10 @@ class SimCopyEngine(CopyEngine):
         free, holder = self._engine_free[to_device]
         start = max(ready, self._free_at[s], free)
         if kind == DEMAND and holder == SPECULATIVE and free > max(ready, self._free_at[s]):
-            self.stats.demand_wait_behind_speculative_s += free - max(ready, self._free_at[s])
+            waited = free - max(ready, self._free_at[s])
+            self.stats.demand_wait_behind_speculative_s += waited
+            st = self.stats
+            st.longest_demand_wait_behind_speculative_s = max(st.longest_demand_wait_behind_speculative_s, waited)
         nbytes = dst.numel() * dst.element_size()
         duration = nbytes / (self.h2d_bytes_per_s if to_device else self.d2h_bytes_per_s)
         end = start + duration

@@ -127,7 +127,7 @@ class _Staged:
 
     layer: int
     expert: int
-    slot: int
+    slot: int  # -1 until its first chunk is issued
     host: int
     chunks: list[tuple[int, int]]  # byte ranges of the flat expert buffer, in issue order
     issued: int = 0
@@ -401,6 +401,7 @@ class ExpertCache:
         # speculative loads into free slots (``stage``): by slot, and the ones with chunks still to issue
         self.spec_chunks = 8  # a staged load is issued in this many chunks (a demand waits for at most one)
         self._staged: dict[int, _Staged] = {}
+        self.demand_loads_this_step = 0  # host->device demand copies the current layer step issued
         self._spec_queue: deque[_Staged] = deque()
         self.stats = CacheStats(num_layers)
         # CPU fast path: a slot's weights are dequantized once per load instead of once per use
@@ -466,6 +467,8 @@ class ExpertCache:
         same accesses in the same order as one ``fetch`` per expert. Then call ``weights``/``release``
         for each expert in the returned order."""
         order = self.order(layer, experts)
+        self.demand_loads_this_step = 0
+        self._retire_guesses(layer, order)  # first: a wrong guess's slot is free for this step's misses
         self._deferred[layer].clear()
         self._lazy[layer] = []
         for i, e in enumerate(order):
@@ -480,7 +483,6 @@ class ExpertCache:
                 self._lazy[layer] = order[i + 1 :]
                 break
             self._swap_in(layer, e, victim, DEMAND)
-        self._retire_guesses(layer, order)
         return order
 
     def weights(self, layer: int, expert: int) -> dict[str, QuantizedWeight]:
@@ -525,30 +527,19 @@ class ExpertCache:
         return True
 
     def stage(self, layer: int, expert: int) -> bool:
-        """Start a speculative load of a guessed expert into a *free* slot, evicting nothing resident.
+        """Queue a speculative load of a guessed expert into a *free* slot, evicting nothing resident.
 
-        The slot becomes the guess's ghost: a demand for it at its layer is a re-map (no copy in; the
-        victim the policy then picks is written back as for any miss), a wrong guess costs only the bus
-        time of the chunks issued. Only free slots holding nothing or an evicted expert (the policy already
-        judged it least likely to be reused) are taken, never one another live guess is loading. The copy
-        is queued in ``spec_chunks`` chunks that ``pump`` issues; False when resident, already held by a
-        free slot, or no free slot may be used."""
+        When ``pump`` issues its first chunk it takes a free slot holding nothing, else the longest-freed
+        evicted expert (the policy already judged it the least likely to be reused), never one another
+        guess is loading; the slot becomes the guess's ghost. A demand for it at its layer is then a
+        re-map (no copy in; the victim the policy picks is written back as for any miss); a wrong guess
+        costs only the bus time of the chunks issued. False when resident, held by a free slot, or queued."""
         if expert in self.slot_of[layer] or (layer, expert) in self._ghost:
             return False
-        slot = self._free_slot_for_guess()
-        if slot is None:
+        if any(st.layer == layer and st.expert == expert for st in self._spec_queue):
             return False
-        self._free_slots.remove(slot)
-        self._forget_ghost(slot)
-        self._drop_dense(slot)
-        self._free_slots.append(slot)  # still free (it is a ghost now), and the last a demand load takes
-        self._ghost[(layer, expert)] = slot
-        self._ghost_of[slot] = (layer, expert)
-        st = _Staged(
-            layer, expert, slot, self.host_of[layer][expert], chunk_ranges(self.layout.nbytes, self.spec_chunks)
-        )
-        self._staged[slot] = st
-        self._spec_queue.append(st)
+        chunks = chunk_ranges(self.layout.nbytes, self.spec_chunks)
+        self._spec_queue.append(_Staged(layer, expert, -1, self.host_of[layer][expert], chunks))
         return True
 
     def pump(self, chunks: int) -> int:
@@ -556,11 +547,27 @@ class ExpertCache:
         n = 0
         while n < chunks and self._spec_queue:
             st = self._spec_queue[0]
+            if not st.started and not self._start_stage(st):
+                break  # every free slot holds a guess in flight: wait for a step to free one
             self._issue_chunk(st, SPECULATIVE)
             n += 1
             if st.complete:
                 self._spec_queue.popleft()
         return n
+
+    def _start_stage(self, st: _Staged) -> bool:
+        slot = self._free_slot_for_guess()
+        if slot is None:
+            return False
+        self._free_slots.remove(slot)
+        self._forget_ghost(slot)
+        self._drop_dense(slot)
+        self._free_slots.append(slot)  # still free (it is a ghost now), and the last a demand load takes
+        self._ghost[(st.layer, st.expert)] = slot
+        self._ghost_of[slot] = (st.layer, st.expert)
+        st.slot = slot
+        self._staged[slot] = st
+        return True
 
     @property
     def pending_chunks(self) -> int:
@@ -598,7 +605,7 @@ class ExpertCache:
         return ghosts[0] if ghosts else None
 
     def _unstage(self, slot: int) -> None:
-        """Forget the guess a slot was loading (its chunks not issued are dropped); its ghost goes when partial."""
+        """Forget the guess a slot is loading (its chunks not issued are dropped); a partial one's ghost goes."""
         st = self._staged.pop(slot, None)
         if st is None:
             return
@@ -607,15 +614,14 @@ class ExpertCache:
                 self._spec_queue.remove(st)
             if self._ghost_of[slot] == (st.layer, st.expert):
                 self._forget_ghost(slot)
-            if not st.started:
-                self.stats.staged_dropped[st.layer] += 1
-        if not st.used and st.live:
+        if not st.used:
             self.stats.wasted_bytes[st.layer] += sum(b - a for a, b in st.chunks[: st.issued])
 
-    def _drop_unstarted(self) -> None:
-        """A demand load is about to be issued: guesses that have not moved a byte yet give way."""
-        for st in [st for st in self._spec_queue if not st.started]:
-            self._unstage(st.slot)
+    def _drop_unstarted(self, layer: int | None = None) -> None:
+        """Guesses that have not moved a byte yet give way (a demand load is coming, or their layer routed)."""
+        for st in [st for st in self._spec_queue if not st.started and layer in (None, st.layer)]:
+            self._spec_queue.remove(st)
+            self.stats.staged_dropped[st.layer] += 1
 
     def score_prediction(self, layer: int, predicted: set[int], used: set[int]) -> None:
         """Record how a guess for ``layer`` compared with the experts it then used."""
@@ -637,6 +643,7 @@ class ExpertCache:
         """The layer has routed: its guesses it does not use are wrong. One whose bytes are all issued stays a
         ghost (re-mappable later); the rest of a partial one would be wasted bus time and is dropped."""
         used = set(used)
+        self._drop_unstarted(layer)
         for st in [st for st in self._staged.values() if st.layer == layer and st.expert not in used]:
             if st.complete:
                 self.stats.wasted_bytes[layer] += self.layout.nbytes
@@ -706,6 +713,7 @@ class ExpertCache:
                 if kind == DEMAND:
                     self._drop_unstarted()
                 slot = self._take_free_slot()
+                self.demand_loads_this_step += kind == DEMAND
                 ready = eng.copy(
                     self._slot_bufs[slot],
                     self.host_buf[host],
@@ -807,7 +815,8 @@ class ExpertCache:
             assert e in self.host_of[layer], f"ghost {layer}.{e} is resident"
         for slot, st in self._staged.items():
             assert st.slot == slot and self._ghost.get((st.layer, st.expert)) == slot, f"staged {st} lost its ghost"
-        assert all(st.slot in self._staged and not st.complete for st in self._spec_queue), "stale queued guess"
+        for st in self._spec_queue:
+            assert not st.complete and (not st.started or self._staged.get(st.slot) is st), f"stale queued guess {st}"
 
     @property
     def device_bytes(self) -> int:

@@ -45,7 +45,7 @@ class PrefetchConfig:
     min_confidence: float = 0.0  # a guess needs at least this next-router probability (0: every top-n guess)
     max_bytes_per_token: int | None = None  # speculative bytes per decode token over all layers (None: no cap)
     chunks: int = 8  # "auto": a guess's copy in this many chunks (a demand waits for at most one in flight)
-    chunks_per_step: int = 2  # "auto": speculative chunks issued per layer step (paces the bus, see docs)
+    chunks_per_step: int = 1  # "auto": speculative chunks issued per layer step (paces the bus, see docs)
 
     def __post_init__(self) -> None:
         if self.mode not in PREFETCH_MODES:
