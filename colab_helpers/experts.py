@@ -401,7 +401,6 @@ class ExpertCache:
         # speculative loads into free slots (``stage``): by slot, and the ones with chunks still to issue
         self.spec_chunks = 8  # a staged load is issued in this many chunks (a demand waits for at most one)
         self._staged: dict[int, _Staged] = {}
-        self.demand_loads_this_step = 0  # host->device demand copies the current layer step issued
         self._spec_queue: deque[_Staged] = deque()
         self.stats = CacheStats(num_layers)
         # CPU fast path: a slot's weights are dequantized once per load instead of once per use
@@ -467,7 +466,6 @@ class ExpertCache:
         same accesses in the same order as one ``fetch`` per expert. Then call ``weights``/``release``
         for each expert in the returned order."""
         order = self.order(layer, experts)
-        self.demand_loads_this_step = 0
         self._retire_guesses(layer, order)  # first: a wrong guess's slot is free for this step's misses
         self._deferred[layer].clear()
         self._lazy[layer] = []
@@ -526,19 +524,20 @@ class ExpertCache:
         self._prefetched[layer].add(expert)
         return True
 
-    def stage(self, layer: int, expert: int) -> bool:
+    def stage(self, layer: int, expert: int, chunks: int | None = None) -> bool:
         """Queue a speculative load of a guessed expert into a *free* slot, evicting nothing resident.
 
         When ``pump`` issues its first chunk it takes a free slot holding nothing, else the longest-freed
         evicted expert (the policy already judged it the least likely to be reused), never one another
         guess is loading; the slot becomes the guess's ghost. A demand for it at its layer is then a
         re-map (no copy in; the victim the policy picks is written back as for any miss); a wrong guess
-        costs only the bus time of the chunks issued. False when resident, held by a free slot, or queued."""
+        costs only the bus time of the chunks issued (``chunks`` of them; default ``spec_chunks``). False
+        when resident, held by a free slot, or queued."""
         if expert in self.slot_of[layer] or (layer, expert) in self._ghost:
             return False
         if any(st.layer == layer and st.expert == expert for st in self._spec_queue):
             return False
-        chunks = chunk_ranges(self.layout.nbytes, self.spec_chunks)
+        chunks = chunk_ranges(self.layout.nbytes, self.spec_chunks if chunks is None else chunks)
         self._spec_queue.append(_Staged(layer, expert, -1, self.host_of[layer][expert], chunks))
         return True
 
@@ -713,7 +712,6 @@ class ExpertCache:
                 if kind == DEMAND:
                     self._drop_unstarted()
                 slot = self._take_free_slot()
-                self.demand_loads_this_step += kind == DEMAND
                 ready = eng.copy(
                     self._slot_bufs[slot],
                     self.host_buf[host],

@@ -300,11 +300,10 @@ class OffloadedMoE(nn.Module):
 
     def _issue_guesses(self, tried: list[list[int]]) -> None:
         cache, nbytes = self.cache, self.cache.layout.nbytes
-        staging = self.prefetch.mode == "auto"
-        cache.spec_chunks = self.prefetch.chunks
+        staging, chunks = self.prefetch.mode == "auto", self.prefetch.chunks
         for step, (block, guess) in enumerate(zip(self._following, tried, strict=False)):
             for e in guess:
-                started = cache.stage(block.layer, e) if staging else cache.prefetch(block.layer, e, keep=guess)
+                started = cache.stage(block.layer, e, chunks) if staging else cache.prefetch(block.layer, e, keep=guess)
                 if started:
                     cache.speculative_bytes_left -= nbytes
             if step == 0 and guess:  # an all-gated-out step scores nothing (a trace cannot tell it from none)
