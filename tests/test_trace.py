@@ -26,6 +26,7 @@ from colab_helpers.trace import (
     replay,
     replay_file,
 )
+from colab_helpers.usage import UsageError
 
 ALL = [*sorted(POLICIES), "belady"]
 
@@ -182,6 +183,16 @@ def test_cli_json_is_one_object_of_hit_rates(synthetic_trace, capsys) -> None:
     for name, rate in out.items():
         assert rate == pytest.approx(replay_file(synthetic_trace, name, 3).hit_rate)
         assert 0 <= rate <= out["belady"]
+
+
+def test_cli_replays_only_the_sequences_asked_for(synthetic_trace, capsys) -> None:
+    assert cli_main([str(synthetic_trace), "--experts-on-device", "3", "--json", "--sequences", "beta"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    beta = {k: v for k, v in np.load(synthetic_trace).items() if not k.startswith("alpha")}
+    assert out["lru"] == pytest.approx(replay_file(beta, "lru", 3).hit_rate)
+    assert out["lru"] != pytest.approx(replay_file(synthetic_trace, "lru", 3).hit_rate)
+    with pytest.raises(UsageError, match="--sequences: no gamma in the trace; it has alpha, beta"):
+        cli_main([str(synthetic_trace), "--sequences", "gamma"])
 
 
 def test_cli_is_reachable_through_the_package_entry_point(synthetic_trace, capsys) -> None:
