@@ -13,6 +13,9 @@ that ordering with vector clocks and
   it, a host buffer overwritten while a load still reads it, compute reading a slot before waiting
   for its copy.
 
+Buffers are tracked as byte ranges, so a chunked copy (prefetch "auto" issues a guess in chunks) orders
+against a compute that reads the whole slot, and a copy out of a slot carries every chunk landed in it.
+
 It also keeps simulated time (copies take ``bytes / bandwidth`` on their direction's one DMA engine,
 each expert's compute ``compute_s``), so schedules can be compared: ``stats`` has the time demand
 copies spent queued behind speculative ones.
