@@ -6,6 +6,10 @@ therefore *swaps*: the wanted expert X is copied host→device into a spare devi
 evicted expert Y is copied device→host into the host buffer X just left. A small pool of spare
 slots shared by all layers lets loads run ahead of write-backs. On CUDA the two directions run on
 their own streams, ordered by events; on CPU the same code copies synchronously.
+
+A speculative guess (prefetch "auto", ``ExpertCache.stage``) takes only a free spare slot, as a ghost:
+nothing resident is evicted for it; it is copied in chunks that ``pump`` issues a few per layer step, so a
+demand load queues behind at most those.
 """
 
 from __future__ import annotations
