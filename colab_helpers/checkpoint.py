@@ -535,7 +535,7 @@ def save_checkpoint(
     ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM``, ``PhimoeForCausalLM``) in the offloading layout.
 
     Attention (and shared-expert / dense-layer MLPs) is quantized to ``attn_bits``, experts to
-    ``expert_bits`` (HQQ's optimizer refines scale/zero when ``optimize``; on ``device`` when given);
+    ``expert_bits`` (HQQ's optimizer refines each group's zero when ``optimize``; on ``device`` when given);
     embeddings, norms, biases, routers and ``lm_head`` stay float16 (``trunk_entries``). The same per-tensor
     functions serve the streaming converter (``convert.py``), so a model saved here and the same model
     converted from its ``save_pretrained`` shards are byte-identical.

@@ -2,7 +2,7 @@
 
 Decode (one token, batch 1) is memory-bandwidth bound: every weight byte is read once per token, so a
 path that first writes an fp16 copy of ``W`` and then reads it again moves ~10x the bytes of the packed
-weight (see ``docs/PERFORMANCE.md``). The fused kernel reads each packed byte once, unpacks its codes
+weight (``docs/benchmarks.md``, reference facts). The fused kernel reads each packed byte once, unpacks its codes
 and dequantizes them in registers, and reduces straight into ``y``.
 
 It reads the checkpoint's native layout, no re-packing: ``W[out, in]`` viewed row-major as the

@@ -5,7 +5,7 @@ quantization settings (the same tables the checkpoint reader checks files agains
 weights do not determine — Python/torch, the CUDA runtime, activations, allocator slack — is a named
 margin that says where its number comes from (``docs/memory_plan.md``). The plan is made before
 anything is allocated, so an impossible load is refused with numbers instead of Colab killing the
-kernel half-way through 17 GB of shards. GB here means 10^9 bytes.
+kernel half-way through 18.24 GB of shards. GB here means 10^9 bytes.
 """
 
 from __future__ import annotations

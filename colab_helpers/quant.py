@@ -136,7 +136,9 @@ class QuantSpec:
 # The settings of the public Mixtral offloading-demo checkpoint.
 DEMO_ATTENTION_SPEC = QuantSpec(nbits=4, group_size=64, scale_group_size=256)
 DEMO_EXPERT_SPEC = QuantSpec(nbits=2, group_size=16, scale_group_size=128)
-# Our defaults for writing other bit widths (3-bit packs 10 codes per int32 word, so g=64 wastes little).
+# Our defaults for writing other bit widths. 3-bit packs 10 codes per int32 word (2 bits of each word unused),
+# so a group of 64 codes takes ceil(64/10) = 7 words = 224 bits for 192 bits of codes: 1/7 of W_q is padding,
+# 3.5 bits per code. With the 8-bit step and zero per group of 64 (0.25 bit) that is 3.75 bits per weight.
 DEFAULT_EXPERT_SPECS = {
     2: DEMO_EXPERT_SPEC,
     3: QuantSpec(nbits=3, group_size=64, scale_group_size=128),
@@ -284,9 +286,12 @@ def _quantize_meta(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, to
 def quantize(weight: torch.Tensor, spec: QuantSpec, optimize: bool = True) -> QuantizedWeight:
     """Quantize ``weight[out, in]`` into the offloading-demo layout.
 
-    With ``optimize`` the step/zero are refined by HQQ's half-quadratic proximal solver (the method
-    the real checkpoint used); codes are then recomputed against the *stored* (8-bit) step/zero, so
-    the bytes we write are the best codes for what a reader will actually dequantize.
+    With ``optimize`` HQQ's half-quadratic proximal solver (``optimize_weights_proximal_legacy``, the
+    method the real checkpoint used: an l_p<1 norm of the error, no calibration data) refines each
+    group's *zero* only; the step stays min-max's (hqq 0.2.8 returns the scale it was given). Codes are
+    then recomputed against the *stored* (8-bit) step/zero, so the bytes we write are the best codes for
+    what a reader will actually dequantize. Groups run along axis 0 (``W.reshape(g, -1)``, one group per
+    column: hqq's ``axis=0``, the demo's setting; hqq's own default is ``axis=1``, runs of a row).
     """
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     m = spec.num_groups(shape)

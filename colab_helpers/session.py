@@ -50,6 +50,7 @@ class ChatSession:
     max_context: int | None = None  # tokens; default: the context the model was planned for (planned_context)
     system_prompt: str | None = None
     turns: list[ChatTurn] = field(default_factory=list)
+    forgotten: int = 0  # oldest turns dropped because the conversation outgrew the context (views say so)
     last_result: GenerationResult | None = None
     _cache: DynamicCache | None = None
     _cached_ids: list[int] = field(default_factory=list)
@@ -97,6 +98,7 @@ class ChatSession:
             raise SessionBusy("cannot clear while an answer is being generated: stop it first")
         try:
             self.turns = []
+            self.forgotten = 0
             self.reset_cache()
         finally:
             self._answering.release()
@@ -134,6 +136,7 @@ class ChatSession:
     ) -> GenerationResult:
         if dropped:
             self.turns = self.turns[dropped:]
+            self.forgotten += dropped
             self.reset_cache()
         common = _common_prefix(self._cached_ids, ids)
         if common == len(ids):  # always feed at least one token

@@ -20,7 +20,9 @@ class Projection:
 
     @property
     def overlapped(self) -> float:
-        """Every transfer hidden behind compute: the ceiling a perfect prefetch would reach."""
+        """Copies and compute fully overlapped: 1 / max(transfer, compute). When copies dominate (every cache
+        size a T4 holds) this is compute hidden behind copies, the PCIe bound: no prefetch beats it, only
+        fewer loads do."""
         return 1.0 / max(self.transfer_s, self.compute_s)
 
     @property
@@ -36,7 +38,7 @@ class Projection:
 
 @dataclass(frozen=True)
 class TimingModel:
-    """Decode time per token on a free Colab T4 (numbers from docs/PERFORMANCE.md), Mixtral-8x7B, 2-bit experts.
+    """Decode time per token on a free Colab T4, Mixtral-8x7B, 2-bit experts (docs/benchmarks.md, reference facts).
 
     Compute reads the trunk and every used expert once from GPU memory; a load copies one expert
     host->device and (exclusive layout) writes the victim back device->host on its own stream.

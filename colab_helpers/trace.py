@@ -530,19 +530,20 @@ def _parser() -> argparse.ArgumentParser:
         "--half-lives",
         type=_half_lives,
         default=[],
-        help="extra lfu_decay rows with these half-lives in tokens, e.g. 2,8,32,128,inf (sensitivity sweep)",
+        help="extra lfu_decay rows with these half-lives in tokens, e.g. 2,8,32,128,inf "
+        "(sensitivity sweep; default none)",
     )
     p.add_argument(
         "--initial",
         choices=("cold", "warm"),
         default="cold",
-        help="cold: empty cache per sequence (reference); warm: experts 0..K-1 resident (load_model)",
+        help="cold: empty cache per sequence (reference); warm: experts 0..K-1 resident (load_model); default cold",
     )
     p.add_argument(
         "--order",
         choices=("rank", "live"),
         default="rank",
-        help="access order within a step: rank (top-1 first, reference) or live (resident first)",
+        help="access order within a step: rank (top-1 first, reference) or live (resident first); default rank",
     )
     p.add_argument("--prefetch", action="store_true", help="apply recorded prefetch guesses (*_decode_guesses)")
     p.add_argument(

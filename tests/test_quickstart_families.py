@@ -10,13 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colab_helpers import ChatSession, PrefetchConfig, SamplingConfig, load_model, load_tokenizer, save_checkpoint
+from colab_helpers import ChatSession, SamplingConfig, load_model, load_tokenizer, save_checkpoint
 from colab_helpers.chat import ChatUI, chat
 from colab_helpers.families import from_transformers
 from colab_helpers.notebook import choose_model, plan_for
 from colab_helpers.planner import check_fits
 from colab_helpers.random_moe import families, random_model, small_config
 from colab_helpers.tiny import tiny_model_path
+from colab_helpers.walkthroughs.setup import prefetch_config
 
 
 @pytest.mark.parametrize("family", families())
@@ -38,7 +39,7 @@ def test_quickstart_runs_a_converted_model_of_every_family(family, tmp_path, mon
         spare_slots=plan.spare_slots,
         context=plan.context,
         policy="lfu_decay",
-        prefetch=PrefetchConfig(enabled=True),
+        prefetch=prefetch_config(None),  # the quickstart's PREFETCH = None: the engine's default
     )
     assert type(model).__name__ == from_transformers(source.config).model_class
     session = ChatSession(model, load_tokenizer(choice.path), SamplingConfig(8, 0.0, 1.0), max_context=plan.context)

@@ -148,10 +148,11 @@ def test_cli_bad_trace_is_one_line_exit_2(capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("twin:")
 
 
-@pytest.mark.parametrize("argv", [[], ["--paper"], ["--model", "mistralai/Mixtral-8x7B-Instruct-v0.1"]])
+@pytest.mark.parametrize("argv", [["--paper"], ["--routing", "trace"]])
 def test_no_trace_given_is_one_line_naming_the_ways_to_give_one(capsys, monkeypatch, argv):
-    """No trace is searched for in fixed places: --trace or $COLAB_HELPERS_TRACE, else a message (Mixtral's
-    projection is never silently made from synthetic routing)."""
+    """No trace is searched for in fixed places: --trace or $COLAB_HELPERS_TRACE, else a message for what needs
+    one (the paper's calibration, --routing trace); a projection without one runs on routing labelled SYNTHETIC
+    (tests/test_cli_polish.py)."""
     monkeypatch.delenv("COLAB_HELPERS_TRACE", raising=False)
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # where ../shared/traces might be: not looked at
     assert twin_cli.cli_main(argv) == 2

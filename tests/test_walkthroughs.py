@@ -108,3 +108,41 @@ def test_the_stickiness_line_says_what_its_numbers_say(monkeypatch, rate: float,
     assert f"{rate:.0%}" in line and "25%" in line and f"({rate / 0.25:.1f}x)" in line and words in line
     if rate < 0.5:
         assert "far more" not in line  # 36% vs 25% is not "far more often than chance"
+
+
+def test_prefetch_effect_calls_a_gap_noise_when_nothing_was_copied_or_within_two_percent() -> None:
+    from colab_helpers.walkthroughs.benchmark import BenchRow, prefetch_effect
+
+    rows = [
+        BenchRow(8, True, 10.4, 1.0, 0.0, 0.0, 32),  # every expert resident: 1.04x is noise
+        BenchRow(8, False, 10.0, 1.0, 0.0, 0.0, 32),
+        BenchRow(2, True, 10.1, 0.8, 3.0, 0.5, 32),  # 1.01x with copies: within 2%
+        BenchRow(2, False, 10.0, 0.6, 2.0, 0.0, 32),
+        BenchRow(1, True, 8.0, 0.5, 3.0, 0.5, 32),  # 0.8x: slower
+        BenchRow(1, False, 10.0, 0.4, 2.0, 0.0, 32),
+    ]
+    lines = dict(zip((1, 2, 8), prefetch_effect(rows).splitlines(), strict=True))
+    assert "no difference (nothing was copied" in lines[8] and "faster" not in lines[8]
+    assert "no difference (within 2%)" in lines[2]
+    assert lines[1].endswith("slower")
+
+
+def test_bits_breakdown_shows_where_three_bit_s_three_point_seven_five_come_from() -> None:
+    from colab_helpers.quant import DEFAULT_EXPERT_SPECS
+    from colab_helpers.walkthroughs.quantization import bits_breakdown
+
+    rows = {
+        line.split()[0]: [float(v) for v in line.split()[2:]]
+        for line in bits_breakdown(DEFAULT_EXPERT_SPECS).splitlines()[1:]
+    }
+    codes, packing, step_zero, _, total = rows["3"]
+    assert (codes, packing, step_zero) == (3.0, 0.5, 0.25) and round(total, 2) == 3.75  # 7 int32 words per 64 codes
+    assert rows["2"][1] == 0.0 and rows["2"][2] == 1.0 and round(rows["2"][4], 2) == 3.02
+
+
+def test_prefetch_config_none_keeps_the_engine_default() -> None:
+    from colab_helpers.moe import PrefetchConfig
+    from colab_helpers.walkthroughs.setup import prefetch_config
+
+    assert prefetch_config(None) == PrefetchConfig()
+    assert prefetch_config(False).enabled is False and prefetch_config(True).enabled

@@ -98,8 +98,14 @@ def bench_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines)
 
 
+NOISE = 0.02  # a speed ratio within 2% of 1 is reported as no difference (a CPU run's noise is often more)
+
+
 def prefetch_effect(rows: Sequence[BenchRow]) -> str:
-    """For each cache size, what prefetch did in this run: hit rate, bytes copied in, speed (from the table)."""
+    """For each cache size, what prefetch did in this run: hit rate, bytes copied in, speed (from the table).
+
+    A speed difference with nothing copied either way (every expert resident) is noise, whatever its size.
+    """
     lines = []
     for k in sorted({r.experts_on_device for r in rows}):
         on = next((r for r in rows if r.experts_on_device == k and r.prefetch), None)
@@ -107,7 +113,12 @@ def prefetch_effect(rows: Sequence[BenchRow]) -> str:
         if on is None or off is None:
             continue
         ratio = on.tokens_per_s / off.tokens_per_s if off.tokens_per_s else float("nan")
-        speed = "faster" if ratio > 1.02 else "slower" if ratio < 0.98 else "the same speed (within 2%)"
+        if on.mib_in_per_token == off.mib_in_per_token == 0:
+            speed = "no difference (nothing was copied either way, so prefetch had nothing to do: the gap is noise)"
+        elif abs(ratio - 1) <= NOISE:
+            speed = f"no difference (within {NOISE:.0%})"
+        else:
+            speed = "faster" if ratio > 1 else "slower"
         lines.append(
             f"k={k}: prefetch {'raised' if on.hit_rate > off.hit_rate else 'did not raise'} the hit rate "
             f"{off.hit_rate:.0%} -> {on.hit_rate:.0%}, copied {off.mib_in_per_token:.2f} -> "

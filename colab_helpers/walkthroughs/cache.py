@@ -208,10 +208,20 @@ def t4_projection(choice, ks: Sequence[int], lfu_decay_rates: Sequence[float], t
     else:
         source = "the embedded tiny model's routing (an illustration of the method only: not Mixtral's routing)"
     timing = TimingModel()
-    lines = [f"idealized T4 bound for Mixtral-8x7B from {source} (lfu_decay; no host cost):"]
+    copy_ms = 1e3 * timing.transfer_s(1)
+    compute_ms = 1e3 * timing.compute_s
+    lines = [
+        f"idealized T4 bound for Mixtral-8x7B from {source} (lfu_decay; no host cost, no prefetch): each miss "
+        f"copies one expert ({copy_ms:.2f} ms), a token's compute reads its weights once ({compute_ms:.1f} ms)"
+    ]
     for k, h in zip(ks, lfu_decay_rates, strict=True):
         p = timing.project_hit_rate(h)
-        speeds = f"{p.serialized:5.2f} tok/s serialized, {p.overlapped:5.2f} tok/s overlapped"
-        lines.append(f"  K={k}: hit rate {h:.2f} -> {speeds}")
-    lines.append("the calibrated T4 twin (host launches, syncs, streams): python -m colab_helpers twin")
+        misses = (1 - h) * timing.num_layers * timing.experts_per_token
+        bound = "PCIe bound: compute hidden behind copies" if p.transfer_s >= p.compute_s else "compute bound"
+        lines.append(
+            f"  K={k}: hit rate {h:.2f} -> {misses:5.2f} misses/token x {copy_ms:.2f} ms = {1e3 * p.transfer_s:5.1f} ms"
+            f" of copies vs {compute_ms:.1f} ms compute: {p.overlapped:5.2f} tok/s overlapped ({bound}), "
+            f"{p.serialized:5.2f} serialized"
+        )
+    lines.append("the calibrated T4 twin (host launches, syncs, streams, prefetch): python -m colab_helpers twin")
     return "\n".join(lines)

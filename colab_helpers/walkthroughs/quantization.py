@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,3 +115,31 @@ def plot_groups(shape: tuple[int, int] = (12, 4), group_size: int = 4, ax=None):
     ax.set_ylabel("output row")
     ax.set_title(f"W{list(shape)}, g={group_size}: group id of each weight")
     return ax
+
+
+def bits_breakdown(specs: dict, shape: tuple[int, int] = (14336, 4096)) -> str:
+    """Where each spec's bits per weight go, from the exact stored tensors of a weight of ``shape``.
+
+    codes: the nominal bits; packing: what the packed ``W_q`` stores beyond them (3-bit puts 10 codes in an
+    int32, 2 bits unused, and a group of 64 codes needs 7 words); step + zero: the 8-bit ``scale_q`` and
+    ``zero_q`` per group; meta: their fp16 scales and zeros.
+    """
+    weights = shape[0] * shape[1]
+
+    def bits(nbytes: int) -> float:
+        return 8 * nbytes / weights
+
+    lines = [f"{'bits':>4} {'group':>6} {'codes':>7} {'packing':>8} {'step+zero':>10} {'meta':>7} {'total':>7}"]
+    for nbits, spec in sorted(specs.items()):
+        sizes = {
+            name: math.prod(shape_) * torch.empty((), dtype=dt).element_size()
+            for name, (dt, shape_) in spec.tensor_specs(shape).items()
+        }
+        packed = bits(sizes.pop("W_q"))
+        step_zero = bits(sizes.pop("meta.scale_q") + sizes.pop("meta.zero_q"))
+        meta = bits(sum(sizes.values()))
+        lines.append(
+            f"{nbits:>4} {spec.group_size:>6} {nbits:>7.3f} {packed - nbits:>8.3f} {step_zero:>10.3f} "
+            f"{meta:>7.3f} {packed + step_zero + meta:>7.3f}"
+        )
+    return "\n".join(lines)

@@ -179,6 +179,17 @@ def choose_model(
     return choice
 
 
+def prefetch_config(setting: bool | None = None):
+    """The quickstart's ``PREFETCH``: None keeps the engine's default ``PrefetchConfig()``; False copies only
+    what a layer asks for; True turns prefetch on with the engine's default settings otherwise."""
+    from dataclasses import replace
+
+    from ..moe import PrefetchConfig
+
+    default = PrefetchConfig()
+    return default if setting is None else replace(default, enabled=bool(setting))
+
+
 def plan_for(choice: ModelChoice, context: int = 4096, experts_on_device: int | None = None):
     """The memory plan for ``choice`` on this machine; the context is capped to what the model supports."""
     from ..checkpoint import Checkpoint

@@ -1,0 +1,185 @@
+"""The numbers the notebooks, README and docs quote, in one place, each with the command and date behind it.
+
+Notebooks print these (never a figure typed into markdown); ``tests/test_figures.py`` checks that the README
+and docs quote the same checkpoint size and projected speed. Nothing here ran on a GPU: the tok/s are the
+T4 twin's projections (``python -m colab_helpers twin``, docs/benchmarks.md), the rest is arithmetic from
+the checkpoint format or a replay of the recorded routing trace (never shipped: pass its path). When a
+change moves a figure, ``remeasure(TRACE)`` reruns every twin row's command and says which moved; update
+them here, with the date, and point ``PROJECTED`` at the row of the engine's default configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+GB = 10**9
+GIB = 2**30
+
+# ---- the checkpoint -------------------------------------------------------------------------------
+
+CHECKPOINT_BYTES = 18_239_794_688
+"""The pre-quantized Mixtral-8x7B (2-bit experts in groups of 16, 4-bit attention in groups of 64, fp16 rest):
+exact, from the shapes and the format (docs/checkpoint_format.md; ``walkthroughs.fits.mixtral_components``
+sums to it, tested)."""
+EXPERT_BYTES = 66_404_364
+"""One 2-bit expert (w1, w2, w3 with steps and zeros): what a cache miss copies over PCIe."""
+
+
+def checkpoint_size_spellings() -> tuple[str, ...]:
+    """Every way a text may write the checkpoint size: bytes, GB (10^9, 2 or 1 decimals), GiB."""
+    b = CHECKPOINT_BYTES
+    return (f"{b:,}", f"{b / GB:.2f} GB", f"{b / GB:.1f} GB", f"{b / GIB:.2f} GiB", f"{b / GIB:.1f} GiB")
+
+
+def checkpoint_size() -> str:
+    """The size as every notebook prints it."""
+    return f"{CHECKPOINT_BYTES:,} B = {CHECKPOINT_BYTES / GB:.2f} GB = {CHECKPOINT_BYTES / GIB:.2f} GiB"
+
+
+# ---- the PCIe bound -------------------------------------------------------------------------------
+
+H2D_BYTES_PER_S = 12.3e9
+"""Pinned host->device copy rate of a T4 (PCIe 3.0 x16), the twin's and ``timing.TimingModel``'s figure."""
+
+
+def expert_copy_ms() -> float:
+    """Milliseconds to copy one 2-bit expert host->device on a T4: the price of every miss and every wrong guess."""
+    return 1e3 * EXPERT_BYTES / H2D_BYTES_PER_S
+
+
+def pcie_bound_tok_s(loads_per_token: float) -> float:
+    """tokens/s when copies dominate: 1 / (loads per token x one copy). Compute hides behind the copies,
+    so nothing (no prefetch either) beats it for that many loads; only fewer loads do."""
+    return 1e3 / (loads_per_token * expert_copy_ms()) if loads_per_token else float("inf")
+
+
+# ---- the T4 twin: projected decode speed of Mixtral-8x7B on a free Colab T4 ---------------------
+
+
+@dataclass(frozen=True)
+class TwinRun:
+    """One projection of the T4 twin (not a measurement): the engine's own schedule, simulated on a T4."""
+
+    configuration: str
+    tok_s: float
+    hit_rate: float
+    loads_per_token: float  # expert copies host->device per token: demand misses + speculative
+    demand_misses_per_token: float
+    speculative_per_token: float
+    h2d_busy_ms: float  # per token
+    total_ms: float  # per token
+    command: str
+
+
+TRACE = "mixtral-8x7b-instruct-routing.npz"  # the recorded real routing (not shipped; read from its own folder)
+_TWIN = "python -m colab_helpers twin --json --tokens 96 --warmup 32 --trace TRACE.npz"
+TWIN_DATE = "2026-12-07, this CPU machine (no GPU), main at e4dfa03"
+"""When the twin rows were produced. Plan: ``plan --vram-gb 15 --ram-gb 12.7`` (6 experts per layer in 15
+layers, 5 in 17, 2 spare slots), ``lfu_decay``, the trace's four sequences back to back."""
+
+TWIN_PREFETCH = TwinRun(
+    "prefetch on, every guess copied, recall 0.8", 8.91, 0.936, 18.29, 4.10, 14.72, 95.9, 112.2, _TWIN
+)
+TWIN_PREFETCH_R09 = TwinRun(
+    "prefetch on, every guess copied, recall 0.9", 10.03, 0.965, 15.70, 2.26, 13.68, 83.5, 99.7, _TWIN + " --recall 0.9"
+)
+TWIN_ORACLE = TwinRun(
+    "prefetch on, every guess right (recall 1.0)", 11.43, 0.994, 12.92, 0.41, 12.51, 69.7, 87.5, _TWIN + " --recall 1.0"
+)
+TWIN_NO_PREFETCH = TwinRun("prefetch off", 10.70, 0.798, 12.92, 12.92, 0.0, 69.7, 93.5, _TWIN + " --no-prefetch")
+TWIN_AUTO: TwinRun | None = None
+"""Gated, preemptible prefetch ("auto"): copies only into free or spare slots, only for guesses the next router
+is confident of, dropped or cut short when a demand copy arrives. Not yet measured in the twin: None until it is."""
+
+PROJECTED = TWIN_PREFETCH
+"""THE projected speed the README and docs headline: the engine's default configuration today."""
+PAPER_T4_TOK_S = 2.09
+"""Measured by the paper (arXiv 2312.17238, Table 2) on a T4, with its prefetch: the only GPU measurement quoted."""
+
+
+def twin_rows() -> tuple[TwinRun, ...]:
+    return tuple(r for r in (TWIN_NO_PREFETCH, TWIN_PREFETCH, TWIN_PREFETCH_R09, TWIN_ORACLE, TWIN_AUTO) if r)
+
+
+def twin_table() -> str:
+    """The twin's rows as text, with the PCIe bound each row's loads allow, the command and the date."""
+    lines = [
+        f"{'configuration':<46}{'tok/s':>7}{'loads/token':>13}{'demand':>8}{'guessed':>9}"
+        f"{'H2D busy':>10}{'token':>8}{'PCIe bound':>12}"
+    ]
+    for r in twin_rows():
+        lines.append(
+            f"{r.configuration:<46}{r.tok_s:>7.2f}{r.loads_per_token:>13.1f}{r.demand_misses_per_token:>8.1f}"
+            f"{r.speculative_per_token:>9.1f}{r.h2d_busy_ms:>8.1f}ms{r.total_ms:>6.1f}ms"
+            f"{pcie_bound_tok_s(r.loads_per_token):>10.1f}/s"
+        )
+    if TWIN_AUTO is None:
+        lines.append(f"{'gated prefetch (auto)':<46}{'not measured yet':>21}")
+    lines.append(f"projected, not measured: {_TWIN} [--no-prefetch | --recall R] ({TWIN_DATE})")
+    return "\n".join(lines)
+
+
+def remeasure(trace: str, run: Callable[[list[str]], str] | None = None) -> str:
+    """Rerun every twin row's command on ``trace`` and say, row by row, whether the stored figures still hold.
+
+    For whoever updates this module after an engine change (then update the rows and ``TWIN_DATE``).
+    ``run`` takes an argv and returns its stdout (default: a subprocess of this Python).
+    """
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    def default_run(argv: list[str]) -> str:
+        return subprocess.run([sys.executable, *argv[1:]], check=True, capture_output=True, text=True).stdout
+
+    run = run or default_run
+    lines = []
+    for row in twin_rows():
+        argv = [trace if a == "TRACE.npz" else a for a in shlex.split(row.command)]
+        now = json.loads(run(argv).strip().splitlines()[-1])
+        pairs = [
+            ("tok/s", row.tok_s, now["tok_s"], 0.005),
+            ("loads/token", row.loads_per_token, now["loads_per_token"], 0.05),
+            ("hit rate", row.hit_rate, now["hit_rate"], 0.0005),
+        ]
+        off = [f"{name} {old} -> {new:g}" for name, old, new, tol in pairs if abs(old - new) > tol]
+        lines.append(f"{row.configuration}: {'changed: ' + ', '.join(off) if off else 'unchanged'}")
+    return "\n".join(lines)
+
+
+def projected_speed() -> str:
+    """The headline projection in one line, labelled as one."""
+    return (
+        f"projected (T4 twin, not measured): {PROJECTED.tok_s:.1f} tok/s with the default prefetch, "
+        f"{TWIN_NO_PREFETCH.tok_s:.1f} with prefetch off; the paper measured {PAPER_T4_TOK_S} tok/s on a T4"
+    )
+
+
+def tok_s_spellings(run: TwinRun = PROJECTED) -> tuple[str, ...]:
+    """How a text may quote a projected speed: two decimals or one."""
+    return (f"{run.tok_s:.2f}", f"{run.tok_s:.1f}")
+
+
+# ---- eviction policies on the real routing trace ---------------------------------------------------
+
+REPLAY_COMMAND = "python -m colab_helpers replay TRACE.npz"
+REPLAY_DATE = "2026-12-07, this CPU machine"
+REPLAY_KS = (2, 3, 4, 5, 6)
+REPLAY_HIT_RATES = {
+    "lru": (0.373, 0.496, 0.612, 0.713, 0.809),
+    "lfu_decay": (0.373, 0.514, 0.631, 0.735, 0.827),
+    "lfu": (0.373, 0.512, 0.628, 0.730, 0.825),
+    "belady": (0.373, 0.604, 0.739, 0.829, 0.894),
+}
+"""Hit rate per expert selection on the real Mixtral trace (4 sequences, 585 decode steps, cold cache per
+sequence and layer): the reason ``lfu_decay`` is the default (docs/cache_policies.md)."""
+
+
+def replay_table() -> str:
+    lines = [f"{'policy':<11}" + "".join(f"{'K=' + str(k):>8}" for k in REPLAY_KS)]
+    for policy, rates in REPLAY_HIT_RATES.items():
+        lines.append(f"{policy:<11}" + "".join(f"{h:>8.3f}" for h in rates))
+    lines.append(f"real Mixtral routing trace, hit rate per expert selection: {REPLAY_COMMAND} ({REPLAY_DATE})")
+    return "\n".join(lines)
