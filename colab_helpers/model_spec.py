@@ -42,6 +42,22 @@ class QuantConfig:
             raise ValueError(f"bit widths must be 2, 3 or 4 (got attention {attn_bits}, experts {expert_bits})")
         return cls(DEFAULT_ATTENTION_SPECS[attn_bits], DEFAULT_EXPERT_SPECS[expert_bits])
 
+    def fitted(self, arch: MoEArchitecture) -> QuantConfig:
+        """These settings with the experts' scale group halved until ``arch``'s expert shapes fit (gpt-oss's
+        2880 x 2880 experts make 129600 groups of 64: not a multiple of 128, a multiple of 64); unchanged
+        when they fit already, and when halving cannot help (``num_groups`` then names the misfit)."""
+        from dataclasses import replace
+
+        spec = self.experts
+        while spec.scale_group_size > 8:
+            try:
+                for shape in arch.expert_shapes.values():
+                    spec.num_groups(shape)
+                return replace(self, experts=spec)
+            except ValueError:
+                spec = replace(spec, scale_group_size=spec.scale_group_size // 2)
+        return self
+
     @classmethod
     def from_config_dict(cls, cfg: dict) -> QuantConfig:
         """Settings stored by our writer, or the public demo's settings when there are none."""
@@ -116,10 +132,16 @@ def _trunk(a: MoEArchitecture) -> tuple[TrunkEntry, ...]:
             out.append(TrunkEntry(p + "self_attn.q_norm.weight", (a.q_norm,), False))
         if a.k_norm:
             out.append(TrunkEntry(p + "self_attn.k_norm.weight", (a.k_norm,), False))
+        if getattr(a, "attn_sinks", False):  # gpt-oss (issue 23's family; absent from older architectures)
+            out.append(TrunkEntry(p + "self_attn.sinks", (a.heads,), False))
         if mixtral:
             continue
         if layer in a.moe_layers:
             out.append(TrunkEntry(f"{p}mlp.{a.router_param}.weight", (a.num_experts, h), False))
+            if getattr(a, "router_bias", False):
+                out.append(TrunkEntry(f"{p}mlp.{a.router_param}.bias", (a.num_experts,), False))
+            biases = getattr(a, "expert_bias_shapes", {}).items()
+            out += [TrunkEntry(f"{p}mlp.experts.{m}", shape, False) for m, shape in biases]
             shared = a.shared_expert_shapes.items()
             out += [TrunkEntry(f"{p}mlp.shared_expert.{m}.weight", shape, True) for m, shape in shared]
             if a.shared_expert_gate:
