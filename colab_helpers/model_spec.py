@@ -100,6 +100,7 @@ def _norm(name: str, h: int, bias: bool) -> list[TrunkEntry]:
     return [TrunkEntry(f"{name}.weight", (h,), False)] + ([TrunkEntry(f"{name}.bias", (h,), False)] if bias else [])
 
 
+@functools.lru_cache(maxsize=64)
 def _trunk(a: MoEArchitecture) -> tuple[TrunkEntry, ...]:
     """Every non-expert tensor of a model of any supported family, as the trunk file stores it.
 
@@ -161,12 +162,52 @@ class ModelSpec:
 
     arch: MoEArchitecture
     quant: QuantConfig
-    trunk: tuple[TrunkEntry, ...]  # every trunk tensor of the source model, layout order
-    trunk_tensors: MappingProxyType[str, TensorShape]  # the trunk file: full layout name -> (dtype, shape)
-    expert_tensors: MappingProxyType[str, TensorShape]  # one expert file, keys relative to it (``w1.W_q`` ...)
-    expert_bytes: int  # one expert as stored (the sum of its tensors)
-    expert_slot_bytes: int  # one expert's flat cache buffer: each tensor starts at a SLOT_ALIGN boundary
-    trunk_bytes: int  # every trunk tensor as stored
+
+    # Resolved on first use, then kept (a spec asked only for its architecture never checks that the
+    # settings fit its shapes, as ``save_checkpoint`` asks before fitting the settings).
+
+    @functools.cached_property
+    def trunk(self) -> tuple[TrunkEntry, ...]:
+        """Every trunk tensor of the source model, in layout order."""
+        return _trunk(self.arch)
+
+    @functools.cached_property
+    def trunk_tensors(self) -> MappingProxyType[str, TensorShape]:
+        """The trunk file (read-only): full layout name -> (dtype, shape); a quantized matrix is 7 tensors."""
+        out: dict[str, TensorShape] = {}
+        for entry in self.trunk:
+            if entry.quantized:
+                base = entry.name.removesuffix(".weight")
+                out.update({f"{base}.{k}": v for k, v in self.quant.attention.tensor_specs(entry.shape).items()})
+            else:
+                out[entry.name] = (torch.float16, entry.shape)
+        return MappingProxyType(out)
+
+    @functools.cached_property
+    def expert_tensors(self) -> MappingProxyType[str, TensorShape]:
+        """One expert file (read-only), keys relative to the expert (``w1.W_q`` ...)."""
+        return MappingProxyType(
+            {
+                f"{mat}.{suffix}": spec
+                for mat, shape in self.arch.expert_shapes.items()
+                for suffix, spec in self.quant.experts.tensor_specs(shape).items()
+            }
+        )
+
+    @functools.cached_property
+    def expert_bytes(self) -> int:
+        """One expert as stored (the sum of its tensors)."""
+        return sum(_bytes(*spec) for spec in self.expert_tensors.values())
+
+    @functools.cached_property
+    def expert_slot_bytes(self) -> int:
+        """One expert's flat cache buffer: each tensor starts at a ``SLOT_ALIGN`` boundary."""
+        return sum(-(-max(_bytes(*spec), 1) // SLOT_ALIGN) * SLOT_ALIGN for spec in self.expert_tensors.values())
+
+    @functools.cached_property
+    def trunk_bytes(self) -> int:
+        """Every trunk tensor as stored."""
+        return sum(_bytes(*spec) for spec in self.trunk_tensors.values())
 
     @classmethod
     def of(cls, config, quant: QuantConfig | None = None) -> ModelSpec:
@@ -249,28 +290,4 @@ class ModelSpec:
 
 @functools.lru_cache(maxsize=64)
 def _resolve(arch: MoEArchitecture, quant: QuantConfig) -> ModelSpec:
-    trunk = _trunk(arch)
-    trunk_tensors: dict[str, TensorShape] = {}
-    for entry in trunk:
-        if entry.quantized:
-            base = entry.name.removesuffix(".weight")
-            for suffix, spec in quant.attention.tensor_specs(entry.shape).items():
-                trunk_tensors[f"{base}.{suffix}"] = spec
-        else:
-            trunk_tensors[entry.name] = (torch.float16, entry.shape)
-    expert_tensors = {
-        f"{mat}.{suffix}": spec
-        for mat, shape in arch.expert_shapes.items()
-        for suffix, spec in quant.experts.tensor_specs(shape).items()
-    }
-    sizes = [_bytes(*spec) for spec in expert_tensors.values()]
-    return ModelSpec(
-        arch=arch,
-        quant=quant,
-        trunk=trunk,
-        trunk_tensors=MappingProxyType(trunk_tensors),
-        expert_tensors=MappingProxyType(expert_tensors),
-        expert_bytes=sum(sizes),
-        expert_slot_bytes=sum(-(-max(n, 1) // SLOT_ALIGN) * SLOT_ALIGN for n in sizes),
-        trunk_bytes=sum(_bytes(*spec) for spec in trunk_tensors.values()),
-    )
+    return ModelSpec(arch, quant)

@@ -37,10 +37,10 @@ def _configs() -> list:
 @pytest.mark.parametrize("bits", sorted(QUANTS))
 @pytest.mark.parametrize("config", _configs())
 def test_spec_agrees_with_every_other_derivation(config, bits: int) -> None:
-    quant = QUANTS[bits]
+    source = config if not isinstance(config, dict) else ck.config_from_dict(config)
+    quant = QUANTS[bits].fitted(ck.arch_of(source))  # the settings save_checkpoint and the planner use
     spec = ModelSpec.of(config, quant)
     arch = spec.arch
-    source = config if not isinstance(config, dict) else ck.config_from_dict(config)
 
     # the family adapter and the checkpoint functions
     assert arch == ck.arch_of(source)
