@@ -666,7 +666,7 @@ colab_helpers); the settings are in `config.json` under `offloading_quantization
 
 ```python
 import colab_helpers as ch
-model = ch.load_model(ch.download("OWNER/THIS-REPO"), device="cuda")
+model = ch.load_model(ch.download("OWNER/THIS-REPO"), device="cuda")  # experts on the GPU: as many as fit
 ```
 
 Output size: {plan.output_bytes / GB:.2f} GB. The license of the source model applies.

@@ -86,7 +86,7 @@ def _numel(shape: Sequence[int]) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def host_buffer(rows: int, nbytes: int, pin: bool) -> torch.Tensor:
+def host_buffer(rows: int, nbytes: int, pin: bool, device: torch.device | None = None) -> torch.Tensor:
     """A ``[rows, nbytes]`` host store, page-locked when ``pin`` so copies to the GPU are async DMA.
 
     Pinned with ``cudaHostRegister`` at exactly its size (``pinning.py``: chunks if the driver refuses
@@ -97,7 +97,7 @@ def host_buffer(rows: int, nbytes: int, pin: bool) -> torch.Tensor:
         return torch.empty(rows, nbytes, dtype=torch.uint8)
     from .pinning import pinned_host_buffer
 
-    return pinned_host_buffer(rows, nbytes)
+    return pinned_host_buffer(rows, nbytes, device=device)  # unpinning waits for this device's copies
 
 
 DEMAND, SPECULATIVE, WRITE_BACK = "demand", "speculative", "write_back"
@@ -336,7 +336,7 @@ class ExpertCache:
         self.engine = engine if engine is not None else CopyEngine(self.device)
         n_slots = sum(self.capacity) + self.spare
         self.device_buf = torch.empty(n_slots, layout.nbytes, dtype=torch.uint8, device=self.device)
-        self.host_buf = host_buffer(n_host, layout.nbytes, pin=self.engine.cuda)
+        self.host_buf = host_buffer(n_host, layout.nbytes, pin=self.engine.cuda, device=self.device)
         self._slot_bufs = list(self.device_buf)  # one view per slot, made once (no per-token view creation)
         self._slot_weights = [layout.weights(buf) for buf in self._slot_bufs]
         self.slot_of: list[dict[int, int]] = [{} for _ in range(num_layers)]

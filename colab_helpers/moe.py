@@ -121,6 +121,7 @@ class OffloadedMoE(nn.Module):
         self._pending_guess: set[int] | None = None
         self._routers: tuple[tuple[int, ...], torch.Tensor] | None = None  # (source pointers, stacked weights)
         self._bars: torch.Tensor | None = None  # per-row confidence bars for the routing readback
+        self._prefill_index: torch.Tensor | None = None  # a prefill's [T, k] routing on the device
         # observers(layer, experts [T][k], guesses [lookahead][<=n] as issued, or None): recorders, notebooks
         self.observers: list = []
 
@@ -138,6 +139,7 @@ class OffloadedMoE(nn.Module):
         else:  # prefill: no guesses (the next layer's own routing comes at once)
             _, weights, index = self.gate(x)
             choice, guesses = index.tolist(), None  # the one host sync
+            self._prefill_index = index  # grouped on the device by ``_run_prefill``
         return self._cache_step(x, weights, choice, guesses).reshape(bsz, seq, hidden)
 
     def _route_one(self, x: torch.Tensor) -> tuple[torch.Tensor, list[list[int]], list[list[int]] | None]:
@@ -248,20 +250,35 @@ class OffloadedMoE(nn.Module):
                 out = kernels.expert_mlp(x, cache.weights(layer, e), coefs[choice[0].index(e)], out)
                 cache.release(layer, e)
             return out
-        routed: dict[int, tuple[list[int], list[int]]] = {}  # expert -> (tokens, ranks), one pass over the
-        for t, row in enumerate(choice):  # host copy of the choice: no nonzero/boolean mask on the device
-            for r, e in enumerate(row):
-                tokens, ranks = routed.setdefault(e, ([], []))
-                tokens.append(t)
-                ranks.append(r)
-        out = torch.zeros_like(x)
+        return self._run_prefill(x, weights, choice, order)
+
+    def _run_prefill(
+        self, x: torch.Tensor, weights: torch.Tensor, choice: list[list[int]], order: list[int]
+    ) -> torch.Tensor:
+        """Prefill: tokens grouped by expert on the device (one stable sort of the routing, no index
+        upload; the group sizes come from the host copy of the choice the layer already read), each
+        expert computing its contiguous slice, one weighted ``index_add_`` back into token order."""
+        cache, layer = self.cache, self.layer
+        k = len(choice[0])
+        index = self._prefill_index  # the router's [T, k] choice, still on the device
+        self._prefill_index = None
+        counts = [0] * (max(order, default=-1) + 1)
+        for row in choice:
+            for e in row:
+                counts[e] += 1
+        starts = [0] * len(counts)
+        for e in range(1, len(counts)):
+            starts[e] = starts[e - 1] + counts[e - 1]
+        position = index.reshape(-1).argsort(stable=True)  # (token, rank) positions, grouped by expert
+        tokens = position // k
+        xs = x.index_select(0, tokens)
+        ys: list[torch.Tensor | None] = [None] * len(counts)
         for e in order:
-            tok, rank = routed[e]
-            tok_i = torch.tensor(tok, device=x.device)
-            y = expert_forward(x[tok_i], cache.weights(layer, e))
-            out.index_add_(0, tok_i, y * weights[tok_i, torch.tensor(rank, device=x.device), None].to(x.dtype))
+            ys[e] = expert_forward(xs[starts[e] : starts[e] + counts[e]], cache.weights(layer, e))
             cache.release(layer, e)
-        return out
+        coef = weights.reshape(-1).index_select(0, position).to(x.dtype)
+        y = torch.cat([t for t in ys if t is not None]) * coef[:, None]
+        return torch.zeros_like(x).index_add_(0, tokens, y)
 
     def _plan_guesses(self, guesses: list[list[int]]) -> list[list[int]]:
         """The guesses to try per following layer: in order, while the token's byte budget covers the ones

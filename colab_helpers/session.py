@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from .generation import GenerationResult, SamplingConfig, generate_stream, planned_context
+from .kv_cache import new_kv_cache
 
 
 class SessionBusy(RuntimeError):
@@ -143,7 +144,7 @@ class ChatSession:
             common -= 1
         if self._cache is None or common == 0:
             self.reset_cache()
-            self._cache = DynamicCache(config=self.model.config)
+            self._cache = new_kv_cache(self.model, self.max_context)  # preallocated, reused turn after turn
             common = 0
         elif common < len(self._cached_ids):
             _truncate(self._cache, common)

@@ -102,6 +102,9 @@ def project_ours(
     )
 
 
+HOST_COST_FIELDS = ("eager_launch_s", "fused_launch_s", "copy_launch_s", "sync_s")  # Hardware's host costs
+
+
 def compare_with_offload(report: dict, trace: dict, tokens: int = 48, warmup: int = 32) -> dict:
     """The twin next to a GPU run of ``benchmarks/gpu_offload.py`` (its ``--json`` report): same plan, policy
     and routing, this GPU's measured copy and kernel bandwidth; predicted vs measured tok/s of "ours (full)".
@@ -120,6 +123,8 @@ def compare_with_offload(report: dict, trace: dict, tokens: int = 48, warmup: in
         "d2h_bytes_per_s": bw["d2h_gbs"] * 1e9 if bw.get("d2h_gbs") else None,
         "hbm_bytes_per_s": kb["peak_gbs"] * 1e9 if kb.get("peak_gbs") else None,
         "kernel_efficiency": kb.get("fraction_of_peak") if kb.get("fused_kernel", True) else None,
+        # host seconds per eager op, Triton launch, async copy and sync, measured in the same run (gpu_check)
+        **{k: (report.get("host_costs") or {}).get(k) for k in HOST_COST_FIELDS},
     }
     hw = replace(base.with_measured(**measured), name=f"{device or base.name} (measured copies and kernel)")
     ks = full["experts_on_device"]
