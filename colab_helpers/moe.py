@@ -13,7 +13,10 @@ One decode step of a layer, in the order the GPU should see it:
 2. every demand copy this layer needs (``ExpertCache.demand``), before any expert is computed;
 3. the next layers' guesses (speculative prefetch, arXiv 2312.17238 §3.2), gated on the next router's
    probability and capped in bytes per token, issued after this layer's demand copies on their own
-   lower-priority stream, so they overlap this layer's compute and never get ahead of a demand load;
+   lower-priority stream, so they overlap this layer's compute and never get ahead of a demand load.
+   ``mode="auto"`` (the default) loads a guess only into a free slot (nothing resident is evicted for
+   it) and in chunks, ``chunks_per_step`` issued per layer step: a demand copy queues behind at most
+   those, and guesses not started yet are dropped when a demand load comes (``ExpertCache.stage``);
 4. the experts, resident ones first, each a fused low-bit MLP that adds its weighted output in place.
 """
 
@@ -36,10 +39,23 @@ class PrefetchConfig:
     """Speculative prefetch: how many guesses per layer, how many layers ahead, and how much to spend."""
 
     enabled: bool = True
+    mode: str = "auto"  # "auto": free slots only, chunked, paced; "evict": a guess may evict (the paper's way)
     experts: int = 2  # guesses per layer (top-n of the next router); Mixtral uses top-2
     lookahead: int = 1  # layers ahead to guess (1 = the paper's next-layer guess)
     min_confidence: float = 0.0  # a guess needs at least this next-router probability (0: every top-n guess)
     max_bytes_per_token: int | None = None  # speculative bytes per decode token over all layers (None: no cap)
+    chunks: int = 8  # "auto": a guess's copy in this many chunks (a demand waits for at most one in flight)
+    chunks_per_step: int = 1  # "auto": speculative chunks issued per layer step (paces the bus, see docs)
+
+    def __post_init__(self) -> None:
+        if self.mode not in PREFETCH_MODES:
+            raise ValueError(f"prefetch mode must be one of {PREFETCH_MODES}, got {self.mode!r}")
+        if self.chunks < 1 or self.chunks_per_step < 0:
+            raise ValueError(f"prefetch chunks must be >= 1 and chunks_per_step >= 0, got {self.chunks}, "
+                             f"{self.chunks_per_step}")  # fmt: skip
+
+
+PREFETCH_MODES = ("auto", "evict")
 
 
 def expert_forward(x: torch.Tensor, w: dict[str, QuantizedWeight]) -> torch.Tensor:
@@ -227,6 +243,8 @@ class OffloadedMoE(nn.Module):
         order = cache.demand(layer, used)  # every demand copy it can issue, before any compute
         if tried is not None:
             self._issue_guesses(tried)  # after the demand copies, overlapping this layer's compute
+        if self.prefetch.enabled and self.prefetch.mode == "auto":
+            cache.pump(self.prefetch.chunks_per_step)
         shared = self._shared(x)  # queued before the routed experts: it computes while their copies land
         out = self._run_experts(x, weights, choice, order)
         cache.end_step(layer)
@@ -299,9 +317,11 @@ class OffloadedMoE(nn.Module):
 
     def _issue_guesses(self, tried: list[list[int]]) -> None:
         cache, nbytes = self.cache, self.cache.layout.nbytes
+        staging, chunks = self.prefetch.mode == "auto", self.prefetch.chunks
         for step, (block, guess) in enumerate(zip(self._following, tried, strict=False)):
             for e in guess:
-                if cache.prefetch(block.layer, e, keep=guess):
+                started = cache.stage(block.layer, e, chunks) if staging else cache.prefetch(block.layer, e, keep=guess)
+                if started:
                     cache.speculative_bytes_left -= nbytes
             if step == 0 and guess:  # an all-gated-out step scores nothing (a trace cannot tell it from none)
                 block._pending_guess = set(guess)

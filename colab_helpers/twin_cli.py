@@ -97,6 +97,27 @@ def _parser() -> argparse.ArgumentParser:
         "--recall", type=float, default=PAPER_RECALL, help="prefetch guess recall (= precision) (default %(default)s)"
     )
     p.add_argument("--no-prefetch", action="store_true", help="simulate without speculative prefetch")
+    p.add_argument(
+        "--prefetch-mode",
+        choices=("auto", "evict"),
+        default="auto",
+        help="auto (default): guesses load only into free slots, in chunks, paced; evict: a guess may evict",
+    )
+    p.add_argument(
+        "--chunks", type=int, default=None, help="auto: chunks per speculative load (default: PrefetchConfig's, 8)"
+    )
+    p.add_argument(
+        "--chunks-per-step",
+        type=int,
+        default=None,
+        help="auto: speculative chunks issued per layer step (default: PrefetchConfig's, 1)",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        help="next-router probability a guess needs (default: PrefetchConfig's, 0)",
+    )
     p.add_argument("--policy", default="lfu_decay", help="eviction policy (default lfu_decay)")
     p.add_argument("--tokens", type=positive_int, default=48, help="decode steps recorded (default 48)")
     p.add_argument("--warmup", type=_non_negative_int, default=32, help="decode steps run first (default 32)")
@@ -303,11 +324,28 @@ def _project(args: argparse.Namespace, target: Target | None, names: list[str] |
         ks = family_plan(target.arch, target.quant, args.vram_gb, args.ram_gb)
     family = None if target is None else target.family
     proj = project_ours(
-        routing, ks, hw, args.recall, args.policy, not args.no_prefetch, args.tokens, args.warmup, family
-    )
+        routing, ks, hw, args.recall, args.policy, not args.no_prefetch, args.tokens, args.warmup, family,
+        _prefetch_config(args),
+    )  # fmt: skip
     proj.notes["model"] = "Mixtral-8x7B (2-bit experts)" if target is None else target.name
     proj.notes["routing"] = label
     return proj
+
+
+def _prefetch_config(args: argparse.Namespace):
+    """The ``PrefetchConfig`` the twin's engine runs with: the engine's defaults, with the flags given."""
+    from .moe import PrefetchConfig
+
+    given = {"mode": args.prefetch_mode, "chunks": args.chunks, "chunks_per_step": args.chunks_per_step}
+    given["min_confidence"] = args.min_confidence
+    if (
+        given["chunks"] is not None
+        and given["chunks"] < 1
+        or given["chunks_per_step"] is not None
+        and given["chunks_per_step"] < 0
+    ):
+        raise ValueError("--chunks must be >= 1 and --chunks-per-step >= 0")
+    return PrefetchConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def _emit(obj: dict, args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .twin import H200, NUM_LAYERS, PAPER_RECALL, T4, Hardware, Timeline, decode_rows, simulate
+from .twin import EXPERT_BYTES, H200, NUM_LAYERS, PAPER_RECALL, T4, Hardware, Timeline, decode_rows, simulate
 from .twin_record import EngineRun, record_engine
 
 FREE_T4 = {"vram_gb": 15.0, "ram_gb": 12.7}  # what a fresh free Colab T4 reports (planner defaults)
@@ -42,7 +42,7 @@ class EngineProjection:
     syncs_per_token: float  # dispatch_count's harness: the engine's forward per decode token
     launches_per_token: float
     fused_per_token: float
-    loads_per_token: float
+    loads_per_token: float  # expert-sized host->device copies per token (demand + speculative chunks)
     notes: dict
 
     def to_dict(self) -> dict:
@@ -75,12 +75,20 @@ def project_ours(
     tokens: int = 48,
     warmup: int = 32,
     family=None,
+    prefetch_config=None,
 ) -> EngineProjection:
     """Record our engine decoding ``routing`` [T, L, k] at ``experts_on_device`` and simulate it on ``hw``.
 
     ``family``: a ``twin_family.FamilyTwin`` for another model (None: Mixtral-8x7B's narrow engine)."""
     run = EngineRun(
-        tuple(experts_on_device), policy, prefetch, recall, decode_tokens=tokens, warmup_tokens=warmup, family=family
+        tuple(experts_on_device),
+        policy,
+        prefetch,
+        recall,
+        decode_tokens=tokens,
+        warmup_tokens=warmup,
+        family=family,
+        prefetch_config=prefetch_config,
     )
     s = record_engine(run, routing)
     notes = dict(s.notes)
@@ -97,7 +105,7 @@ def project_ours(
         notes.pop("harness_syncs_per_token"),
         notes.pop("harness_launches_per_token"),
         s.per_token("fused"),
-        s.per_token("copy") / 2,
+        s.bytes_per_token("copy", "demand") / EXPERT_BYTES + s.bytes_per_token("copy", "speculative") / EXPERT_BYTES,
         notes,
     )
 
