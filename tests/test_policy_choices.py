@@ -48,6 +48,13 @@ ROWS = [
         "1's decayed score (0.677) is the lowest: neither the fewest uses nor the oldest",
         {"half_life_tokens": 2},
     ),
+    Row(
+        "transition",
+        ((0,), (1,), (2,), (0,)),
+        (0, 1),
+        0,
+        "after 0 came 1 last time, and 0 was just used: 0 goes although it is the most used and most recent",
+    ),
 ]
 
 
