@@ -174,10 +174,15 @@ def trunk_entries(cfg) -> list[TrunkEntry]:
             out.append(TrunkEntry(p + "self_attn.q_norm.weight", (a.q_norm,), False))
         if a.k_norm:
             out.append(TrunkEntry(p + "self_attn.k_norm.weight", (a.k_norm,), False))
+        if a.attn_sinks:
+            out.append(TrunkEntry(p + "self_attn.sinks", (a.heads,), False))
         if mixtral:
             continue
         if layer in a.moe_layers:
             out.append(TrunkEntry(f"{p}mlp.{a.router_param}.weight", (a.num_experts, h), False))
+            if a.router_bias:
+                out.append(TrunkEntry(f"{p}mlp.{a.router_param}.bias", (a.num_experts,), False))
+            out += [TrunkEntry(f"{p}mlp.experts.{m}", shape, False) for m, shape in a.expert_bias_shapes.items()]
             shared = a.shared_expert_shapes.items()
             out += [TrunkEntry(f"{p}mlp.shared_expert.{m}.weight", shape, True) for m, shape in shared]
             if a.shared_expert_gate:
@@ -443,12 +448,16 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i:05d}-of-{n:05d}.safetensors"
 
 
-def expert_matrices(gate_up: torch.Tensor, down: torch.Tensor, expert: int) -> dict[str, torch.Tensor]:
+def expert_matrices(
+    gate_up: torch.Tensor, down: torch.Tensor, expert: int, interleaved: bool = False
+) -> dict[str, torch.Tensor]:
     """One expert's ``w1``/``w2``/``w3`` ([out, in] each) from transformers 5's fused expert tensors.
 
     ``gate_up`` is ``[E, 2I, H]`` (gate rows first, then up rows), ``down`` is ``[E, H, I]``; the expert
     computes ``down @ (silu(gate @ x) * (up @ x))``, so ``w1`` = gate, ``w3`` = up, ``w2`` = down.
     """
+    if interleaved:  # gpt-oss: gate_up [E, H, 2I] with gate/up columns alternating, down [E, I, H]
+        return {"w1": gate_up[expert, :, ::2].T, "w2": down[expert].T, "w3": gate_up[expert, :, 1::2].T}
     inter = gate_up.shape[1] // 2
     return {"w1": gate_up[expert, :inter], "w2": down[expert], "w3": gate_up[expert, inter:]}
 
@@ -483,7 +492,7 @@ def quantize_matrix(
     """
     from .quant import quantize
 
-    w = weight.detach()
+    w = weight.detach().contiguous()  # gpt-oss experts arrive as transposed views
     if device is not None:
         w = w.to(device)
     qw = quantize(w, spec, optimize=optimize)
@@ -623,11 +632,17 @@ def trunk_tensors(
 
 
 def expert_tensors(
-    gate_up: torch.Tensor, down: torch.Tensor, expert: int, spec: QuantSpec, optimize: bool = True, device=None
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    expert: int,
+    spec: QuantSpec,
+    optimize: bool = True,
+    device=None,
+    interleaved: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One expert file's 21 tensors (keys relative to the expert: ``w1.W_q`` ...)."""
     tensors = {}
-    for mat, w in expert_matrices(gate_up, down, expert).items():
+    for mat, w in expert_matrices(gate_up, down, expert, interleaved).items():
         tensors.update({f"{mat}.{k}": t for k, t in quantize_matrix(w, spec, optimize, device).items()})
     return tensors
 
@@ -667,7 +682,8 @@ def save_checkpoint(
         gate_up, down = sd[p + "gate_up_proj"], sd[p + "down_proj"]
         for e in range(arch.num_experts):
             write_shard(
-                expert_tensors(gate_up, down, e, quant.experts, optimize, device), out / expert_file(cfg, layer, e)
+                expert_tensors(gate_up, down, e, quant.experts, optimize, device, arch.expert_layout == "interleaved"),
+                out / expert_file(cfg, layer, e),
             )
             bar.update(1)
     bar.close()

@@ -80,6 +80,29 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
             lm_head_bias=True,
         ),
     ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            num_hidden_layers=2,
+            intermediate_size=256,
+            head_dim=64,  # q is [512, 256], as gpt-oss-20b's [4096, 2880]: not hidden / heads
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=4,  # layer 0 slides over 4 tokens, layer 1 is full: both differ on a 12-token prompt
+            layer_types=["sliding_attention", "full_attention"],
+            swiglu_limit=1.0,  # low enough that the clamps bite on these weights (gpt-oss-20b: 7.0)
+            rope_parameters=dict(
+                rope_type="yarn",
+                factor=4.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=64,
+                rope_theta=150000.0,
+            ),
+        ),
+    ),
 }
 
 
@@ -116,7 +139,7 @@ def random_model(config_or_family, seed: int = 0) -> torch.nn.Module:
         for i in arch.moe_layers:
             getattr(model.model.layers[i].mlp, arch.router_param).weight.normal_(0, 0.5)
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith((".bias", "_bias", ".sinks")):  # gpt-oss: expert biases, attention sinks
                 p.normal_(0, 0.1)
             elif "norm" in name.rsplit(".", 2)[-2]:
                 p.normal_(1, 0.1)
