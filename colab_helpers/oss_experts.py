@@ -4,7 +4,7 @@ Everything about caching, routing and prefetch is ``OffloadedMoE``'s: gpt-oss's 
 bias*, softmax over the top-k logits) runs as its own module, with the next layers' guesses beside it and
 the one host sync of a decode step unchanged (``moe._route_one``). What differs is one expert:
 
-    g = w1 x + b_gate,  u = w3 x + b_up,  y = w2((clamp(u, -l, l) + 1) * min(g, l) * sigmoid(alpha * min(g, l))) + b_down
+    g = min(w1 x + b_gate, l),  u = clamp(w3 x + b_up, -l, l),  y = w2((u + 1) * g * sigmoid(alpha * g)) + b_down
 
 (``GptOssExperts._apply_gate``; the published gate/up columns are interleaved, split at conversion into
 w1 = gate and w3 = up). The biases are resident (in the trunk, [E, .] per layer), indexed by a Python int,
