@@ -109,7 +109,7 @@ class ModelSizes:
         mlp = len(a.moe_layers) * sum(quant.attention.nbytes(sh) for sh in a.shared_expert_shapes.values())
         mlp += len(a.dense_layers) * sum(quant.attention.nbytes(sh) for sh in a.dense_mlp_shapes.values())
         fp16 = a.embedding_params + a.num_layers * (a.norm_params + a.attention_small_params)
-        fp16 += len(a.moe_layers) * a.router_params
+        fp16 += len(a.moe_layers) * (a.router_params + a.expert_bias_params)  # gpt-oss's expert biases: trunk
         stored_lm_head = not a.tie_embeddings or a.family == "mixtral"  # Mixtral's trunk stores it even when tied
         if a.tie_embeddings and a.family == "mixtral":
             fp16 += a.vocab * a.hidden
