@@ -146,4 +146,51 @@ def random_model(config_or_family, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-__all__ = ["COMMON", "VARIANTS", "families", "random_model", "small_config"]
+def save_mxfp4_source(out, config=None, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny gpt-oss checkpoint as openai publishes gpt-oss-20b: experts as MXFP4 ``*_blocks``/``*_scales``
+    (random codes, ``mxfp4.random_blocks``), everything else as tensors of ``dtype``, ``quantization_config``
+    ``mxfp4`` in config.json, two shards (a layer's blocks beside their scales). Returns ``(folder, model)``:
+    ``model`` holds the decoded experts, so ``save_checkpoint(model)`` is what converting the folder must give."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .mxfp4 import dequantize, random_blocks
+
+    model = random_model(config or "gpt_oss", seed)
+    cfg = model.config
+    e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    shards: dict[str, dict[str, torch.Tensor]] = {"model-00001-of-00002.safetensors": {}}
+    shards["model-00002-of-00002.safetensors"] = {}
+    names = list(shards)
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}.mlp.experts."
+        for n, (name, shape) in enumerate((("gate_up_proj", (e, 2 * i, h)), ("down_proj", (e, h, i)))):
+            blocks, scales = random_blocks(shape, seed=seed * 1000 + layer * 2 + n)
+            with torch.no_grad():  # the model computes with what transformers decodes: [E, cols, rows]
+                getattr(model.model.layers[layer].mlp.experts, name).copy_(dequantize(blocks, scales).transpose(1, 2))
+            del sd[p + name]
+            shard = shards[names[(layer + n) % 2]]
+            shard[f"{p}{name}_blocks"], shard[f"{p}{name}_scales"] = blocks, scales
+    for n, (k, v) in enumerate(sorted(sd.items())):
+        shards[names[n % 2]][k] = v
+    weight_map = {}
+    for name, tensors in shards.items():
+        save_file(tensors, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = {"metadata": {"total_size": sum(t.nbytes for s in shards.values() for t in s.values())}}
+    (out / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}, indent=2))
+    config_dict = {**cfg.to_dict(), "architectures": ["GptOssForCausalLM"]}
+    config_dict["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn"],
+    }
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2))
+    return out, model.eval()
+
+
+__all__ = ["COMMON", "VARIANTS", "families", "random_model", "save_mxfp4_source", "small_config"]
