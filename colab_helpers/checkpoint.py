@@ -69,6 +69,22 @@ class QuantConfig:
             raise ValueError(f"bit widths must be 2, 3 or 4 (got attention {attn_bits}, experts {expert_bits})")
         return cls(DEFAULT_ATTENTION_SPECS[attn_bits], DEFAULT_EXPERT_SPECS[expert_bits])
 
+    def fitted(self, arch: MoEArchitecture) -> QuantConfig:
+        """These settings with the experts' scale group halved until ``arch``'s expert shapes fit (gpt-oss's
+        2880 x 2880 experts make 129600 groups of 64: not a multiple of 128, a multiple of 64); unchanged
+        when they fit already, and when halving cannot help (``num_groups`` then names the misfit)."""
+        from dataclasses import replace
+
+        spec = self.experts
+        while spec.scale_group_size > 8:
+            try:
+                for shape in arch.expert_shapes.values():
+                    spec.num_groups(shape)
+                return replace(self, experts=spec)
+            except ValueError:
+                spec = replace(spec, scale_group_size=spec.scale_group_size // 2)
+        return self
+
     @classmethod
     def from_config_dict(cls, cfg: dict) -> QuantConfig:
         """Settings stored by our writer, or the public demo's settings when there are none."""
@@ -672,7 +688,7 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     arch = arch_of(cfg)  # UnsupportedFamilyError for any other model
-    quant = QuantConfig.for_bits(attn_bits, expert_bits)
+    quant = QuantConfig.for_bits(attn_bits, expert_bits).fitted(arch)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     bar = tqdm(total=num_files(cfg), desc="quantizing", unit="file", disable=not progress)
     write_shard(trunk_tensors(sd, cfg, quant, optimize, device), out / trunk_file(cfg))

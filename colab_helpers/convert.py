@@ -334,6 +334,7 @@ def plan_conversion(
     cfg_dict = _read_json_file(source, CONFIG_FILE, meta)
     config = _family_config(cfg_dict, source)
     arch = from_transformers(config)
+    quant = quant.fitted(arch)  # a smaller expert scale group where the shapes need it (gpt-oss at 3/4 bits)
     _check_shapes(arch, quant, source)
     shard_tensors = _shard_tensors(source, meta)
     shards = tuple(sorted(shard_tensors))

@@ -876,7 +876,11 @@ def model_for_cli(model: str, expert_bits: int) -> tuple[MixtralConfig | MoEArch
         raise UsageError(f"--model {model}: {err}") from err
     except Exception as err:  # transformers (strict dataclass validation) rejected the config's fields
         raise UsageError(f"--model {model}: config.json is not a valid {cfg.get('model_type')} config ({err})") from err
-    quant = QuantConfig.from_config_dict(cfg) if QUANT_CONFIG_KEY in cfg else QuantConfig.for_bits(4, expert_bits)
+    quant = (
+        QuantConfig.from_config_dict(cfg)
+        if QUANT_CONFIG_KEY in cfg
+        else QuantConfig.for_bits(4, expert_bits).fitted(arch)
+    )
     try:
         ModelSizes.of(arch, quant)
     except ValueError as err:  # a shape the bit width's group sizes do not divide
