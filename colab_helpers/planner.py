@@ -19,6 +19,7 @@ import torch
 from transformers import MixtralConfig
 
 from .attention import T4_CAPABILITY, AttentionPath, choose_attention
+from .oss_experts import sink_attention
 from .checkpoint import QUANT_CONFIG_KEY, QuantConfig, config_from_dict
 from .experts import _ALIGN
 from .families import MoEArchitecture, from_transformers
@@ -103,6 +104,7 @@ class ModelSizes:
         ``checkpoint.expected_trunk_tensors`` lists (``tests/test_family_layout.py``).
         """
         a = config if isinstance(config, MoEArchitecture) else from_transformers(config)
+        quant = quant.fitted(a)  # the expert scale group the writer would use (64 for gpt-oss-20b at 3/4 bits)
         attn_shapes = a.attention_shapes.values()
         mlp_shapes = [*a.shared_expert_shapes.values()] + ([*a.dense_mlp_shapes.values()] if a.dense_layers else [])
         attn = sum(quant.attention.nbytes(shape) for shape in attn_shapes)
@@ -579,6 +581,8 @@ def plan_memory(
     s = ModelSizes.of(config, quant)
     dev = _device(device).type
     attention = attention or _default_attention(dev, budget)
+    if (config if isinstance(config, MoEArchitecture) else from_transformers(config)).attn_sinks:
+        attention = sink_attention(attention)  # gpt-oss runs eager attention: its scores counted like math's
     if context < 1:
         raise ValueError(f"context must be at least 1 token, got {context}")
     if dev == "cuda" and budget.vram is None:
