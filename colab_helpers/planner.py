@@ -19,10 +19,10 @@ import torch
 from transformers import MixtralConfig
 
 from .attention import T4_CAPABILITY, AttentionPath, choose_attention
-from .oss_experts import sink_attention
 from .checkpoint import QUANT_CONFIG_KEY, QuantConfig, config_from_dict
 from .experts import _ALIGN
 from .families import MoEArchitecture, from_transformers
+from .oss_experts import sink_attention
 from .quant import DEFAULT_EXPERT_SPECS, dequantize_peak_bytes
 
 GB = 10**9
