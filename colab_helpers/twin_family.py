@@ -123,6 +123,7 @@ _CONFIG_FIELDS = {
     "qwen2_moe": ("Qwen2MoeConfig", "num_experts", "moe_intermediate_size"),
     "qwen3_moe": ("Qwen3MoeConfig", "num_experts", "moe_intermediate_size"),
     "phimoe": ("PhimoeConfig", "num_local_experts", "intermediate_size"),
+    "gpt_oss": ("GptOssConfig", "num_local_experts", "intermediate_size"),
 }
 
 
@@ -165,7 +166,7 @@ class FamilyTwin:
         )
         if a.family in ("olmoe", "qwen2_moe", "qwen3_moe"):
             fields["norm_topk_prob"] = a.norm_topk_prob
-        if a.family in ("olmoe", "phimoe"):
+        if a.family in ("olmoe", "phimoe", "gpt_oss"):
             fields["attention_bias"] = a.qkv_bias
         if a.family == "olmoe":  # its q/k norms are sized by hidden / heads, whatever head_dim says
             fields["head_dim"] = NARROW_HIDDEN // a.heads
