@@ -142,3 +142,25 @@ def test_four_bit_experts_whose_groups_need_a_scale_group_of_64(tmp_path) -> Non
     model = load_model(tmp_path, experts_on_device=2, prefetch=PrefetchConfig(enabled=True), progress=False)
     with torch.no_grad():
         assert rel_err(model(PROMPT).logits, ref(PROMPT).logits) < 1e-3
+
+
+def test_chunked_prefill_over_sliding_window_layers_matches_the_whole_prompt(tmp_path) -> None:
+    """The GPU path prefills in chunks (``generation.prefill``): with chunks of 4, layer 0's window of 4 and
+    sinks, the next-token logits after a 12-token prompt are plain transformers' on the whole prompt."""
+    from transformers import DynamicCache
+
+    from colab_helpers.attention import AttentionPath
+    from colab_helpers.generation import prefill
+
+    save_checkpoint(random_model("gpt_oss"), tmp_path, optimize=False, progress=False)
+    ref = dequantized_reference(tmp_path)
+    chunked = AttentionPath("sdpa", "cpu", None, 4, "test: a GPU's chunked prefill on the CPU")
+    model = load_model(tmp_path, experts_on_device=3, attention=chunked, progress=False)
+    assert model.attention_path.implementation == "eager" and model.attention_path.prefill_chunk == 4
+    cache = DynamicCache(config=model.config)
+    prefill(model, PROMPT, cache, 4)
+    mask = torch.ones(1, PROMPT.shape[1], dtype=torch.long)
+    with torch.no_grad():
+        last = model(input_ids=PROMPT[:, -1:], attention_mask=mask, past_key_values=cache).logits[:, -1]
+        want = ref(PROMPT).logits[:, -1]
+    assert rel_err(last, want) < 1e-3
