@@ -464,18 +464,20 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i:05d}-of-{n:05d}.safetensors"
 
 
-def expert_matrices(
-    gate_up: torch.Tensor, down: torch.Tensor, expert: int, interleaved: bool = False
-) -> dict[str, torch.Tensor]:
+def expert_matrices(gate_up: torch.Tensor, down: torch.Tensor, expert: int) -> dict[str, torch.Tensor]:
     """One expert's ``w1``/``w2``/``w3`` ([out, in] each) from transformers 5's fused expert tensors.
 
     ``gate_up`` is ``[E, 2I, H]`` (gate rows first, then up rows), ``down`` is ``[E, H, I]``; the expert
     computes ``down @ (silu(gate @ x) * (up @ x))``, so ``w1`` = gate, ``w3`` = up, ``w2`` = down.
     """
-    if interleaved:  # gpt-oss: gate_up [E, H, 2I] with gate/up columns alternating, down [E, I, H]
-        return {"w1": gate_up[expert, :, ::2].T, "w2": down[expert].T, "w3": gate_up[expert, :, 1::2].T}
     inter = gate_up.shape[1] // 2
     return {"w1": gate_up[expert, :inter], "w2": down[expert], "w3": gate_up[expert, inter:]}
+
+
+def interleaved_expert_matrices(gate_up: torch.Tensor, down: torch.Tensor, expert: int) -> dict[str, torch.Tensor]:
+    """``expert_matrices`` for gpt-oss: ``gate_up`` [E, H, 2I] with gate and up columns alternating
+    (``GptOssExperts``: gate = ``[..., ::2]``, up = ``[..., 1::2]``), ``down`` [E, I, H]; transposed views."""
+    return {"w1": gate_up[expert, :, ::2].T, "w2": down[expert].T, "w3": gate_up[expert, :, 1::2].T}
 
 
 def num_files(cfg) -> int:
@@ -658,7 +660,8 @@ def expert_tensors(
 ) -> dict[str, torch.Tensor]:
     """One expert file's 21 tensors (keys relative to the expert: ``w1.W_q`` ...)."""
     tensors = {}
-    for mat, w in expert_matrices(gate_up, down, expert, interleaved).items():
+    split = interleaved_expert_matrices if interleaved else expert_matrices
+    for mat, w in split(gate_up, down, expert).items():
         tensors.update({f"{mat}.{k}": t for k, t in quantize_matrix(w, spec, optimize, device).items()})
     return tensors
 
