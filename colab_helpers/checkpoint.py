@@ -192,6 +192,7 @@ def trunk_entries(cfg) -> list[TrunkEntry]:
             out.append(TrunkEntry(p + "self_attn.k_norm.weight", (a.k_norm,), False))
         if a.attn_sinks:
             out.append(TrunkEntry(p + "self_attn.sinks", (a.heads,), False))
+        out += [TrunkEntry(f"{p}self_attn.{m}.weight", (n,), False) for m, n in a.attention_norms.items()]
         if mixtral:
             continue
         if layer in a.moe_layers:
@@ -200,7 +201,7 @@ def trunk_entries(cfg) -> list[TrunkEntry]:
                 out.append(TrunkEntry(f"{p}mlp.{a.router_param}.bias", (a.num_experts,), False))
             out += [TrunkEntry(f"{p}mlp.experts.{m}", shape, False) for m, shape in a.expert_bias_shapes.items()]
             shared = a.shared_expert_shapes.items()
-            out += [TrunkEntry(f"{p}mlp.shared_expert.{m}.weight", shape, True) for m, shape in shared]
+            out += [TrunkEntry(f"{p}mlp.{a.shared_name}.{m}.weight", shape, True) for m, shape in shared]
             if a.shared_expert_gate:
                 out.append(TrunkEntry(p + "mlp.shared_expert_gate.weight", (1, h), False))
         else:
@@ -626,7 +627,9 @@ def model_to_layout_names(sd: dict[str, torch.Tensor], cfg) -> Iterator[tuple[st
 
 
 # trunk matrices quantized with the attention settings (``trunk_entries``), by layout name
-QUANTIZED_TRUNK = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.)?(gate|up|down)_proj)\.weight$")
+QUANTIZED_TRUNK = re.compile(
+    r"\.(self_attn\.([qkvo]|q_[ab]|kv_a|kv_b)_proj(_with_mqa)?|mlp\.(shared_experts?\.)?(gate|up|down)_proj)\.weight$"
+)  # kv_a_proj_with_mqa, kv_b_proj, q_a/q_b_proj: DeepSeek-V2's latent attention; shared_experts: its shared MLP
 
 
 def stored_trunk_tensor(

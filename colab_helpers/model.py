@@ -188,7 +188,7 @@ def assemble_model(
         if arch.router_bias:
             bias = trunk.pop(f"model.layers.{i}.mlp.{arch.router_param}.bias").to(device_of(i), dtype)
             gate.bias = torch.nn.Parameter(bias, requires_grad=False)
-        shared = getattr(sparse, "shared_expert", None) if arch.shared_intermediate else None
+        shared = getattr(sparse, arch.shared_name, None) if arch.shared_intermediate else None
         shared_gate = getattr(sparse, "shared_expert_gate", None) if arch.shared_expert_gate else None
         if arch.expert_bias:  # gpt-oss: biased experts, clamped SwiGLU (oss_experts.py)
             b = {

@@ -131,8 +131,9 @@ class ModelSizes:
             intermediate=max(a.expert_intermediate, a.shared_intermediate, a.dense_intermediate),
             vocab=a.vocab,
             heads=a.heads,
-            kv_heads=a.kv_heads,
-            head_dim=a.head_dim,
+            # MLA (DeepSeek-V2): transformers caches one latent of kv_lora + rope per token and layer, as 1 x half
+            kv_heads=1 if a.mla else a.kv_heads,
+            head_dim=(a.mla[1] + a.mla[2] + 1) // 2 if a.mla else a.head_dim,
             attention_bits=quant.attention.nbits,
             expert_bits=quant.experts.nbits,
             expert_bytes=sum(expert),

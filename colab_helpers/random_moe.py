@@ -80,6 +80,29 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
             lm_head_bias=True,
         ),
     ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=8,  # MLA: every head has its own keys and values
+            intermediate_size=512,  # layer 0's dense MLP
+            moe_intermediate_size=256,
+            n_routed_experts=8,
+            n_shared_experts=2,  # one shared MLP of 2 x 256
+            num_experts_per_tok=3,
+            first_k_dense_replace=1,
+            kv_lora_rank=128,
+            q_lora_rank=None,  # DeepSeek-V2-Lite's plain q_proj
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=64,  # kv_a_proj_with_mqa out = 128 + 64 = 192: a multiple of the 4-bit group
+            v_head_dim=32,
+            routed_scaling_factor=1.5,  # not 1: a lost scaling shows in the logits
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
     "gpt_oss": (
         "GptOssConfig",
         "GptOssForCausalLM",
@@ -89,8 +112,7 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
             head_dim=64,  # q is [512, 256], as gpt-oss-20b's [4096, 2880]: not hidden / heads
             num_local_experts=8,
             num_experts_per_tok=2,
-            sliding_window=4,  # layer 0 slides over 4 tokens, layer 1 is full: both differ on a 12-token prompt
-            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=4,  # even layers slide over 4 tokens, odd ones are full (the config's default order)
             swiglu_limit=1.0,  # low enough that the clamps bite on these weights (gpt-oss-20b: 7.0)
             rope_parameters=dict(
                 rope_type="yarn",

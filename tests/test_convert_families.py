@@ -38,6 +38,7 @@ PUBLISHED = {
     "qwen3_moe": ("mlp.experts.0.gate_proj.weight", "mlp.gate.weight"),
     # save_pretrained (and the bf16 releases) keep gpt-oss's experts fused; openai's MXFP4 spelling: test_gpt_oss.py
     "gpt_oss": ("mlp.experts.gate_up_proj", "mlp.router.weight"),
+    "deepseek_v2": ("mlp.experts.0.gate_proj.weight", "mlp.gate.weight"),
 }
 
 
@@ -137,7 +138,7 @@ def test_published_router_names_map_to_each_familys_module() -> None:
     "config, needle",
     [
         ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "model family 'llama' is not supported"),
-        ({"model_type": "deepseek_v2"}, "model family 'deepseek_v2' is not supported"),
+        ({"model_type": "granitemoe"}, "model family 'granitemoe' is not supported"),
         ({"model_type": "mixtral", "architectures": ["MixtralForSequenceClassification"]}, "only causal"),
     ],
 )

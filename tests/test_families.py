@@ -49,6 +49,23 @@ TINY = {
         "PhimoeForCausalLM",
         dict(num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, vocab_size=100),
     ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            kv_lora_rank=32,
+            q_lora_rank=None,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            vocab_size=100,
+        ),
+    ),
     "gpt_oss": (
         "GptOssConfig",
         "GptOssForCausalLM",
@@ -69,13 +86,13 @@ def _role(name: str) -> str:
         return "expert_bias"
     if ".mlp.experts." in name:
         return "experts"
-    if ".mlp.shared_expert." in name:
+    if ".mlp.shared_expert." in name or ".mlp.shared_experts." in name:
         return "shared"
     if ".mlp.gate." in name or ".mlp.router." in name or ".mlp.shared_expert_gate." in name:
         return "router"
     if ".mlp." in name:
         return "dense_mlp"
-    if ".self_attn." in name and name.endswith("_proj.weight"):
+    if ".self_attn." in name and name.endswith(("_proj.weight", "_with_mqa.weight")):
         return "attention"
     if ".self_attn." in name:
         return "attention_small"
@@ -131,6 +148,13 @@ def test_layer_rules_and_family_specifics():
     oss = from_transformers(tiny("gpt_oss")[0])
     assert oss.router_bias and oss.expert_bias and oss.attn_sinks and oss.qkv_bias and oss.o_bias
     assert oss.expert_layout == "interleaved" and oss.norm_topk_prob and oss.router_param == "router"
+    ds = from_transformers(tiny("deepseek_v2")[0])
+    assert ds.moe_layers == (1, 2, 3) and ds.dense_layers == (0,) and ds.shared_intermediate == 48
+    assert ds.attention_shapes["kv_a_proj_with_mqa"] == (32 + 8, 64) and ds.attention_shapes["kv_b_proj"] == (
+        4 * 28,
+        32,
+    )
+    assert ds.attention_norms == {"kv_a_layernorm": 32} and not ds.norm_topk_prob
 
 
 def test_detect_family_by_model_type_or_architectures():
@@ -157,6 +181,7 @@ CARD = {
     "microsoft--Phi-3.5-MoE-instruct": (41.9, 6.6),
     # the card's 3.6 B active leaves out the 0.58 B embedding table, counted here (data/configs/README.md)
     "openai--gpt-oss-20b": (20.9, 3.6 + 0.58),
+    "deepseek-ai--DeepSeek-V2-Lite-Chat": (15.7, 2.4 + 0.21),  # the card's 2.4 B active: embedding table left out
 }
 
 

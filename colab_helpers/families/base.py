@@ -52,6 +52,10 @@ class MoEArchitecture:
     expert_bias: bool = False  # experts have biases: ``experts.gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]
     expert_layout: str = "gate_rows"  # fused experts: [E, 2I, H] gate rows first; "interleaved": gpt-oss's [E, H, 2I]
     attn_sinks: bool = False  # one learned sink logit per attention head (gpt-oss's ``self_attn.sinks``)
+    shared_name: str = "shared_expert"  # the shared expert's module ("shared_experts": DeepSeek-V2)
+    # multi-head latent attention (DeepSeek-V2): (q_lora_rank (0: plain q_proj), kv_lora_rank, rope dim, v dim);
+    # head_dim is then the q/k head (nope + rope); () for standard attention
+    mla: tuple[int, ...] = ()
 
     # ---- shapes ----------------------------------------------------------------------------------
 
@@ -88,7 +92,23 @@ class MoEArchitecture:
     @property
     def attention_shapes(self) -> dict[str, Shape]:
         q, kv, h = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden
+        if self.mla:  # DeepSeek-V2's latent attention
+            q_lora, kv_lora, rope, v = self.mla
+            out = {"q_a_proj": (q_lora, h), "q_b_proj": (q, q_lora)} if q_lora else {"q_proj": (q, h)}
+            nope = self.head_dim - rope
+            out["kv_a_proj_with_mqa"] = (kv_lora + rope, h)
+            out["kv_b_proj"] = (self.heads * (nope + v), kv_lora)
+            out["o_proj"] = (h, self.heads * v)
+            return out
         return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+
+    @property
+    def attention_norms(self) -> dict[str, int]:
+        """MLA's RMSNorms inside attention, by module name: elements of each weight (fp16 in the trunk)."""
+        if not self.mla:
+            return {}
+        q_lora, kv_lora = self.mla[:2]
+        return {"q_a_layernorm": q_lora, "kv_a_layernorm": kv_lora} if q_lora else {"kv_a_layernorm": kv_lora}
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
@@ -122,6 +142,7 @@ class MoEArchitecture:
                 out[f"{p}self_attn.k_norm.weight"] = (self.k_norm,)
             if self.attn_sinks:
                 out[f"{p}self_attn.sinks"] = (self.heads,)
+            out.update({f"{p}self_attn.{m}.weight": (n,) for m, n in self.attention_norms.items()})
             if layer not in self.moe_layers:
                 out.update({f"{p}mlp.{m}.weight": shape for m, shape in self.dense_mlp_shapes.items()})
                 continue
@@ -129,7 +150,7 @@ class MoEArchitecture:
             if self.router_bias:
                 out[f"{p}mlp.{self.router_param}.bias"] = (self.num_experts,)
             out.update({f"{p}mlp.experts.{m}": s for m, s in self.expert_bias_shapes.items()})
-            out.update({f"{p}mlp.shared_expert.{m}.weight": s for m, s in self.shared_expert_shapes.items()})
+            out.update({f"{p}mlp.{self.shared_name}.{m}.weight": s for m, s in self.shared_expert_shapes.items()})
             if self.shared_expert_gate:
                 out[f"{p}mlp.shared_expert_gate.weight"] = (1, h)
         return out
@@ -150,7 +171,7 @@ class MoEArchitecture:
         """One layer's attention biases and q/k norms (kept in fp16)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         small = (q + 2 * kv) * self.qkv_bias + self.hidden * self.o_bias + self.q_norm + self.k_norm
-        return small + self.heads * self.attn_sinks
+        return small + self.heads * self.attn_sinks + sum(self.attention_norms.values())
 
     @property
     def shared_params(self) -> int:
