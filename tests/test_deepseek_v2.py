@@ -65,3 +65,21 @@ def test_lite_plans_one_latent_per_token_and_layer_in_the_kv_cache() -> None:
         "kv_b_proj": (16 * 256, 512),
         "o_proj": (2048, 16 * 128),
     }
+
+
+def test_full_deepseek_v2_query_lora_matches_transformers(tmp_path) -> None:
+    """DeepSeek-V2 (not Lite) compresses queries too: q_a_proj -> q_a_layernorm -> q_b_proj."""
+    config = small_config("deepseek_v2", q_lora_rank=64)
+    assert set(quantized_trunk_shapes(config)) >= {
+        "model.layers.1.self_attn.q_a_proj",
+        "model.layers.1.self_attn.q_b_proj",
+    }
+    save_checkpoint(random_model(config), tmp_path, optimize=False, progress=False)
+    model = load_model(tmp_path, experts_on_device=2, progress=False)
+    ref = dequantized_reference(tmp_path)
+    with torch.no_grad():
+        assert rel_err(model(PROMPT).logits, ref(PROMPT).logits) < 1e-3
+    assert torch.equal(
+        model.generate(PROMPT, max_new_tokens=6, do_sample=False),
+        ref.generate(PROMPT, max_new_tokens=6, do_sample=False),
+    )
