@@ -1,6 +1,6 @@
 """Streaming converter: a transformers MoE checkpoint (hub repo or folder) -> the offloading layout.
 
-The family (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Phi-3.5-MoE, gpt-oss) comes from the source's config.json; its
+The family (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Phi-3.5-MoE, gpt-oss, DeepSeek-V2) comes from the source's config.json; its
 adapter says how the published shards name experts and router (``families/source_names.py``; gpt-oss's
 published MXFP4 experts are decoded by ``mxfp4.py`` first, the one quantized source accepted). A source is
 read one safetensors shard at a time, each tensor straight from the memory map, and quantized with the same
@@ -850,7 +850,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "src",
         help="hub repo id (owner/name) or local folder of a transformers Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE or "
-        "Phi-3.5-MoE or gpt-oss checkpoint (the family is read from its config.json)",
+        "Phi-3.5-MoE, gpt-oss or DeepSeek-V2 checkpoint (the family is read from its config.json)",
     )
     p.add_argument("out", help="output folder (rerun with the same arguments to resume)")
     p.add_argument("--expert-bits", type=int, default=2, choices=(2, 3, 4), help="expert bit width (default 2)")
