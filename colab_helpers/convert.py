@@ -1,7 +1,7 @@
 """Streaming converter: a transformers MoE checkpoint (hub repo or folder) -> the offloading layout.
 
-The family (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Phi-3.5-MoE, gpt-oss, DeepSeek-V2) comes from the source's config.json; its
-adapter says how the published shards name experts and router (``families/source_names.py``; gpt-oss's
+The family (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Phi-3.5-MoE, gpt-oss, DeepSeek-V2) comes from the source's
+config.json; its adapter says how the published shards name experts and router (``families/source_names.py``; gpt-oss's
 published MXFP4 experts are decoded by ``mxfp4.py`` first, the one quantized source accepted). A source is
 read one safetensors shard at a time, each tensor straight from the memory map, and quantized with the same
 per-tensor functions as ``save_checkpoint`` (HQQ's optimizer, on the GPU when there is one). An expert is
