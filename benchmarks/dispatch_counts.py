@@ -6,7 +6,11 @@ their launches). Two models: the embedded tiny model and a random Mixtral-shaped
 ``--families`` also the tiny random model of every supported family (``colab_helpers.random_moe``, saved with
 ``save_checkpoint`` and loaded with ``load_model``).
 
+``--prefill-layer N`` instead counts one prefill chunk of N tokens through one full-size Mixtral-8x7B decoder
+layer (4096/14336, 8 experts, top-2, random weights; vocabulary cut to 256), as the CUDA path issues it.
+
 Usage: ``python benchmarks/dispatch_counts.py [--tokens 8] [--dtype float16] [--families] [--json]``
+       ``python benchmarks/dispatch_counts.py --prefill-layer 1024``
 """
 
 from __future__ import annotations
@@ -62,13 +66,48 @@ def _loader(path: str):
     return lambda kw: load_model(path, check_memory=False, **kw)
 
 
+def prefill_layer(tokens: int) -> dict:
+    """One ``tokens``-token prefill chunk through one full-size Mixtral layer: syncs and launches, as on CUDA."""
+    from colab_helpers.dispatch_count import count_prefill
+    from colab_helpers.synthetic import mixtral_8x7b_config
+
+    mcfg = mixtral_8x7b_config()
+    mcfg.num_hidden_layers, mcfg.vocab_size = 1, 256
+    quant = QuantConfig()
+    cfg = OffloadConfig(experts_on_device=8, dense_on_cpu=False, progress=False)  # float32 on the CPU
+    model = assemble_model(mcfg, quant, random_trunk(mcfg, quant), random_experts(mcfg, quant), cfg)
+    ids = torch.randint(3, mcfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    c = count_prefill(model, ids)
+    return {
+        "tokens": tokens,
+        "moe_syncs": c.moe.syncs,
+        "moe_launches": c.moe.launches,
+        "layer_syncs": c.total.syncs,
+        "layer_launches": c.total.launches,
+        "moe_ops": dict(c.moe.ops),
+        "ops": dict(c.total.ops),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--families", action="store_true", help="also every supported family's tiny random model")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--prefill-layer", type=int, default=None, metavar="N", help="count an N-token prefill chunk")
     args = ap.parse_args(argv)
+    if args.prefill_layer:
+        r = prefill_layer(args.prefill_layer)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        print(f"# one {r['tokens']}-token prefill chunk, one full-size Mixtral layer, counts as on CUDA")
+        print(f"MoE block: {r['moe_syncs']} syncs, {r['moe_launches']} launches")
+        print(f"whole layer (+ embedding, norm, lm_head): {r['layer_syncs']} syncs, {r['layer_launches']} launches")
+        for op, n in sorted(r["moe_ops"].items(), key=lambda kv: -kv[1])[:12]:
+            print(f"  {op}: {n}")
+        return 0
     dtype = getattr(torch, args.dtype)
     family_paths = saved_families() if args.families else {}
     rows = []

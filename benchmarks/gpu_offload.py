@@ -37,8 +37,9 @@ import torch
 
 from colab_helpers.checkpoint import QuantConfig, expert_shapes
 from colab_helpers.experts import ExpertLayout
+from colab_helpers.kernels import expert_mlp
 from colab_helpers.model import OffloadConfig, assemble_model
-from colab_helpers.moe import PrefetchConfig, expert_forward
+from colab_helpers.moe import PrefetchConfig
 from colab_helpers.synthetic import ScriptedRouter, mixtral_8x7b_config, random_experts, random_trunk, smoke_config
 
 T4_VRAM_BUDGET_GB = 15.0  # what torch.cuda.mem_get_info reports free on a fresh Colab T4 (≈15.1 GB)
@@ -109,6 +110,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _t4_attention():
+    from colab_helpers.t4_emulation import t4_attention
+
+    return t4_attention()
+
+
 def build_model(config, quant: QuantConfig, settings: BenchSettings, k, prefetch: bool, policy: str):
     cfg = OffloadConfig(
         device=settings.device,
@@ -117,6 +124,7 @@ def build_model(config, quant: QuantConfig, settings: BenchSettings, k, prefetch
         prefetch=PrefetchConfig(enabled=prefetch),
         progress=False,
         dense_on_cpu=True,
+        attention=_t4_attention() if settings.cap_vram_gb is not None else None,  # T4 emulation: its path
     )
     trunk = random_trunk(config, quant, settings.device)
     return assemble_model(config, quant, trunk, random_experts(config, quant, settings.device), cfg)
@@ -311,7 +319,8 @@ def bandwidth(settings: BenchSettings, nbytes: int, repeats: int = 10) -> dict[s
 
 
 def kernel_bandwidth(config, quant, settings: BenchSettings, repeats: int = 20) -> dict[str, float | str]:
-    """One expert's decode GEMVs (w1, w3, w2): packed bytes read per second.
+    """One expert as decode runs it (``kernels.expert_mlp``: w1 and w3 in one fused launch, then w2 with the
+    weighted sum into the layer output): packed bytes read per second.
 
     On CUDA: timed with CUDA events over a CUDA-graph replay of several distinct expert buffers (more
     bytes than the L2 holds), as ``kernel_bench.py`` does, so Python launch overhead is not counted;
@@ -335,7 +344,9 @@ def kernel_bandwidth(config, quant, settings: BenchSettings, repeats: int = 20) 
         experts.append(layout.weights(buf))
     dtype = torch.float16 if _cuda(settings) else torch.float32
     x = torch.randn(1, config.hidden_size, device=settings.device, dtype=dtype)
-    calls = [lambda w=w: expert_forward(x, w) for w in experts]
+    coef = torch.tensor(0.5, dtype=dtype, device=settings.device)
+    out = torch.zeros_like(x)
+    calls = [lambda w=w: expert_mlp(x, w, coef, out) for w in experts]
     if _cuda(settings):
         seconds, timing = _cuda_seconds_per_call(calls, repeats)
     else:
@@ -489,9 +500,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     settings = replace(settings, trace=args.trace)
     quant = QuantConfig()
-    if settings.cap_vram_gb is not None:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, settings.cap_vram_gb * 1e9 / total))
+    emulation = None
+    if settings.cap_vram_gb is not None:  # 15.0 GB minus what the runtime holds outside the allocator; no flash
+        from colab_helpers.t4_emulation import cap_like_t4
+
+        emulation = cap_like_t4("cuda", int(settings.cap_vram_gb * 1e9))
     if _cuda(settings) and args.full_k is None:  # the cache a free T4 gets (on a bigger GPU: as if it were one)
         settings = replace(settings, full_k=planned_experts(config, quant, t4_budget(settings)))
     trace, trace_path = (None, None)
@@ -509,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if settings.cap_vram_gb is not None:
         print(
-            f"# T4 emulation: caching allocator capped to {settings.cap_vram_gb} GB, plan for {settings.ram_budget_gb} "
+            f"# T4 emulation: caching allocator capped to {emulation['cap_bytes'] / 1e9:.3f} GB "
+            f"({settings.cap_vram_gb} GB - {emulation['runtime_outside_bytes'] / 1e9:.3f} GB the runtime holds "
+            f"outside it), T4 attention (memory-efficient SDPA, chunked prefill), plan for {settings.ram_budget_gb} "
             f"GB host RAM; PCIe and memory bandwidth are this GPU's (see the T4 projection table)"
         )
 
@@ -528,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
                 "partial": partial,
                 "wall_s": time.perf_counter() - started,
+                "t4_emulation": emulation,
+                "routing": f"trace {trace_path}" if trace is not None else "the model's random routers (no trace)",
             }
             Path(args.json).write_text(json.dumps(payload, indent=2))
 

@@ -12,11 +12,16 @@ Where widget callbacks arrive decides how an answer can be stopped:
   mode ends the answer (``ChatSession.stop``). Cells keep running meanwhile; the expert cache's lock
   keeps the model correct, and a second message to the same conversation is refused.
 
-The thread is known only when a click arrives, and it can change between clicks: ipykernel 7.4 routes
-a comm's next message to the shell it last published from, so in JupyterLab the first Send after a
-cell touched the widget runs on the main thread (where Kernel → Interrupt works) and later ones on
-the subshell. So the mode is decided per click, before the answer starts, and the Stop button and
-the note under the widget follow it.
+The way to stop is decided once, before the first answer, and kept (``ChatUI.subshell``). Deciding per click
+does not work: ipykernel 7.4 routes a comm's next message to the shell it last published from, so in
+JupyterLab the first Send after a cell touched the widget arrives on the main thread and later ones on
+the subshell, and a widget that followed the thread offered Kernel → Interrupt for one answer and a
+Stop button for the next. What does not change is whether the front end opened kernel subshells: when
+it has (JupyterLab with ``commsOverSubshells``), every answer runs on a worker thread with the Stop
+button, even one whose click came on the main thread (the main thread is then free, so the Stop click
+is delivered there at once); otherwise (Colab, Notebook 6) every answer runs in the callback and the
+interrupt stops it. The widget decides when it is built if the kernel already says, else at the first
+callback (a click arriving off the main thread also means subshells), and never again.
 
 The widget watches its session, so turns made with ``chat()`` from a cell appear as they stream, and a
 widget built over a session that already has turns (a second ``ChatUI`` in a later cell, after ``chat()``
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import contextvars
 import html
+import json
 import sys
 import threading
 import time
@@ -57,6 +63,14 @@ NOTE_UNKNOWN = (
     "JupyterLab a Stop button appears here when it works. The text so far is kept."
 )
 STOP_NOTE = NOTE_MAIN_THREAD  # what Colab users read (kept for older imports)
+# an answer's end, in words (GenerationStats.stop_reason)
+STOP_WORDS = {
+    "eos": "answer complete",
+    "length": "max new tokens reached",
+    "stopped": "stopped early",
+    "interrupted": "stopped early",
+    "out_of_memory": "out of GPU memory",
+}
 KEYS_HINT = "Ctrl+Enter (or Shift+Enter) sends, Enter starts a new line"
 ROLE_NAMES = {"user": "You", "assistant": "Model"}
 ROLE_COLORS = {"user": "#1a5fb4", "assistant": "#26a269"}
@@ -77,6 +91,29 @@ KEYS_JS = (
 )
 
 
+# Notebook 6 (ipywidgets 7.7.1) loses a widget displayed by a Run All sent while the kernel was starting: the
+# widget manager re-renders the cell and the view comes back hidden (docs/notebooks.md). The widget cannot
+# see that from the kernel, so this output watches its own cell: when the chat is still not visible a few
+# seconds after the output rendered, it says to run the cell again, and it removes the line once the chat
+# shows. Classic Notebook only (``Jupyter.notebook``); JupyterLab and Colab do not lose the widget.
+RERUN_LINE = (
+    "The chat box did not appear (Notebook 6 loses widgets shown while the kernel was still starting): "
+    "run this cell again to show it."
+)
+WATCH_JS = (
+    "(function(el){if(!(window.Jupyter&&window.Jupyter.notebook)||(window.google&&window.google.colab)){return;}"
+    "var node=el&&(el.jquery?el[0]:el);if(!node){return;}var started=Date.now();"
+    "var timer=setInterval(function(){var out=node.closest&&node.closest('.output');"
+    "var age=Date.now()-started;if(!out){if(age>60000){clearInterval(timer);}return;}"
+    "var chat=out.querySelector('." + CSS_CHAT + "');var shown=!!chat&&chat.offsetParent!==null;"
+    "if(shown){node.textContent='';clearInterval(timer);return;}"
+    "if(age>5000&&!node.textContent){var line=document.createElement('div');line.className='colab-helpers-rerun';"
+    "line.style.color='#c01c28';line.textContent=" + json.dumps(RERUN_LINE) + ";node.appendChild(line);}"
+    "if(age>600000){clearInterval(timer);}},500);"
+    "})(typeof element!=='undefined'?element:null);"
+)
+
+
 def _widgets():
     """ipywidgets, imported only when a UI is built (core modules never import it)."""
     try:
@@ -84,6 +121,30 @@ def _widgets():
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("the chat widget needs ipywidgets: pip install 'ipywidgets>=7.7'") from err
     return ipywidgets
+
+
+def kernel_has_subshells() -> bool | None:
+    """Whether the front end opened kernel subshells (JupyterLab's ``commsOverSubshells``): True/False when an
+    ipykernel with subshell support runs this code, None when nothing says (no kernel, an older ipykernel)."""
+    kernel_module = sys.modules.get("ipykernel.kernelbase")
+    if kernel_module is None:
+        return None
+    kernel_class = kernel_module.Kernel
+    if not kernel_class.initialized():
+        return None
+    manager = getattr(getattr(kernel_class.instance(), "shell_channel_thread", None), "manager", None)
+    if manager is None or not hasattr(manager, "list_subshell"):
+        return None
+    try:
+        return bool(manager.list_subshell())
+    except Exception:  # the kernel's internals changed: fall back to the first callback's thread
+        return None
+
+
+def max_new_tokens_cap(context: int, limit: int = 2048) -> int:
+    """The slider's top: a quarter of the context stays for the conversation, so a useful prompt always fits
+    (at the context length itself every message would be refused)."""
+    return max(1, min(limit, int(context) - max(1, int(context) // 4)))
 
 
 def _vram_gb(model: Any) -> float | None:
@@ -101,13 +162,16 @@ def _vram_gb(model: Any) -> float | None:
 
 
 def stats_line(stats: GenerationStats | None) -> str:
-    """The short line under the chat: speed, cache hit rate, prefetch precision, VRAM, why it stopped."""
+    """The short line under the chat, in words: tokens, speed, cache hit rate, prefetch precision, GPU memory
+    (on a GPU only) and how the answer ended."""
     if stats is None:
         return ""
     parts = [f"{stats.new_tokens} tokens", f"{stats.tokens_per_s:.2f} tok/s", f"cache hit rate {stats.hit_rate:.0%}"]
     parts.append(f"prefetch precision {stats.prefetch_precision:.0%}")
-    parts.append("VRAM -" if stats.vram_gb is None else f"VRAM {stats.vram_gb:.2f} GB")
-    return " · ".join(parts) + f" · [{stats.stop_reason}]"
+    if stats.vram_gb is not None:
+        parts.append(f"VRAM {stats.vram_gb:.2f} GB in use")
+    parts.append(STOP_WORDS.get(stats.stop_reason, stats.stop_reason))
+    return " · ".join(parts)
 
 
 def turn_note(turn: ChatTurn) -> str | None:
@@ -121,10 +185,19 @@ def turn_note(turn: ChatTurn) -> str | None:
     return None
 
 
-def render_transcript(turns: list[tuple[str, str]], notes: dict[int, str] | None = None, cursor: bool = False) -> str:
-    """The transcript as HTML; every message is escaped (``& < >``), newlines kept."""
+def render_transcript(
+    turns: list[tuple[str, str]], notes: dict[int, str] | None = None, cursor: bool = False, forgotten: int = 0
+) -> str:
+    """The transcript as HTML; every message is escaped (``& < >``), newlines kept. ``forgotten`` turns that no
+    longer fit the context are named in a first line (the model does not see them any more)."""
     notes = notes or {}
     rows = []
+    if forgotten:
+        rows.append(
+            f'<div class="colab-helpers-forgotten" style="color:#888;font-style:italic;margin:4px 0">'
+            f"{forgotten} earlier turn(s) no longer fit the model's context and were forgotten: the model does not "
+            "see them any more (lower max new tokens, or Clear, to make room)</div>"
+        )
     for i, (role, text) in enumerate(turns):
         who = ROLE_NAMES.get(role, role)
         color = ROLE_COLORS.get(role, "#444")
@@ -136,7 +209,7 @@ def render_transcript(turns: list[tuple[str, str]], notes: dict[int, str] | None
             f'<div style="margin:4px 0"><b style="color:{color}">{who}:</b> '
             f'<span style="white-space:pre-wrap">{body}</span>{note}</div>'
         )
-    if not rows:
+    if not turns and not forgotten:
         rows.append('<div style="color:#888">No messages yet: type below and press Send (or Ctrl+Enter).</div>')
     return '<div style="font-family:sans-serif;line-height:1.4">' + "".join(rows) + "</div>"
 
@@ -167,9 +240,13 @@ class ChatUI:
         self.status_line = ""
         self.last_result: GenerationResult | None = None
         self.renders = 0  # how many times the transcript HTML was rewritten (streaming is visible in tests)
-        self.worker: threading.Thread | None = None  # the answer's thread when callbacks come from a subshell
-        # None until a callback arrives: True = callbacks on a kernel subshell thread (JupyterLab)
-        self.subshell: bool | None = False if "google.colab" in sys.modules else None
+        self.worker: threading.Thread | None = None  # the answer's thread in the Stop-button mode
+        # how answers stop, decided once (module docstring): True = worker thread + Stop button (kernel subshells,
+        # JupyterLab), False = in the callback + the notebook's interrupt (Colab, Notebook 6), None = not known yet
+        self.subshell: bool | None = False if "google.colab" in sys.modules else kernel_has_subshells() or None
+        self._error = False  # the status line shows an error (cleared by the next action)
+        self._box_message: str | None = None  # the prompt box's text while its answer runs (cleared at "start")
+        self._just_answered = False  # the box was emptied by the last answer and not touched since
         self._pieces = 0
         self._started = self._last_refresh = 0.0
         # session events (any thread) and the first look at the session take turns, so a widget built while an
@@ -177,19 +254,29 @@ class ChatUI:
         self._events = threading.RLock()
 
         s = session.sampling
-        limit = max(1, min(max_new_tokens_limit, int(session.max_context) - 1))
-        knob = {
-            "style": {"description_width": "initial"},
-            "continuous_update": False,
-            "layout": w.Layout(width="auto", min_width="12em", flex="1 1 26em"),
-        }
+        limit = max_new_tokens_cap(int(session.max_context), max_new_tokens_limit)
+        knob = {"style": {"description_width": "initial"}, "continuous_update": False}
         self.max_new_tokens = w.IntSlider(
-            value=min(s.max_new_tokens, limit), min=1, max=limit, step=1, description="max new tokens", **knob
+            value=min(s.max_new_tokens, limit),
+            min=1,
+            max=limit,
+            step=1,
+            description="max new tokens",
+            layout=w.Layout(width="auto"),
+            **knob,
         )
         self.temperature = w.FloatSlider(
-            value=s.temperature, min=0.0, max=1.5, step=0.05, description="temperature (0 = greedy)", **knob
+            value=s.temperature,
+            min=0.0,
+            max=1.5,
+            step=0.05,
+            description="temperature (0 = greedy)",
+            layout=w.Layout(width="auto"),
+            **knob,
         )
-        self.top_p = w.FloatSlider(value=s.top_p, min=0.05, max=1.0, step=0.05, description="top-p", **knob)
+        self.top_p = w.FloatSlider(
+            value=s.top_p, min=0.05, max=1.0, step=0.05, description="top-p", layout=w.Layout(width="auto"), **knob
+        )
         for slider in (self.max_new_tokens, self.temperature, self.top_p):
             slider.observe(self._on_knob, names="value")
         self._on_knob()
@@ -205,6 +292,7 @@ class ChatUI:
             layout=w.Layout(width="auto"),
         )
         self.prompt.add_class(CSS_PROMPT)
+        self.prompt.observe(self._on_typed, names="value")
         self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane", tooltip=KEYS_HINT)
         self.send_button.add_class(CSS_SEND)
         self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
@@ -220,9 +308,15 @@ class ChatUI:
                 self.transcript_html,
                 self.prompt,
                 w.HBox([self.send_button, self.stop_button, self.clear_button]),
+                # a grid of equal columns, as many as fit: never one slider stretched alone over a whole row
                 w.HBox(
                     [self.max_new_tokens, self.temperature, self.top_p],
-                    layout=w.Layout(width="auto", flex_flow="row wrap"),
+                    layout=w.Layout(
+                        width="auto",
+                        display="grid",
+                        grid_template_columns="repeat(auto-fit, minmax(17em, 1fr))",
+                        grid_gap="0 1em",
+                    ),
                 ),
                 self.status_html,
                 self.note_html,
@@ -262,6 +356,7 @@ class ChatUI:
         """Sliders → ``session.sampling`` (read by the next answer; the seed is kept)."""
         if change is not None:
             self._heard_from_front_end()
+            self._clear_error()
         self.session.sampling = replace(
             self.session.sampling,
             max_new_tokens=int(self.max_new_tokens.value),
@@ -274,20 +369,33 @@ class ChatUI:
     def send(self, text: str | None = None) -> GenerationResult | None:
         """Send ``text`` (default: the prompt box) and stream the answer; None when nothing was generated."""
         message = self.prompt.value if text is None else text
+        if text is None:
+            self._box_message = message  # the box empties when the answer starts (it no longer looks unsent)
         try:
             result = self.session.send(message, sampling=self.sampling)
         except (ValueError, SessionBusy) as err:  # empty, too long or busy: nothing changed, the text stays
             self._set_status(str(err), error=True)
             return None
         except KeyboardInterrupt:  # stopped before generation began (tokenizing): nothing to keep
+            self._restore_box(message)
             self._set_status("stopped before the answer began; the conversation is unchanged")
             return None
         except Exception as err:  # a bug: say so on the status line (never a stale "generating…"), then raise
+            self._restore_box(message)
             self._set_status(f"{type(err).__name__}: {err}", error=True)
             raise
-        if text is None and result.stats.stop_reason != "out_of_memory":
-            self.prompt.value = ""
+        finally:
+            self._box_message = None
+        if text is None and result.stats.stop_reason == "out_of_memory":
+            self._restore_box(message)  # nothing useful came back: the text stays to send again
+        elif text is None:
+            self._just_answered = True  # a second click of a double-click, delivered now, finds the box empty
         return result
+
+    def _restore_box(self, message: str) -> None:
+        """Put the unsent text back when the box was emptied at the answer's start and the answer failed."""
+        if not self.prompt.value and message:
+            self.prompt.value = message
 
     def stop(self) -> bool:
         """End the running answer after its current token; False when none runs."""
@@ -295,6 +403,7 @@ class ChatUI:
 
     def clear(self) -> None:
         """Forget the conversation (and its KV cache); sliders keep their values."""
+        self._clear_error()
         try:
             self.session.clear()  # the session tells every view (see ``_on_session``)
         except SessionBusy as err:
@@ -325,6 +434,8 @@ class ChatUI:
 
     def _on_session_event(self, event: str, detail: object) -> None:
         if event == "start":
+            if self._box_message is not None and self.prompt.value == self._box_message:
+                self.prompt.value = ""  # this widget's own message: shown in the transcript from now on
             self._pieces = 0
             self._started = self._last_refresh = time.perf_counter()
             self._set_enabled(False)
@@ -344,6 +455,7 @@ class ChatUI:
                 self._render()
         elif event == "clear":
             self.last_result = None
+            self._just_answered = False
             self._set_status("conversation cleared")
             self._render()
 
@@ -369,21 +481,23 @@ class ChatUI:
         self._render()
 
     def _live_stats(self) -> None:
-        """Speed, cache hit rate, prefetch precision and VRAM so far in this answer (text pieces ≈ tokens)."""
+        """Tokens, speed, cache hit rate, prefetch precision (and GPU memory on a GPU) so far in this answer; one
+        streamed text piece is about one token."""
         elapsed = time.perf_counter() - self._started
-        parts = [f"{self._pieces} pieces", f"~{self._pieces / max(elapsed, 1e-6):.1f} tok/s"]
+        parts = [f"~{self._pieces} tokens so far", f"~{self._pieces / max(elapsed, 1e-6):.1f} tok/s"]
         stats = getattr(getattr(self.session.model, "expert_cache", None), "stats", None)
         if stats is not None:
             parts += [f"cache hit rate {stats.hit_rate:.0%}", f"prefetch precision {stats.precision:.0%}"]
         vram = _vram_gb(self.session.model)
-        parts.append("VRAM -" if vram is None else f"VRAM {vram:.2f} GB")
+        if vram is not None:
+            parts.append(f"VRAM {vram:.2f} GB in use")
         self._set_status("generating…", stats=" · ".join(parts))
 
     # ---- rendering -------------------------------------------------------------------------------
 
     def _render(self, cursor: bool = False) -> None:
         notes = {2 * i + 1: note for i, turn in enumerate(self.session.turns) if (note := turn_note(turn))}
-        body = render_transcript(self.transcript, notes, cursor)
+        body = render_transcript(self.transcript, notes, cursor, self.session.forgotten)
         # newest text at the bottom, kept in view: a column-reverse scroller starts scrolled to its end
         self.transcript_html.value = (
             f'<div class="colab-helpers-transcript" style="max-height:{self.height};overflow-y:auto;'
@@ -395,6 +509,7 @@ class ChatUI:
     def _set_status(self, text: str, error: bool = False, stats: str = "") -> None:
         """The one status line: a message (red for errors) and the answer's numbers."""
         self.status = text
+        self._error = error
         self.status_line = " · ".join(p for p in (text, stats) if p)
         color = "#c01c28" if error else "#555"
         self.status_html.value = (
@@ -409,6 +524,17 @@ class ChatUI:
             control.disabled = not enabled
         self.stop_button.disabled = enabled
 
+    def _clear_error(self) -> None:
+        """The user acted again: a red message has been read; the last answer's numbers come back."""
+        if self._error:
+            self._set_status("", stats=stats_line(self.last_result.stats) if self.last_result else "")
+
+    def _on_typed(self, change: dict) -> None:
+        """The prompt box changed (synced on blur): an error has been read, the box is the user's again."""
+        self._just_answered = False
+        if change.get("new"):
+            self._clear_error()
+
     def _show_mode(self) -> None:
         """Stop button and note for where callbacks run (see the module docstring)."""
         note = {True: NOTE_SUBSHELL, False: NOTE_MAIN_THREAD, None: NOTE_UNKNOWN}[self.subshell]
@@ -416,16 +542,22 @@ class ChatUI:
         self.note_html.value = f'<div style="color:#666;font-size:90%;line-height:1.4">{html.escape(note)}</div>'
 
     def _heard_from_front_end(self) -> None:
-        """A callback arrived: learn whether this front end runs them off the main thread."""
-        subshell = threading.current_thread() is not threading.main_thread()
-        if subshell != self.subshell:
-            self.subshell = subshell
-            self._show_mode()
+        """A callback arrived: decide how answers stop, if the widget was built before the kernel could say
+        (once: see the module docstring)."""
+        if self.subshell is not None:
+            return
+        off_main = threading.current_thread() is not threading.main_thread()
+        self.subshell = off_main or bool(kernel_has_subshells())
+        self._show_mode()
 
     # ---- button callbacks ------------------------------------------------------------------------
 
     def _on_send_click(self, _button: Any = None) -> None:
         self._heard_from_front_end()
+        empty = not (self.prompt.value or "").strip()
+        if empty and (self.busy or self._just_answered):
+            return  # a double-click's second click: the box was emptied by the answer it started
+        self._clear_error()
         if self.busy:
             self._set_status("still answering: wait for the answer or stop it", error=True)
             return
@@ -459,7 +591,7 @@ class ChatUI:
         from IPython.display import Javascript, display
 
         display(self.widget)
-        display(Javascript(KEYS_JS))
+        display(Javascript(KEYS_JS + WATCH_JS))
 
 
 def open_chat(session: ChatSession, **kwargs: Any) -> ChatUI:
@@ -510,6 +642,8 @@ def chat(
 
 __all__ = [
     "ChatUI",
+    "kernel_has_subshells",
+    "max_new_tokens_cap",
     "NOTE_MAIN_THREAD",
     "NOTE_SUBSHELL",
     "STOP_NOTE",

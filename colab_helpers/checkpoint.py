@@ -20,19 +20,19 @@ from pathlib import Path
 import torch
 from transformers import MixtralConfig
 
-from .families import MoEArchitecture, UnsupportedFamilyError, detect_family, from_transformers, transformers_config
-from .quant import (
-    DEFAULT_ATTENTION_SPECS,
-    DEFAULT_EXPERT_SPECS,
-    DEMO_ATTENTION_SPEC,
-    DEMO_EXPERT_SPEC,
-    SUFFIXES,
-    QuantSpec,
+from .families import MoEArchitecture, UnsupportedFamilyError, detect_family, transformers_config
+from .model_spec import (  # noqa: F401  (QUANT_CONFIG_KEY, arch_of, to_transformers_name: re-exported)
+    QUANT_CONFIG_KEY,
+    ModelSpec,
+    QuantConfig,
+    TrunkEntry,
+    arch_of,
+    to_transformers_name,
 )
+from .quant import SUFFIXES, QuantSpec
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
-QUANT_CONFIG_KEY = "offloading_quantization"  # our addition to config.json; absent in the public demo repo
 ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_MATS = ("w1", "w2", "w3")  # gate, down, up
 
@@ -56,75 +56,33 @@ class UnsupportedCheckpointFamily(CheckpointError, UnsupportedFamilyError):
     """config.json names a model family no adapter covers; the message lists the supported ones."""
 
 
-@dataclass(frozen=True)
-class QuantConfig:
-    """Which low-bit settings attention and experts use in one checkpoint."""
-
-    attention: QuantSpec = DEMO_ATTENTION_SPEC
-    experts: QuantSpec = DEMO_EXPERT_SPEC
-
-    @classmethod
-    def for_bits(cls, attn_bits: int, expert_bits: int) -> QuantConfig:
-        if attn_bits not in DEFAULT_ATTENTION_SPECS or expert_bits not in DEFAULT_EXPERT_SPECS:
-            raise ValueError(f"bit widths must be 2, 3 or 4 (got attention {attn_bits}, experts {expert_bits})")
-        return cls(DEFAULT_ATTENTION_SPECS[attn_bits], DEFAULT_EXPERT_SPECS[expert_bits])
-
-    def fitted(self, arch: MoEArchitecture) -> QuantConfig:
-        """These settings with the experts' scale group halved until ``arch``'s expert shapes fit (gpt-oss's
-        2880 x 2880 experts make 129600 groups of 64: not a multiple of 128, a multiple of 64); unchanged
-        when they fit already, and when halving cannot help (``num_groups`` then names the misfit)."""
-        from dataclasses import replace
-
-        spec = self.experts
-        while spec.scale_group_size > 8:
-            try:
-                for shape in arch.expert_shapes.values():
-                    spec.num_groups(shape)
-                return replace(self, experts=spec)
-            except ValueError:
-                spec = replace(spec, scale_group_size=spec.scale_group_size // 2)
-        return self
-
-    @classmethod
-    def from_config_dict(cls, cfg: dict) -> QuantConfig:
-        """Settings stored by our writer, or the public demo's settings when there are none."""
-        q = cfg.get(QUANT_CONFIG_KEY)
-        if q is None:
-            return cls()
-        return cls(QuantSpec(**q["attention"]), QuantSpec(**q["experts"]))
-
-    def to_dict(self) -> dict:
-        return {"attention": self.attention.to_dict(), "experts": self.experts.to_dict()}
-
-
 # --------------------------------------------------------------------------------------------------
 # names and expected shapes
 # --------------------------------------------------------------------------------------------------
 
 
-def arch_of(config) -> MoEArchitecture:
-    """The family adapter's ``MoEArchitecture`` of a transformers config (any supported family), or ``config``
-    itself when it already is one."""
-    return config if isinstance(config, MoEArchitecture) else from_transformers(config)
+def spec_of(cfg, quant: QuantConfig | None = None) -> ModelSpec:
+    """The one model description (``model_spec.ModelSpec``) of a transformers config or ``MoEArchitecture``."""
+    return ModelSpec.of(cfg, quant)
 
 
 def head_dim(cfg) -> int:
-    return arch_of(cfg).head_dim
+    return spec_of(cfg).arch.head_dim
 
 
 def attention_shapes(cfg) -> dict[str, tuple[int, int]]:
     """``{q_proj|k_proj|v_proj|o_proj: (out, in)}`` of one layer."""
-    return arch_of(cfg).attention_shapes
+    return spec_of(cfg).arch.attention_shapes
 
 
 def expert_shapes(cfg) -> dict[str, tuple[int, int]]:
     """One routed expert's ``w1`` (gate), ``w2`` (down), ``w3`` (up), ``(out, in)`` each."""
-    return arch_of(cfg).expert_shapes
+    return spec_of(cfg).expert_shapes
 
 
 def legacy_names(cfg) -> bool:
     """Mixtral keeps the public demo's old names (``block_sparse_moe``) in the trunk and the index."""
-    return arch_of(cfg).family == "mixtral"
+    return spec_of(cfg).legacy_names
 
 
 def expert_prefix(layer: int, expert: int, cfg=None) -> str:
@@ -135,106 +93,24 @@ def expert_prefix(layer: int, expert: int, cfg=None) -> str:
 
 def expected_expert_tensors(cfg, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
     """Keys (relative to the expert), dtypes and shapes of one expert file's 21 tensors."""
-    out = {}
-    for mat, shape in expert_shapes(cfg).items():
-        for suffix, spec in quant.experts.tensor_specs(shape).items():
-            out[f"{mat}.{suffix}"] = spec
-    return out
-
-
-@dataclass(frozen=True)
-class TrunkEntry:
-    """One tensor of the source model that the trunk file stores: its name in the layout, its shape, and
-    whether it is quantized (with the attention settings: 7 stored tensors) or kept float16 (one)."""
-
-    name: str  # layout name (transformers 5 names; Mixtral's router under ``block_sparse_moe``)
-    shape: tuple[int, ...]
-    quantized: bool
-
-    @property
-    def model_name(self) -> str:
-        """The transformers 5 parameter name this entry is read from and loaded into."""
-        return to_transformers_name(self.name)
+    return dict(spec_of(cfg, quant).expert_tensors)
 
 
 def trunk_entries(cfg) -> list[TrunkEntry]:
-    """Every non-expert tensor of a model of any supported family, as the trunk file stores it.
-
-    Quantized with the attention settings: the q/k/v/o projections, and (Qwen2-MoE) the shared expert's
-    and (Qwen2/Qwen3-MoE) the dense layers' gate/up/down projections: they are read for every token like
-    attention, so they get attention's bits rather than sixteen. Float16: embeddings, ``lm_head`` (not
-    stored when tied, except by Mixtral, whose public layout always has it) and its bias, norms and their
-    biases, attention biases, q/k norms, routers, the shared expert's gate.
-    """
-    a = arch_of(cfg)
-    h, v = a.hidden, a.vocab
-    mixtral = a.family == "mixtral"
-    out = [TrunkEntry("model.embed_tokens.weight", (v, h), False)]
-    if mixtral or not a.tie_embeddings:
-        out.append(TrunkEntry("lm_head.weight", (v, h), False))
-    if a.lm_head_bias:
-        out.append(TrunkEntry("lm_head.bias", (v,), False))
-    out += _norm("model.norm", h, a.norm_bias)
-    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    for layer in range(a.num_layers):
-        p = f"model.layers.{layer}."
-        out += _norm(p + "input_layernorm", h, a.norm_bias) + _norm(p + "post_attention_layernorm", h, a.norm_bias)
-        if mixtral:
-            out.append(TrunkEntry(p + "block_sparse_moe.gate.weight", (a.num_experts, h), False))
-        out += [TrunkEntry(f"{p}self_attn.{proj}.weight", shape, True) for proj, shape in a.attention_shapes.items()]
-        if a.qkv_bias:
-            out += [TrunkEntry(f"{p}self_attn.{x}_proj.bias", (n,), False) for x, n in (("q", q), ("k", kv), ("v", kv))]
-        if a.o_bias:
-            out.append(TrunkEntry(p + "self_attn.o_proj.bias", (h,), False))
-        if a.q_norm:
-            out.append(TrunkEntry(p + "self_attn.q_norm.weight", (a.q_norm,), False))
-        if a.k_norm:
-            out.append(TrunkEntry(p + "self_attn.k_norm.weight", (a.k_norm,), False))
-        if a.attn_sinks:
-            out.append(TrunkEntry(p + "self_attn.sinks", (a.heads,), False))
-        out += [TrunkEntry(f"{p}self_attn.{m}.weight", (n,), False) for m, n in a.attention_norms.items()]
-        if mixtral:
-            continue
-        if layer in a.moe_layers:
-            out.append(TrunkEntry(f"{p}mlp.{a.router_param}.weight", (a.num_experts, h), False))
-            if a.router_bias:
-                out.append(TrunkEntry(f"{p}mlp.{a.router_param}.bias", (a.num_experts,), False))
-            out += [TrunkEntry(f"{p}mlp.experts.{m}", shape, False) for m, shape in a.expert_bias_shapes.items()]
-            shared = a.shared_expert_shapes.items()
-            out += [TrunkEntry(f"{p}mlp.{a.shared_name}.{m}.weight", shape, True) for m, shape in shared]
-            if a.shared_expert_gate:
-                out.append(TrunkEntry(p + "mlp.shared_expert_gate.weight", (1, h), False))
-        else:
-            out += [TrunkEntry(f"{p}mlp.{m}.weight", shape, True) for m, shape in a.dense_mlp_shapes.items()]
-    return out
-
-
-def _norm(name: str, h: int, bias: bool) -> list[TrunkEntry]:
-    return [TrunkEntry(f"{name}.weight", (h,), False)] + ([TrunkEntry(f"{name}.bias", (h,), False)] if bias else [])
+    """Every non-expert tensor of a model of any supported family, as the trunk file stores it
+    (``model_spec``: which are quantized with the attention settings, which stay float16)."""
+    return list(spec_of(cfg).trunk)
 
 
 def expected_trunk_tensors(cfg, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
     """Full names, dtypes and shapes of every tensor in the trunk file (``trunk_entries`` expanded: a
     quantized matrix is its 7 tensors ``<name>.W_q`` ..., anything else one float16 tensor)."""
-    out: dict[str, tuple[torch.dtype, tuple]] = {}
-    for entry in trunk_entries(cfg):
-        if entry.quantized:
-            base = entry.name.removesuffix(".weight")
-            for suffix, spec in quant.attention.tensor_specs(entry.shape).items():
-                out[f"{base}.{suffix}"] = spec
-        else:
-            out[entry.name] = (torch.float16, entry.shape)
-    return out
+    return dict(spec_of(cfg, quant).trunk_tensors)
 
 
 def quantized_trunk_shapes(cfg) -> dict[str, tuple[int, int]]:
     """``{transformers 5 name without .weight: (out, in)}`` of the trunk's quantized matrices."""
-    return {e.model_name.removesuffix(".weight"): e.shape for e in trunk_entries(cfg) if e.quantized}
-
-
-def to_transformers_name(name: str) -> str:
-    """Layout names to transformers 5 names: Mixtral's old ``block_sparse_moe`` becomes ``mlp``."""
-    return name.replace(".block_sparse_moe.", ".mlp.")
+    return spec_of(cfg).quantized_trunk_shapes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,9 +190,14 @@ class Checkpoint:
     expert_files: dict[tuple[int, int], str]  # (decoder layer, expert) -> file
 
     @property
+    def spec(self) -> ModelSpec:
+        """The one model description: family, layers, experts, top-k, every tensor's shape and bytes."""
+        return ModelSpec.of(self.config, self.quant)
+
+    @property
     def arch(self) -> MoEArchitecture:
         """The family adapter's view of the model: MoE layers, experts, top-k, shapes."""
-        return arch_of(self.config)
+        return self.spec.arch
 
     @property
     def family(self) -> str:
@@ -334,16 +215,16 @@ class Checkpoint:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{INDEX_FILE}: no 'weight_map' object")
+        spec = ModelSpec.of(config, quant)
         trunk_files = {}
-        for key in expected_trunk_tensors(config, quant):
+        for key in spec.trunk_tensors:
             if key not in weight_map:
                 raise CheckpointError(f"{INDEX_FILE}: no entry for {key!r}")
             trunk_files[key] = weight_map[key]
         expert_files = {}
-        rel_keys = list(expected_expert_tensors(config, quant))
-        arch = arch_of(config)
-        for layer in arch.moe_layers:
-            for e in range(arch.num_experts):
+        rel_keys = list(spec.expert_tensors)
+        for layer in spec.moe_layers:
+            for e in range(spec.num_experts):
                 prefix = expert_prefix(layer, e, config)
                 files = {weight_map.get(prefix + k) for k in rel_keys}
                 if None in files:
@@ -483,8 +364,7 @@ def interleaved_expert_matrices(gate_up: torch.Tensor, down: torch.Tensor, exper
 
 def num_files(cfg) -> int:
     """One trunk file plus one file per expert (of the MoE layers)."""
-    a = arch_of(cfg)
-    return 1 + len(a.moe_layers) * a.num_experts
+    return 1 + spec_of(cfg).total_experts
 
 
 def trunk_file(cfg) -> str:
@@ -493,7 +373,7 @@ def trunk_file(cfg) -> str:
 
 def expert_file(cfg, layer: int, expert: int) -> str:
     """The file of expert ``expert`` of decoder layer ``layer`` (MoE layers numbered in order, no gaps)."""
-    a = arch_of(cfg)
+    a = spec_of(cfg).arch
     return shard_name(2 + a.moe_layers.index(layer) * a.num_experts + expert, num_files(cfg))
 
 
@@ -552,26 +432,13 @@ def write_text(path: Path, text: str) -> None:
 
 def layout_index(cfg, quant: QuantConfig) -> dict:
     """The index of a checkpoint in this layout, from config and settings alone (sizes are exact)."""
-    weight_map: dict[str, str] = {}
-    total = 0
-    for key, (dtype, shape) in expected_trunk_tensors(cfg, quant).items():
-        weight_map[key] = trunk_file(cfg)
-        total += _nbytes(dtype, shape)
-    rel = expected_expert_tensors(cfg, quant)
-    a = arch_of(cfg)
-    for layer in a.moe_layers:
-        for e in range(a.num_experts):
-            for key, (dtype, shape) in rel.items():
+    spec = spec_of(cfg, quant)
+    weight_map = dict.fromkeys(spec.trunk_tensors, trunk_file(cfg))
+    for layer in spec.moe_layers:
+        for e in range(spec.num_experts):
+            for key in spec.expert_tensors:
                 weight_map[expert_prefix(layer, e, cfg) + key] = expert_file(cfg, layer, e)
-                total += _nbytes(dtype, shape)
-    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-
-
-def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
+    return {"metadata": {"total_size": spec.checkpoint_bytes}, "weight_map": dict(sorted(weight_map.items()))}
 
 
 # config.json keys of other families that say nothing about the architecture (dropped when writing)
@@ -598,7 +465,7 @@ def layout_config(cfg, quant: QuantConfig) -> dict:
     if not legacy_names(cfg):
         cfg_dict = {k: v for k, v in cfg.to_dict().items() if k not in _CONFIG_NOISE}
         cfg_dict["model_type"] = cfg.model_type
-        cfg_dict["architectures"] = [arch_of(cfg).model_class]
+        cfg_dict["architectures"] = [spec_of(cfg).arch.model_class]
         cfg_dict["torch_dtype"] = "float16"
         cfg_dict[QUANT_CONFIG_KEY] = quant.to_dict()
         return cfg_dict
@@ -693,7 +560,7 @@ def save_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    arch = arch_of(cfg)  # UnsupportedFamilyError for any other model
+    arch = spec_of(cfg).arch  # UnsupportedFamilyError for any other model
     quant = QuantConfig.for_bits(attn_bits, expert_bits).fitted(arch)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     bar = tqdm(total=num_files(cfg), desc="quantizing", unit="file", disable=not progress)

@@ -1,4 +1,4 @@
-"""``python -m colab_helpers``: generate, chat, plan, convert, replay, twin — the same engine the notebooks use.
+"""``python -m colab_helpers``: generate, chat, plan, convert, replay, twin, record — the engine the notebooks use.
 
 A mistake on the command line, or a library error whose message already says what to do (a broken
 checkpoint folder, a failed download, a model that does not fit), ends in one line on stderr and exit
@@ -42,10 +42,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--policy", default="lfu_decay", choices=sorted(POLICIES), help="eviction policy (default lfu_decay)"
     )
     p.add_argument("--no-prefetch", action="store_true", help="disable speculative expert prefetch")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=probability, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="longest answer, in tokens (default 128)")
+    p.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 = greedy (default 0)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=probability,
+        default=1.0,
+        help="nucleus sampling: keep the likeliest tokens up to this probability mass (default 1.0 = all)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="random seed for sampling (default: none, a new draw each run)"
+    )
 
 
 def _load(args: argparse.Namespace, chat: bool):
@@ -100,6 +109,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         planned_context,
     )
 
+    if not args.prompt.strip():  # as the widget and chat() refuse it, before anything loads
+        raise UsageError('empty prompt: give the text to answer, e.g. generate "What is the capital of France?"')
     model, tok = _load(args, chat=not args.raw)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     with _quiet_transformers():  # our own length check below says it better than the tokenizer's warning
@@ -238,10 +249,16 @@ def _run(argv: list[str]) -> int:
         from .twin_cli import cli_main
 
         return cli_main(argv[1:])
-    parser = ArgumentParser(prog="python -m colab_helpers", description=__doc__.split("\n")[0])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def build_parser() -> ArgumentParser:
+    """The top-level parser (plan, convert, replay and twin have their own; their entries here are for --help)."""
+    parser = ArgumentParser(prog="python -m colab_helpers", description=__doc__.split("\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt, streaming, then print stats")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="the message to answer (with the chat template unless --raw)")
     g.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as plain text")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
@@ -254,5 +271,7 @@ def _run(argv: list[str]) -> int:
     )
     sub.add_parser("replay", help="replay a routing trace through eviction policies (see replay --help)")
     sub.add_parser("twin", help="T4 twin: calibrate on the paper (--paper) or project ours, any family (--model)")
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from .record import add_record_parser
+
+    add_record_parser(sub, _add_model_args, _load)
+    return parser

@@ -338,6 +338,7 @@ def plan_conversion(
     quant = quant.fitted(arch)  # a smaller expert scale group where the shapes need it (gpt-oss at 3/4 bits)
     _check_shapes(arch, quant, source)
     shard_tensors = _shard_tensors(source, meta)
+    _refuse_quantized(source, shard_tensors)
     shards = tuple(sorted(shard_tensors))
     sizes = [source.files[s] for s in shards]
     dev = quantize_device(device)
@@ -424,6 +425,16 @@ def _shard_tensors(source: Source, meta_dir: Path | None) -> dict[str, tuple[str
         f"{source.description}: no safetensors checkpoint ({INDEX_FILE} or model.safetensors); "
         "convert .bin checkpoints with transformers' save_pretrained first"
     )
+
+
+def _refuse_quantized(source: Source, shard_tensors: dict[str, tuple[str, ...]]) -> None:
+    """A checkpoint already in the offloading layout (HQQ ``W_q`` codes: the embedded model, a previous convert's
+    output) has no bf16/fp16 weights to quantize; say so before the plan, not inside the progress bars."""
+    if any(key.endswith(".W_q") for keys in shard_tensors.values() for key in keys):
+        raise ConvertError(
+            f"{source.description}: already quantized (HQQ tensors in the offloading layout, as convert writes "
+            "them): load it with colab_helpers.load_model, or convert the bf16/fp16 original"
+        )
 
 
 def _spec_bytes(spec: tuple[torch.dtype, tuple]) -> int:
@@ -693,7 +704,7 @@ colab_helpers); the settings are in `config.json` under `offloading_quantization
 
 ```python
 import colab_helpers as ch
-model = ch.load_model(ch.download("OWNER/THIS-REPO"), device="cuda")
+model = ch.load_model(ch.download("OWNER/THIS-REPO"), device="cuda")  # experts on the GPU: as many as fit
 ```
 
 Output size: {plan.output_bytes / GB:.2f} GB. The license of the source model applies.
@@ -763,18 +774,27 @@ def convert(
     """
     from tqdm.auto import tqdm
 
-    say = log or (lambda text: print(text, file=sys.stderr))
+    say = log or print  # a summary, not an error: stdout (Jupyter shows stderr in red)
     out = Path(out).expanduser()
     state = out / STATE_DIR
     if out.exists() and not out.is_dir():
         raise ConvertError(f"{out}: exists and is not a folder")
+    if plan is None:
+        plan = _plan_or_leave_nothing(
+            out,
+            src,
+            expert_bits,
+            attn_bits,
+            revision,
+            delete_source,
+            device,
+            token,
+            optimize,
+            meta_dir=state / "source",
+        )
     state.mkdir(parents=True, exist_ok=True)
     for stale in out.rglob("*.partial"):
         stale.unlink()
-    if plan is None:
-        plan = plan_conversion(
-            src, expert_bits, attn_bits, revision, delete_source, device, token, optimize, meta_dir=state / "source"
-        )
     say(plan.report())
     prog = Progress.load_or_start(state, _settings(plan, optimize))
     if not prog.complete:
@@ -809,6 +829,18 @@ def convert(
         push(out, push_to_hub, token)
         say(f"pushed to https://huggingface.co/{push_to_hub}")
     return out
+
+
+def _plan_or_leave_nothing(out: Path, src, *args, meta_dir: Path) -> ConversionPlan:
+    """``plan_conversion``; a refused source (missing, another family, already quantized) leaves no ``out`` behind
+    when this call made it (a hub source's config is fetched into ``out/.convert/source`` before it is judged)."""
+    made = not out.exists()
+    try:
+        return plan_conversion(src, *args, meta_dir=meta_dir)
+    except BaseException:
+        if made and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def push(out: Path, repo_id: str | None, token: str | None = None) -> None:
@@ -857,7 +889,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-bits", type=int, default=4, choices=(2, 3, 4), help="attention bit width (default 4)")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit (default main)")
     p.add_argument("--delete-source", action="store_true", help="delete each downloaded source shard once consumed")
-    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the result to this hub model repo")
+    p.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO",
+        help="upload the result to this hub model repo (default: no upload)",
+    )
     p.add_argument("--device", default=None, help="where HQQ runs: cuda or cpu (default: cuda when present)")
     p.add_argument("--plan-only", action="store_true", help="print the estimate (time, disk, RAM) and stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -13,6 +13,9 @@ that ordering with vector clocks and
   it, a host buffer overwritten while a load still reads it, compute reading a slot before waiting
   for its copy.
 
+Buffers are tracked as byte ranges, so a chunked copy (prefetch "auto" issues a guess in chunks) orders
+against a compute that reads the whole slot, and a copy out of a slot carries every chunk landed in it.
+
 It also keeps simulated time (copies take ``bytes / bandwidth`` on their direction's one DMA engine,
 each expert's compute ``compute_s``), so schedules can be compared: ``stats`` has the time demand
 copies spent queued behind speculative ones.
@@ -63,6 +66,7 @@ class SimStats:
     copies: int = 0
     landed: int = 0
     demand_wait_behind_speculative_s: float = 0.0  # demand copies queued behind a speculative one
+    longest_demand_wait_behind_speculative_s: float = 0.0  # the longest one such wait
     busy_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COPY_KINDS, 0.0))
 
 
@@ -70,8 +74,18 @@ def _covers(clock, access: _Access) -> bool:
     return clock[access.stream] >= access.step
 
 
-def _key(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def _key(t: torch.Tensor) -> tuple[int, int]:
+    """A buffer as its byte range (start, end): chunked copies write parts of a slot, compute reads it whole."""
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def _inside(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return b[0] <= a[0] and a[1] <= b[1]
 
 
 class SimCopyEngine(CopyEngine):
@@ -96,9 +110,9 @@ class SimCopyEngine(CopyEngine):
         self._free_at = [0.0] * n  # when each stream (and its DMA engine) is next idle
         self._engine_free = {True: (0.0, None), False: (0.0, None)}  # to_device -> (free at, kind holding it)
         self._pending: list[_Copy] = []
-        self._writer: dict[int, _Access] = {}
-        self._readers: dict[int, list[_Access]] = {}
-        self._value: dict[int, torch.Tensor] = {}  # a buffer's bytes once every copy into it so far has landed
+        self._writer: dict[tuple[int, int], _Access] = {}  # by byte range; ranges may overlap (chunks, slots)
+        self._readers: dict[tuple[int, int], list[_Access]] = {}
+        self._value: dict[tuple[int, int], torch.Tensor] = {}  # a range's bytes once every copy so far landed
         self.stats = SimStats()
 
     # ---- CopyEngine --------------------------------------------------------------------------------
@@ -120,7 +134,10 @@ class SimCopyEngine(CopyEngine):
         free, holder = self._engine_free[to_device]
         start = max(ready, self._free_at[s], free)
         if kind == DEMAND and holder == SPECULATIVE and free > max(ready, self._free_at[s]):
-            self.stats.demand_wait_behind_speculative_s += free - max(ready, self._free_at[s])
+            waited = free - max(ready, self._free_at[s])
+            self.stats.demand_wait_behind_speculative_s += waited
+            st = self.stats
+            st.longest_demand_wait_behind_speculative_s = max(st.longest_demand_wait_behind_speculative_s, waited)
         nbytes = dst.numel() * dst.element_size()
         duration = nbytes / (self.h2d_bytes_per_s if to_device else self.d2h_bytes_per_s)
         end = start + duration
@@ -130,11 +147,14 @@ class SimCopyEngine(CopyEngine):
         self.stats.copies += 1
         access = _Access(s, self._steps[s], what)
         self._readers.setdefault(_key(src), []).append(access)
-        self._writer[_key(dst)] = access
-        self._readers[_key(dst)] = []
-        payload = self._value.get(_key(src))
-        payload = src.clone() if payload is None else payload
-        self._value[_key(dst)] = payload
+        payload = self._read_value(src)
+        d = _key(dst)
+        for table in (self._writer, self._readers, self._value):
+            for r in [r for r in table if _inside(r, d)]:
+                del table[r]
+        self._writer[d] = access
+        self._readers[d] = []
+        self._value[d] = payload
         dst.view(torch.uint8).fill_(POISON)
         self._pending.append(_Copy(dst, payload, s, self._steps[s], what))
         self._tail[s] = clock
@@ -166,19 +186,34 @@ class SimCopyEngine(CopyEngine):
 
     # ---- internals ---------------------------------------------------------------------------------
 
+    def _read_value(self, src: torch.Tensor) -> torch.Tensor:
+        """The bytes a copy from ``src`` will carry: its current bytes with every range copied into so far
+        (landed or not, in issue order) laid over them."""
+        k = _key(src)
+        out = src.clone()
+        flat = out.view(-1).view(torch.uint8)
+        for r, v in self._value.items():  # in issue order: a range rewritten is re-inserted, so it comes last
+            if _overlaps(r, k):
+                a, b = max(r[0], k[0]), min(r[1], k[1])
+                flat[a - k[0] : b - k[0]] = v.reshape(-1).view(torch.uint8)[a - r[0] : b - r[0]]
+        return out
+
     def _check_read(self, buf: torch.Tensor, clock: tuple[int, ...], what: str) -> None:
-        w = self._writer.get(_key(buf))
-        if self.strict and w is not None and not _covers(clock, w):
-            raise CopyHazard(f"{what} reads a buffer that {w.what} may still be writing (no wait on its event)")
+        if not self.strict:
+            return
+        k = _key(buf)
+        for r, w in self._writer.items():
+            if _overlaps(r, k) and not _covers(clock, w):
+                raise CopyHazard(f"{what} reads a buffer that {w.what} may still be writing (no wait on its event)")
 
     def _check_write(self, buf: torch.Tensor, clock: tuple[int, ...], what: str) -> None:
         if not self.strict:
             return
-        key = _key(buf)
-        w = self._writer.get(key)
-        if w is not None and not _covers(clock, w):
-            raise CopyHazard(f"{what} overwrites a buffer that {w.what} may still be writing")
-        for r in self._readers.get(key, []):
+        k = _key(buf)
+        for r, w in self._writer.items():
+            if _overlaps(r, k) and not _covers(clock, w):
+                raise CopyHazard(f"{what} overwrites a buffer that {w.what} may still be writing")
+        for r in (r for key, rs in self._readers.items() if _overlaps(key, k) for r in rs):
             if not _covers(clock, r):
                 raise CopyHazard(
                     f"{what} overwrites a buffer that {r.what} may still be reading "

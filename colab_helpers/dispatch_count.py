@@ -69,6 +69,8 @@ _NO_KERNEL = {
 }
 # methods whose CPU implementation never reaches dispatch but which read device data on CUDA
 _PATCHED_METHODS = ("tolist", "cpu", "numpy")
+# ``torch.tensor(data, device=...)``: host data uploaded from pageable memory, a stream sync on CUDA
+# (counted, with ``uploads=True``, as a sync named ``sync:tensor_upload``)
 
 
 @dataclass
@@ -128,8 +130,9 @@ class _Mode(TorchDispatchMode):
 class OpCounter:
     """Tallies per named scope (``"other"`` unless inside ``scope(...)``); ``total`` sums them."""
 
-    def __init__(self, cuda_like: bool = False) -> None:
+    def __init__(self, cuda_like: bool = False, uploads: bool = False) -> None:
         self.cuda_like = cuda_like
+        self.uploads = uploads
         self.scopes: dict[str, Tally] = {}
         self._stack: list[str] = ["other"]
         self._muted = 0
@@ -180,6 +183,8 @@ class OpCounter:
         with contextlib.ExitStack() as stack:
             for method in _PATCHED_METHODS:
                 stack.enter_context(_patched(torch.Tensor, method, self._host_read(method)))
+            if self.uploads:
+                stack.enter_context(_module_patched(torch, "tensor", self._upload(torch.tensor)))
             for patch in _engine_patches(self):
                 stack.enter_context(patch)
             stack.enter_context(_Mode(self))
@@ -195,6 +200,17 @@ class OpCounter:
                 return original(t, *args, **kwargs)
 
         return wrapper
+
+    def _upload(self, original: Callable) -> Callable:
+        counter = self
+
+        def tensor(data, *args, **kwargs):
+            if kwargs.get("device") is not None:
+                counter.sync("tensor_upload")
+            with counter.muted():
+                return original(data, *args, **kwargs)
+
+        return tensor
 
     @property
     def total(self) -> Tally:
@@ -242,6 +258,7 @@ def _engine_patches(counter: OpCounter) -> list:
         for name, launches in kernels.FUSED_LAUNCHES.items():
             patches.append(_module_patched(kernels, name, _stand_in(counter, name, launches)))
         patches.append(_module_patched(kernels, "use_fused_kernel", kernels.would_use_fused_kernel))
+        patches.append(_module_patched(kernels, "use_fused_dequantize", kernels.would_use_fused_dequantize))
         patches.append(_patched(experts.ExpertCache, "_make_dense", lambda cache, slot: None))
     return patches
 
@@ -271,9 +288,10 @@ def _module_patched(module, name: str, value) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def count_ops(cuda_like: bool = False) -> Iterator[OpCounter]:
-    """Count syncs, launches and copies of the block: ``with count_ops() as c: ...; c.total``."""
-    counter = OpCounter(cuda_like)
+def count_ops(cuda_like: bool = False, uploads: bool = False) -> Iterator[OpCounter]:
+    """Count syncs, launches and copies of the block: ``with count_ops() as c: ...; c.total``; with
+    ``uploads`` also ``torch.tensor(data, device=...)`` as a sync."""
+    counter = OpCounter(cuda_like, uploads)
     with counter.recording():
         yield counter
 
@@ -334,17 +352,7 @@ def count_decode(model, input_ids: torch.Tensor, tokens: int = 8, cuda_like: boo
     kv = _kv_cache_kwarg(model)
     counter = OpCounter(cuda_like)
     blocks = [m for m in model.modules() if isinstance(m, OffloadedMoE)]
-    scopes: list = []
-
-    def enter(module, args):
-        cm = counter.scope("moe")
-        cm.__enter__()
-        scopes.append(cm)
-
-    def leave(module, args, output):
-        scopes.pop().__exit__(None, None, None)
-
-    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
+    hooks = _moe_scope_hooks(blocks, counter)
     try:
         with torch.no_grad():
             out = model(input_ids, use_cache=True)
@@ -359,3 +367,54 @@ def count_decode(model, input_ids: torch.Tensor, tokens: int = 8, cuda_like: boo
         for h in hooks:
             h.remove()
     return DecodeCounts(tokens, len(blocks), counter.scopes.get("moe", Tally()), counter.total)
+
+
+def _moe_scope_hooks(blocks: list, counter: OpCounter) -> list:
+    """Forward hooks attributing what each MoE block issues to the counter's ``"moe"`` scope."""
+    scopes: list = []
+
+    def enter(module, args):
+        cm = counter.scope("moe")
+        cm.__enter__()
+        scopes.append(cm)
+
+    def leave(module, args, output):
+        scopes.pop().__exit__(None, None, None)
+
+    return [h for b in blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
+
+
+@dataclass(frozen=True)
+class PrefillCounts:
+    """Counts of one prefill forward of ``tokens`` tokens through ``moe_layers`` MoE blocks."""
+
+    tokens: int
+    moe_layers: int
+    moe: Tally
+    total: Tally
+
+    @property
+    def syncs_per_layer(self) -> float:
+        """Host syncs per MoE layer, list uploads (``torch.tensor(list, device=...)``) included."""
+        return self.moe.syncs / self.moe_layers
+
+    @property
+    def launches_per_layer(self) -> float:
+        return self.moe.launches / self.moe_layers
+
+
+def count_prefill(model, input_ids: torch.Tensor, cuda_like: bool = True) -> PrefillCounts:
+    """Count one forward of the whole prompt ``input_ids`` (a prefill chunk), MoE blocks in their own scope;
+    list uploads (``torch.tensor(data, device=...)``) count as syncs."""
+    from .moe import OffloadedMoE
+
+    counter = OpCounter(cuda_like, uploads=True)
+    blocks = [m for m in model.modules() if isinstance(m, OffloadedMoE)]
+    hooks = _moe_scope_hooks(blocks, counter)
+    try:
+        with torch.no_grad(), counter.recording():
+            model(input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return PrefillCounts(int(input_ids.shape[-1]), len(blocks), counter.scopes.get("moe", Tally()), counter.total)

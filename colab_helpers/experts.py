@@ -6,6 +6,10 @@ therefore *swaps*: the wanted expert X is copied host→device into a spare devi
 evicted expert Y is copied device→host into the host buffer X just left. A small pool of spare
 slots shared by all layers lets loads run ahead of write-backs. On CUDA the two directions run on
 their own streams, ordered by events; on CPU the same code copies synchronously.
+
+A speculative guess (prefetch "auto", ``ExpertCache.stage``) takes only a free spare slot, as a ghost:
+nothing resident is evicted for it; it is copied in chunks that ``pump`` issues a few per layer step, so a
+demand load queues behind at most those.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ def _numel(shape: Sequence[int]) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def host_buffer(rows: int, nbytes: int, pin: bool) -> torch.Tensor:
+def host_buffer(rows: int, nbytes: int, pin: bool, device: torch.device | None = None) -> torch.Tensor:
     """A ``[rows, nbytes]`` host store, page-locked when ``pin`` so copies to the GPU are async DMA.
 
     Pinned with ``cudaHostRegister`` at exactly its size (``pinning.py``: chunks if the driver refuses
@@ -97,7 +101,7 @@ def host_buffer(rows: int, nbytes: int, pin: bool) -> torch.Tensor:
         return torch.empty(rows, nbytes, dtype=torch.uint8)
     from .pinning import pinned_host_buffer
 
-    return pinned_host_buffer(rows, nbytes)
+    return pinned_host_buffer(rows, nbytes, device=device)  # unpinning waits for this device's copies
 
 
 DEMAND, SPECULATIVE, WRITE_BACK = "demand", "speculative", "write_back"
@@ -116,6 +120,39 @@ class CopyRecord:
     @property
     def to_device(self) -> bool:
         return self.kind != WRITE_BACK
+
+
+@dataclass
+class _Staged:
+    """A speculative load into a free slot (the slot becomes the guess's ghost): no resident expert is evicted.
+
+    Its bytes go in ``chunks`` issued a few at a time (``ExpertCache.pump``), so a demand copy queues behind at
+    most the chunks already issued; ``issued`` counts them, ``event`` is the last one's completion."""
+
+    layer: int
+    expert: int
+    slot: int  # -1 until its first chunk is issued
+    host: int
+    chunks: list[tuple[int, int]]  # byte ranges of the flat expert buffer, in issue order
+    issued: int = 0
+    event: object = None
+    used: bool = False  # the guessed layer used it (re-mapped)
+    live: bool = True  # its layer's step has not ended yet
+
+    @property
+    def started(self) -> bool:
+        return self.issued > 0
+
+    @property
+    def complete(self) -> bool:
+        return self.issued == len(self.chunks)
+
+
+def chunk_ranges(nbytes: int, chunks: int) -> list[tuple[int, int]]:
+    """``nbytes`` cut into ``chunks`` byte ranges of near-equal size, each boundary 64-byte aligned."""
+    step = -(-nbytes // max(1, chunks))
+    step = -(-step // _ALIGN) * _ALIGN
+    return [(a, min(a + step, nbytes)) for a in range(0, nbytes, step)]
 
 
 class CopyEngine:
@@ -256,6 +293,9 @@ class CacheStats(RoutingCounters):
     d2h_bytes: list[int] = field(default_factory=list)
     wasted_bytes: list[int] = field(default_factory=list)  # prefetched bytes the layer did not use
     remaps: list[int] = field(default_factory=list)  # loads served by a freed slot still holding the expert
+    staged: list[int] = field(default_factory=list)  # speculative loads into a free slot that started copying
+    staged_used: list[int] = field(default_factory=list)  # ... that their layer then used
+    staged_dropped: list[int] = field(default_factory=list)  # guesses dropped before any byte moved
 
     COUNTERS: ClassVar[tuple[str, ...]] = (
         *RoutingCounters.COUNTERS,
@@ -263,6 +303,9 @@ class CacheStats(RoutingCounters):
         "d2h_bytes",
         "wasted_bytes",
         "remaps",
+        "staged",
+        "staged_used",
+        "staged_dropped",
     )
 
     def summary(self) -> dict[str, float]:
@@ -277,6 +320,9 @@ class CacheStats(RoutingCounters):
             "prefetch_recall": self.recall,
             "prefetch_wasted_bytes": sum(self.wasted_bytes),
             "remaps": sum(self.remaps),
+            "staged": sum(self.staged),
+            "staged_used": sum(self.staged_used),
+            "staged_dropped": sum(self.staged_dropped),
         }
 
 
@@ -336,7 +382,7 @@ class ExpertCache:
         self.engine = engine if engine is not None else CopyEngine(self.device)
         n_slots = sum(self.capacity) + self.spare
         self.device_buf = torch.empty(n_slots, layout.nbytes, dtype=torch.uint8, device=self.device)
-        self.host_buf = host_buffer(n_host, layout.nbytes, pin=self.engine.cuda)
+        self.host_buf = host_buffer(n_host, layout.nbytes, pin=self.engine.cuda, device=self.device)
         self._slot_bufs = list(self.device_buf)  # one view per slot, made once (no per-token view creation)
         self._slot_weights = [layout.weights(buf) for buf in self._slot_bufs]
         self.slot_of: list[dict[int, int]] = [{} for _ in range(num_layers)]
@@ -356,6 +402,10 @@ class ExpertCache:
         self._deferred: list[dict[int, int]] = [{} for _ in range(num_layers)]
         self._lazy: list[list[int]] = [[] for _ in range(num_layers)]
         self.speculative_bytes_left: float = float("inf")  # per-token cap, reset by ``begin_token``
+        # speculative loads into free slots (``stage``): by slot, and the ones with chunks still to issue
+        self.spec_chunks = 8  # a staged load is issued in this many chunks (a demand waits for at most one)
+        self._staged: dict[int, _Staged] = {}
+        self._spec_queue: deque[_Staged] = deque()
         self.stats = CacheStats(num_layers)
         # CPU fast path: a slot's weights are dequantized once per load instead of once per use
         self.dense_dtype = dense_dtype if self.device.type == "cpu" else None
@@ -420,6 +470,7 @@ class ExpertCache:
         same accesses in the same order as one ``fetch`` per expert. Then call ``weights``/``release``
         for each expert in the returned order."""
         order = self.order(layer, experts)
+        self._retire_guesses(layer, order)  # first: a wrong guess's slot is free for this step's misses
         self._deferred[layer].clear()
         self._lazy[layer] = []
         for i, e in enumerate(order):
@@ -477,6 +528,104 @@ class ExpertCache:
         self._prefetched[layer].add(expert)
         return True
 
+    def stage(self, layer: int, expert: int, chunks: int | None = None) -> bool:
+        """Queue a speculative load of a guessed expert into a *free* slot, evicting nothing resident.
+
+        When ``pump`` issues its first chunk it takes a free slot holding nothing, else the longest-freed
+        evicted expert (the policy already judged it the least likely to be reused), never one another
+        guess is loading; the slot becomes the guess's ghost. A demand for it at its layer is then a
+        re-map (no copy in; the victim the policy picks is written back as for any miss); a wrong guess
+        costs only the bus time of the chunks issued (``chunks`` of them; default ``spec_chunks``). False
+        when resident, held by a free slot, or queued."""
+        if expert in self.slot_of[layer] or (layer, expert) in self._ghost:
+            return False
+        if any(st.layer == layer and st.expert == expert for st in self._spec_queue):
+            return False
+        chunks = chunk_ranges(self.layout.nbytes, self.spec_chunks if chunks is None else chunks)
+        self._spec_queue.append(_Staged(layer, expert, -1, self.host_of[layer][expert], chunks))
+        return True
+
+    def pump(self, chunks: int) -> int:
+        """Issue up to ``chunks`` queued speculative chunks (oldest guess first); returns how many."""
+        n = 0
+        while n < chunks and self._spec_queue:
+            st = self._spec_queue[0]
+            if not st.started and not self._start_stage(st):
+                break  # every free slot holds a guess in flight: wait for a step to free one
+            self._issue_chunk(st, SPECULATIVE)
+            n += 1
+            if st.complete:
+                self._spec_queue.popleft()
+        return n
+
+    def _start_stage(self, st: _Staged) -> bool:
+        slot = self._free_slot_for_guess()
+        if slot is None:
+            return False
+        self._free_slots.remove(slot)
+        self._forget_ghost(slot)
+        self._drop_dense(slot)
+        self._free_slots.append(slot)  # still free (it is a ghost now), and the last a demand load takes
+        self._ghost[(st.layer, st.expert)] = slot
+        self._ghost_of[slot] = (st.layer, st.expert)
+        st.slot = slot
+        self._staged[slot] = st
+        return True
+
+    @property
+    def pending_chunks(self) -> int:
+        """Speculative chunks queued but not issued yet."""
+        return sum(len(st.chunks) - st.issued for st in self._spec_queue)
+
+    def _issue_chunk(self, st: _Staged, kind: str) -> None:
+        a, b = st.chunks[st.issued]
+        slot, host = st.slot, st.host
+        if st.issued == 0:
+            self.stats.staged[st.layer] += 1
+            after = (self._slot_used[slot], self._slot_drained[slot], self._host_written[host], self._slot_ready[slot])
+        else:
+            after = (st.event,)  # each chunk after the last: the last chunk's event covers the whole load
+        st.event = self.engine.copy(
+            self._slot_bufs[slot][a:b], self.host_buf[host][a:b], kind, after=after, layer=st.layer, expert=st.expert
+        )
+        self._slot_ready[slot] = st.event
+        st.issued += 1
+        self.stats.h2d_bytes[st.layer] += b - a
+        if st.complete:
+            self.stats.prefetch_loads[st.layer] += 1
+
+    def _free_slot_for_guess(self) -> int | None:
+        """A free slot a guess may load into: holding nothing, else the longest-freed evicted expert or stale
+        guess; None when every free slot holds a live guess."""
+        ghosts = []
+        for slot in self._free_slots:
+            st = self._staged.get(slot)
+            if st is not None and st.live:
+                continue
+            if self._ghost_of[slot] is None:
+                return slot
+            ghosts.append(slot)
+        return ghosts[0] if ghosts else None
+
+    def _unstage(self, slot: int) -> None:
+        """Forget the guess a slot is loading (its chunks not issued are dropped); a partial one's ghost goes."""
+        st = self._staged.pop(slot, None)
+        if st is None:
+            return
+        if not st.complete:
+            with contextlib.suppress(ValueError):
+                self._spec_queue.remove(st)
+            if self._ghost_of[slot] == (st.layer, st.expert):
+                self._forget_ghost(slot)
+        if not st.used:
+            self.stats.wasted_bytes[st.layer] += sum(b - a for a, b in st.chunks[: st.issued])
+
+    def _drop_unstarted(self, layer: int | None = None) -> None:
+        """Guesses that have not moved a byte yet give way (a demand load is coming, or their layer routed)."""
+        for st in [st for st in self._spec_queue if not st.started and layer in (None, st.layer)]:
+            self._spec_queue.remove(st)
+            self.stats.staged_dropped[st.layer] += 1
+
     def score_prediction(self, layer: int, predicted: set[int], used: set[int]) -> None:
         """Record how a guess for ``layer`` compared with the experts it then used."""
         s = self.stats
@@ -490,7 +639,21 @@ class ExpertCache:
         if self._deferred[layer]:
             raise RuntimeError(f"layer {layer}: experts {sorted(self._deferred[layer])} were never computed")
         self._lazy[layer] = []
+        self._retire_guesses(layer, ())
         self.policy.on_step(layer)
+
+    def _retire_guesses(self, layer: int, used: Iterable[int]) -> None:
+        """The layer has routed: its guesses it does not use are wrong. One whose bytes are all issued stays a
+        ghost (re-mappable later); the rest of a partial one would be wasted bus time and is dropped."""
+        used = set(used)
+        self._drop_unstarted(layer)
+        for st in [st for st in self._staged.values() if st.layer == layer and st.expert not in used]:
+            if st.complete:
+                self.stats.wasted_bytes[layer] += self.layout.nbytes
+                st.live = False
+                del self._staged[st.slot]
+            else:
+                self._unstage(st.slot)
 
     # ---- internals -------------------------------------------------------------------------------
 
@@ -510,12 +673,12 @@ class ExpertCache:
         return self._slot_weights[slot]
 
     def _take_free_slot(self) -> int:
-        """A free slot to load into: one holding nothing re-mappable if any, else the longest-freed."""
-        for slot in self._free_slots:
-            if self._ghost_of[slot] is None:
-                break
-        else:
-            slot = self._free_slots[0]
+        """A free slot to load into: one holding nothing re-mappable if any, else the longest-freed; a slot
+        a live guess is loading only when no other is free (that guess is then dropped)."""
+        free = [slot for slot in self._free_slots if not (slot in self._staged and self._staged[slot].live)]
+        free = free or list(self._free_slots)
+        slot = next((slot for slot in free if self._ghost_of[slot] is None), free[0])
+        self._unstage(slot)
         self._free_slots.remove(slot)
         self._forget_ghost(slot)
         self._drop_dense(slot)
@@ -534,18 +697,35 @@ class ExpertCache:
             host = self.host_of[layer][expert]
             old = self.slot_of[layer][victim]
             slot = self._ghost.get((layer, expert))
-            if slot is not None:  # its old slot still holds it: no copy in
+            if slot is not None:  # its old slot (or a guess's) holds it: no copy in
+                st = self._staged.get(slot)
+                if st is not None:  # a guess: issue what is left of its copy now, as demand
+                    st.used = True
+                    self.stats.staged_used[layer] += 1
+                    if not st.complete:
+                        with contextlib.suppress(ValueError):
+                            self._spec_queue.remove(st)
+                        while not st.complete:
+                            self._issue_chunk(st, kind)
+                    del self._staged[slot]
                 self._free_slots.remove(slot)
                 self._forget_ghost(slot)
                 self.stats.remaps[layer] += 1
-                read_host = None
+                read_host = self._slot_ready[slot]  # the victim's write-back into host waits for that copy
             else:
+                if kind == DEMAND:
+                    self._drop_unstarted()
                 slot = self._take_free_slot()
                 ready = eng.copy(
                     self._slot_bufs[slot],
                     self.host_buf[host],
                     kind,
-                    after=(self._slot_used[slot], self._slot_drained[slot], self._host_written[host]),
+                    after=(
+                        self._slot_used[slot],
+                        self._slot_drained[slot],
+                        self._host_written[host],
+                        self._slot_ready[slot],
+                    ),
                     layer=layer,
                     expert=expert,
                 )
@@ -601,6 +781,7 @@ class ExpertCache:
             self.device_buf = torch.empty(0, self.layout.nbytes, dtype=torch.uint8, device=self.device)
             self.host_buf = torch.empty(0, self.layout.nbytes, dtype=torch.uint8)
             self.slot_of = self.host_of = _Closed()
+            self._spec_queue.clear()
             self.closed = True
 
     # ---- inspection (tests, notebooks) -----------------------------------------------------------
@@ -634,6 +815,10 @@ class ExpertCache:
         for (layer, e), slot in self._ghost.items():
             assert slot in self._free_slots and self._ghost_of[slot] == (layer, e), f"stale ghost {layer}.{e}"
             assert e in self.host_of[layer], f"ghost {layer}.{e} is resident"
+        for slot, st in self._staged.items():
+            assert st.slot == slot and self._ghost.get((st.layer, st.expert)) == slot, f"staged {st} lost its ghost"
+        for st in self._spec_queue:
+            assert not st.complete and (not st.started or self._staged.get(st.slot) is st), f"stale queued guess {st}"
 
     @property
     def device_bytes(self) -> int:

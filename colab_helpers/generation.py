@@ -235,14 +235,14 @@ def generate_stream(
     error = None
     try:
         chunk = _prefill_chunk(model)
-        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if chunk and input_ids.shape[-1] - 1 - cached > chunk:  # a long prompt: bounded activations
-            if past_key_values is None:
-                from transformers import DynamicCache
+        if past_key_values is None:  # preallocated: a decoded token writes its own K/V, never a copy of all
+            from .kv_cache import new_kv_cache
 
-                past_key_values = DynamicCache(config=model.config)
+            past_key_values = new_kv_cache(model, int(input_ids.shape[-1]) + sampling.max_new_tokens)
+        cached = past_key_values.get_seq_length()
+        if chunk and input_ids.shape[-1] - 1 - cached > chunk:  # a long prompt: bounded activations
             prefill(model, input_ids, past_key_values, chunk)
-        kv = {_kv_cache_kwarg(model): past_key_values} if past_key_values is not None else {}
+        kv = {_kv_cache_kwarg(model): past_key_values}
         if stop is not None:
             kv["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(stop)])
         out = model.generate(

@@ -2,7 +2,9 @@
 
 ``download()`` asks the hub once which files the pinned revision has (at one commit), checks the disk,
 then fetches what is missing with ``transfer.fetch_all``: a timeout on every request, bounded retries
-with backoff for transient faults, true resume from the bytes on disk (HTTP Range), one progress bar.
+with backoff for transient faults, true resume from the bytes on disk (HTTP Range), every file's hash
+checked against the hub's id while it streams, a lock per file against a second process, one progress
+bar. A file counts as present only with this commit's bytes (a stamp from an earlier check, or a rehash).
 huggingface_hub supplies the listing, URLs, session and token (``HF_TOKEN`` or Colab's secret of that
 name); it cannot resume a file across calls in 1.x or 2.x, hence the transfer module. When the hub is
 unreachable or answers 5xx, a complete earlier download of the same revision is used as it is. After
@@ -24,7 +26,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .hub_layout import Layout, RemoteFile, RemoteListing
-from .transfer import FileJob, GaveUp, NetConfig, describe, fetch_all, http_status, is_transient, retrying
+from .transfer import (
+    Corrupt,
+    FileJob,
+    GaveUp,
+    NetConfig,
+    describe,
+    fetch_all,
+    http_status,
+    is_transient,
+    retrying,
+)
 
 __all__ = [
     "DEMO_REPO",
@@ -225,6 +237,11 @@ def _fetch(listing: RemoteListing, layout: Layout, token: str | None, net: NetCo
     from huggingface_hub.utils import build_hf_headers
 
     layout.remember(listing)
+    if unchecked := layout.unchecked(listing):
+        say(
+            f"hub: checking {len(unchecked)} files already on disk against the hub's hashes "
+            f"({sum(f.size or 0 for f in unchecked) / 1e9:.2f} GB; once, later runs trust their stamps) ..."
+        )
     todo = [f for f in listing.files if not layout.complete(listing, f)]
     unique = {layout.partial(listing, f): f for f in todo}  # files with the same content share one blob
     jobs = [
@@ -234,6 +251,10 @@ def _fetch(listing: RemoteListing, layout: Layout, token: str | None, net: NetCo
             f.size,
             partial,
             layout.final(listing, f),
+            etag=f.etag,
+            stamp=layout.stamp(listing, f),
+            lock=layout.lock(listing, f),
+            commit=listing.commit,
         )
         for partial, f in unique.items()
     ]
@@ -307,7 +328,10 @@ def _complete_local_copy(repo_id: str, revision: str, layout: Layout) -> Path | 
         candidate = layout.root  # a folder without our record (older version, copied by hand): check it fully
     else:
         candidate = layout.folder(commit)
-        if not layout.cache and not layout.recorded_files_complete():
+        if not candidate.is_dir():
+            return None
+        complete = layout.snapshot_verified(commit) if layout.cache else layout.recorded_files_complete()
+        if not complete:
             return None
     if not candidate.is_dir():
         return None
@@ -390,6 +414,14 @@ def _message(err: Exception, repo_id: str, revision: str, target: Path) -> tuple
         RevisionNotFoundError,
     )
 
+    if isinstance(err, Corrupt):
+        return (
+            f"{repo_id}: {err} (fetched twice from byte 0; nothing of it was kept). Run again later; if it "
+            "happens again the file on the hub, or something between it and this machine, is damaged.",
+            1,
+        )
+    if isinstance(err, OSError) and err.errno in _DISK_ERRORS:
+        return _disk_message(err, repo_id, target), 2
     if isinstance(err, GaveUp):
         return (
             f"{repo_id}: {err.job.name} failed {err.tries} times ({describe(err.cause)}). Finished files are kept "
@@ -404,13 +436,6 @@ def _message(err: Exception, repo_id: str, revision: str, target: Path) -> tuple
         return f"{repo_id}: revision {revision!r} does not exist (see DEMO_REVISION in colab_helpers/hub.py)", 2
     if isinstance(err, RemoteEntryNotFoundError):
         return f"{repo_id}@{revision}: a listed file is missing on the hub ({str(err).splitlines()[-1][:200]})", 1
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = shutil.disk_usage(_existing_parent(target)).free
-        return (
-            f"ran out of disk space while downloading {repo_id} into {target} ({free / 1e9:.1f} GB free now). "
-            "Free some space and run again: finished files are kept and the partial one resumes.",
-            1,
-        )
     if isinstance(err, OSError) and "Consistency check failed" in str(err):
         return (
             f"{repo_id}: a file arrived with the wrong size ({str(err).splitlines()[0][:200]}). Run again: "
@@ -434,6 +459,34 @@ def _message(err: Exception, repo_id: str, revision: str, target: Path) -> tuple
             1,
         )
     return None
+
+
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+_ELSEWHERE = "download to another folder: set HF_HUB_CACHE=<folder> (or pass download(local_dir=...))"
+
+
+def _disk_message(err: OSError, repo_id: str, target: Path) -> str:
+    """One line for a disk that refuses the download: the path, why, and what to do (the partial is kept)."""
+    path = err.filename or target
+    kept = "Finished files are kept and the partial one resumes."
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(_existing_parent(Path(path))).free
+        return (
+            f"ran out of disk space while downloading {repo_id} into {target} ({path}; {free / 1e9:.1f} GB free "
+            f"now). Free some space and run again, or {_ELSEWHERE}. {kept}"
+        )
+    if err.errno == errno.EFBIG:
+        return (
+            f"{path}: the file system refuses a file this big (EFBIG: FAT/exFAT stop at 4 GB, or a ulimit -f is "
+            f"set) while downloading {repo_id}. Lift the limit, or {_ELSEWHERE} on a disk formatted "
+            f"ext4/NTFS/APFS. {kept}"
+        )
+    if err.errno == errno.EROFS:
+        return f"{path}: the file system is read-only, so {repo_id} cannot be downloaded there; {_ELSEWHERE}."
+    return (
+        f"{path}: permission denied while downloading {repo_id} ({errno.errorcode.get(err.errno, err.errno)}). "
+        f"Make the folder writable for this user, or {_ELSEWHERE}."
+    )
 
 
 def _stderr(message: str) -> None:

@@ -4,9 +4,15 @@ Two layouts, both keyed by the commit the pinned revision resolved to:
 
 - the hub cache (default; what huggingface_hub itself uses): ``models--owner--name/blobs/<etag>``,
   ``snapshots/<commit>/<file>`` links to the blobs and ``refs/<revision>`` holding the commit, so
-  ``try_to_load_from_cache``, ``hf cache`` and a later offline run all find the files;
-- a plain folder (``local_dir``): the files themselves, partial ones under ``.cache/colab_helpers/``,
-  and ``.cache/colab_helpers/download.json`` recording which repo, revision and commit are complete.
+  ``try_to_load_from_cache``, ``hf cache`` and a later offline run all find the files; the file locks
+  are huggingface_hub's own (``.locks/models--owner--name/<etag>.lock``) and the stamps of verified
+  blobs are under ``models--owner--name/.colab_helpers/verified/``;
+- a plain folder (``local_dir``): the files themselves, partial ones, locks and each file's stamp (its
+  commit and hash, written as it lands) under ``.cache/colab_helpers/``, and
+  ``.cache/colab_helpers/download.json`` recording which repo, revision and commit are complete.
+
+A file counts as complete only when its bytes are the listing's (``content_hash.verified``): a
+fresh stamp of the same hash, else a rehash; a file of another commit never counts.
 """
 
 from __future__ import annotations
@@ -17,11 +23,15 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .content_hash import algorithm, stamped, verified
+
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-RECORD = Path(".cache") / "colab_helpers" / "download.json"
+OURS = Path(".cache") / "colab_helpers"  # in a folder: partial files, locks, stamps, the record
+RECORD = OURS / "download.json"
 ORPHAN_AGE_S = 60.0  # a partial file untouched this long belongs to no running download
 
 
@@ -53,7 +63,8 @@ def is_commit(revision: str) -> bool:
 def _blob_name(listing: RemoteListing, f: RemoteFile) -> str:
     if f.etag:
         return f.etag
-    return hashlib.sha1(f"{listing.commit}/{f.name}".encode()).hexdigest()  # the hub gave no id: one per commit
+    no_id = hashlib.sha1(f"{listing.commit}/{f.name}".encode()).hexdigest()  # the hub gave no id: one per commit
+    return f"noid-{no_id}"  # not taken for a hash to check
 
 
 @dataclass(frozen=True)
@@ -81,21 +92,60 @@ class Layout:
         """Where bytes accumulate until the file is complete; named by content so a new commit never appends."""
         if self.cache:
             return self.root / "blobs" / f"{_blob_name(listing, f)}.incomplete"  # huggingface_hub 0.x's own name
-        return self.root / ".cache" / "colab_helpers" / f"{f.name}.{_blob_name(listing, f)[:16]}.incomplete"
+        return self.root / OURS / f"{f.name}.{_blob_name(listing, f)[:16]}.incomplete"
+
+    def stamp(self, listing: RemoteListing, f: RemoteFile) -> Path:
+        """Where the proof that ``final`` was verified goes (per blob in the cache, per file in a folder)."""
+        if self.cache:
+            return self.root / ".colab_helpers" / "verified" / _blob_name(listing, f)
+        return self.root / OURS / "verified" / f.name
+
+    def lock(self, listing: RemoteListing, f: RemoteFile) -> Path:
+        """The file lock of one file: huggingface_hub's own in the cache; per file name in a folder."""
+        if self.cache:
+            return self.root.parent / ".locks" / self.root.name / f"{_blob_name(listing, f)}.lock"
+        return self.root / OURS / "locks" / f"{f.name}.lock"
+
+    def _lock_of_partial(self, partial: Path) -> Path | None:
+        if self.cache:
+            return self.root.parent / ".locks" / self.root.name / f"{partial.name.split('.')[0]}.lock"
+        try:
+            rel = partial.relative_to(self.root / OURS)
+        except ValueError:
+            return None  # an older version's leftovers: nobody locks them
+        name = rel.name.rsplit(".", 2)[0]  # <name>.<blob16>.incomplete
+        return self.root / OURS / "locks" / rel.parent / f"{name}.lock"
+
+    @contextmanager
+    def record_lock(self):
+        """Held while the record (folder) or a ref (cache) is read and rewritten."""
+        from filelock import FileLock
+
+        if self.cache:
+            path = self.root.parent / ".locks" / self.root.name / "refs.lock"
+        else:
+            path = self.root / OURS / "download.json.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path)):
+            yield
 
     def complete(self, listing: RemoteListing, f: RemoteFile) -> bool:
-        """The file is there with the listed size (at this commit, in the cache; per the record, in a folder)."""
+        """The file holds this listing's bytes: a fresh stamp of the same hash, else rehashed (and stamped).
+
+        In a folder a file of another commit (other bytes, same name and maybe size) never counts; in the
+        cache the blob is named by its hash, so only damage can make it fail.
+        """
         if f.size is None:
             return False
-        if self.cache:
-            candidates = [self.folder(listing.commit) / f.name, self.final(listing, f)]
-        else:
-            record = self.read_record()
-            recorded = (record or {}).get("files", {}).get(f.name)
-            if record is not None and recorded is not None and recorded.get("etag") not in (None, f.etag):
-                return False  # same name and size, other content (another commit)
-            candidates = [self.final(listing, f)]
-        return any(p.is_file() and p.stat().st_size == f.size for p in candidates)
+        return verified(self.final(listing, f), f.etag, f.size, self.stamp(listing, f), listing.commit, f.name)
+
+    def unchecked(self, listing: RemoteListing) -> list[RemoteFile]:
+        """Files on disk that ``complete`` must hash first (no fresh stamp: an earlier version, or changed)."""
+        return [
+            f
+            for f in listing.files
+            if self.final(listing, f).is_file() and not stamped(self.final(listing, f), f.etag, self.stamp(listing, f))
+        ]
 
     def link(self, listing: RemoteListing, f: RemoteFile) -> None:
         """Cache only: ``snapshots/<commit>/<name>`` points at the blob (a copy where links are not allowed)."""
@@ -117,14 +167,19 @@ class Layout:
             ref = self.root / "refs" / listing.revision
             ref.parent.mkdir(parents=True, exist_ok=True)
             if not ref.is_file() or ref.read_text().strip() != listing.commit:
-                tmp = ref.with_name(ref.name + ".tmp")
-                tmp.write_text(listing.commit)
-                os.replace(tmp, ref)
+                with self.record_lock():
+                    tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+                    tmp.write_text(listing.commit)
+                    os.replace(tmp, ref)
 
     def write_record(self, listing: RemoteListing) -> None:
         """Folder only, after every file is complete: repo, revisions, commit and each file's size and id."""
         if self.cache:
             return
+        with self.record_lock():
+            self._write_record(listing)
+
+    def _write_record(self, listing: RemoteListing) -> None:
         old = self.read_record() or {}
         revisions = old.get("revisions", {}) if old.get("commit") == listing.commit else {}
         record = {
@@ -136,7 +191,7 @@ class Layout:
         }
         path = self.root / RECORD
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, path)
 
@@ -164,13 +219,30 @@ class Layout:
         return None
 
     def recorded_files_complete(self) -> bool:
-        """Folder only: every file the record lists is there with its recorded size."""
+        """Folder only: every file the record lists is there with its recorded bytes (stamp or rehash)."""
         record = self.read_record() or {}
         files = record.get("files", {})
+        commit = record.get("commit", "")
         return bool(files) and all(
-            (self.root / name).is_file() and (self.root / name).stat().st_size == meta.get("size")
+            verified(
+                self.root / name, meta.get("etag"), meta.get("size"), self.root / OURS / "verified" / name, commit, name
+            )
             for name, meta in files.items()
         )
+
+    def snapshot_verified(self, commit: str) -> bool:
+        """Cache only: every blob ``snapshots/<commit>`` links to holds the bytes its name (a hash) says."""
+        folder = self.folder(commit)
+        for pointer in (p for p in folder.rglob("*") if not p.is_dir()):
+            blob = pointer.resolve()
+            etag = blob.name
+            if algorithm(etag) is None:
+                continue  # named per commit: the hub gave no id to check
+            stamp = self.root / ".colab_helpers" / "verified" / etag
+            size = blob.stat().st_size if blob.is_file() else None
+            if not verified(blob, etag, size, stamp, commit, pointer.name):
+                return False
+        return True
 
     def clean_orphans(self, keep: set[Path]) -> list[Path]:
         """Delete partial files no job of this download will resume (other commits, killed runs).
@@ -183,7 +255,7 @@ class Layout:
         if self.cache:
             folders = [self.root / "blobs"]
         else:
-            folders = [self.root / ".cache" / "colab_helpers", self.root / ".cache" / "huggingface" / "download"]
+            folders = [self.root / OURS, self.root / ".cache" / "huggingface" / "download"]
         removed = []
         now = time.time()
         for path in (p for folder in folders if folder.is_dir() for p in folder.rglob("*.incomplete")):
@@ -191,11 +263,34 @@ class Layout:
                 continue
             adopt = next((k for k in keep if path.name.startswith(k.name[: -len(".incomplete")] + ".")), None)
             try:
-                if adopt is not None and not adopt.exists():
-                    os.replace(path, adopt)
-                elif now - path.stat().st_mtime > ORPHAN_AGE_S:
-                    path.unlink()
-                    removed.append(path)
+                with _unless_locked(self._lock_of_partial(path)) as free:
+                    if not free:
+                        continue  # another process is fetching it
+                    if adopt is not None and not adopt.exists():
+                        os.replace(path, adopt)
+                    elif now - path.stat().st_mtime > ORPHAN_AGE_S:
+                        path.unlink()
+                        removed.append(path)
             except OSError:
                 pass
         return removed
+
+
+@contextmanager
+def _unless_locked(lock: Path | None):
+    """Yield True holding ``lock`` when nobody else holds it, else False (no lock file: True)."""
+    if lock is None or not lock.exists():
+        yield True
+        return
+    from filelock import FileLock, Timeout
+
+    held = FileLock(str(lock))
+    try:
+        held.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        held.release()

@@ -2,7 +2,7 @@
 
 Decode (one token, batch 1) is memory-bandwidth bound: every weight byte is read once per token, so a
 path that first writes an fp16 copy of ``W`` and then reads it again moves ~10x the bytes of the packed
-weight (see ``docs/PERFORMANCE.md``). The fused kernel reads each packed byte once, unpacks its codes
+weight (``docs/benchmarks.md``, reference facts). The fused kernel reads each packed byte once, unpacks its codes
 and dequantizes them in registers, and reduces straight into ``y``.
 
 It reads the checkpoint's native layout, no re-packing: ``W[out, in]`` viewed row-major as the
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import quant
 from .quant import QuantizedWeight, QuantSpec, dequantized_linear
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -115,31 +116,46 @@ def warm_up(
     progress: bool = True,
     gemv=None,
     expert=None,
+    dequant=None,
 ) -> int:
-    """Compile the decode kernels for each distinct weight geometry now (at load), not on the first token.
+    """Compile, now (at load), every Triton variant that decode and a prefill launch.
 
-    Single-row launches on zeros: ``triton_gemv`` for each (spec, shape) of ``linears`` (attention),
-    ``fused_expert`` (first and accumulating call) for each geometry of ``experts``. Returns how many
-    geometries were compiled; 0 where the fused path is off (no CUDA, no Triton, or disabled).
-    ``gemv``/``expert`` are test seams. A compile or launch failure switches the fused kernels off
-    with the same warning as at run time.
+    Triton compiles one variant per *specialization key*: argument dtypes, constexprs, which integer
+    arguments equal 1 or are divisible by 16, and which pointers are 16-byte aligned. Decode and a
+    prefill of up to ``MAX_GEMV_ROWS`` tokens per expert vary only the row count (1 is its own variant,
+    and the rows decide whether a launch splits the input dimension, which makes its output fp32), so
+    ``triton_gemv`` is launched at every row count 1..``MAX_GEMV_ROWS`` for each (spec, shape) of
+    ``linears`` (attention) and of the expert matrices (a short prompt routes a few tokens per expert
+    through it); ``fused_expert`` (first and accumulating call) at one row for each expert geometry;
+    ``triton_dequantize`` (longer prefills dequantize, then matmul) once per matrix geometry. The
+    routing coefficient decode passes (``coefs[i]``, a 0-d view 2 bytes into its vector) is not
+    specialized on its alignment (``_DOWN``). ``tests/test_warm_up_keys.py`` lists the keys a decode, a
+    3-token and a 40-token prefill hit and checks this covers them.
+
+    Returns how many geometries were compiled; 0 where the fused path is off (no CUDA, no Triton, or
+    disabled). ``gemv``/``expert`` are test seams. A compile or launch failure switches the fused
+    kernels off with the same warning as at run time.
     """
     dev = torch.device(device)
     if gemv is None or expert is None:
         if not (HAS_TRITON and _fused_enabled and dev.type == "cuda"):
             return 0
         gemv, expert = gemv or triton_gemv, expert or fused_expert
-    shapes: dict[tuple, QuantizedWeight] = {}
-    for w in linears:
-        shapes.setdefault((w.spec, tuple(w.shape)), w)
+        dequant = dequant or triton_dequantize
     mlps: dict[tuple, dict[str, QuantizedWeight]] = {}
     for w in experts:
         mlps.setdefault(tuple((k, v.spec, tuple(v.shape)) for k, v in sorted(w.items())), w)
+    shapes: dict[tuple, QuantizedWeight] = {}
+    for w in [*linears, *(v for mlp in mlps.values() for _, v in sorted(mlp.items()))]:
+        shapes.setdefault((w.spec, tuple(w.shape)), w)
     if progress:
         n = len(shapes) + len(mlps)
         print(f"compiling fused low-bit kernels for {n} weight shapes...", file=sys.stderr, flush=True)
     for w in shapes.values():
-        if _fused_or_none(gemv, (torch.zeros(1, w.shape[1], dtype=dtype, device=dev), w)) is None:
+        for rows in range(1, MAX_GEMV_ROWS + 1):
+            if _fused_or_none(gemv, (torch.zeros(rows, w.shape[1], dtype=dtype, device=dev), w)) is None:
+                return 0
+        if dequant is not None and _fused_or_none(dequant, (w, dtype), "fused dequantize") is None:
             return 0
     for w in mlps.values():
         x = torch.zeros(1, w["w1"].shape[1], dtype=dtype, device=dev)
@@ -360,7 +376,42 @@ def _gemv_kernel(
     tl.store(dst, out.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-_KERNEL = triton.jit(_gemv_kernel) if HAS_TRITON else None  # interpreted iff TRITON_INTERPRET was set first
+# pointers whose alignment may vary between launches and must not make a new variant: 0-d scalars read
+# once per program (decode's coefficient ``coefs[i]`` sits at any 2-byte offset)
+_NO_ALIGNMENT = {
+    "_gemv_kernel": ("zs_ptr", "zz_ptr"),
+    "_gate_up_kernel": ("a_zs", "a_zz", "b_zs", "b_zz"),
+    "_down_kernel": ("zs_ptr", "zz_ptr", "coef_ptr"),
+    "_dequant_kernel": ("zs_ptr", "zz_ptr"),
+}
+# interpreted iff TRITON_INTERPRET was set first
+_KERNEL = triton.jit(_gemv_kernel, do_not_specialize_on_alignment=_NO_ALIGNMENT["_gemv_kernel"]) if HAS_TRITON else None
+
+
+def _launch(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+    """``kernel[grid](*args, **kwargs)``: every Triton launch goes through here (a test seam: the keys)."""
+    kernel[grid](*args, **kwargs)
+
+
+def specialization_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """The key Triton compiles one variant of ``kernel`` per, for these arguments (its own binder on the
+    kernel's parameters: dtypes, constexprs, ints equal to 1 or divisible by 16, 16-byte aligned
+    pointers, launch options). Needs no GPU; used by tests to check ``warm_up`` covers every launch."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    fn = getattr(kernel, "fn", kernel)
+    while hasattr(fn, "fn"):  # an interpreted function wraps the python function
+        fn = fn.fn
+    jit = _KEY_FUNCTIONS.get(fn)
+    if jit is None:
+        dns_oa = _NO_ALIGNMENT.get(fn.__name__, ())
+        jit = _KEY_FUNCTIONS[fn] = JITFunction(fn, do_not_specialize_on_alignment=dns_oa)
+    _, spec, options = create_function_from_signature(jit.signature, jit.params, BaseBackend)(*args, **kwargs)
+    return (fn.__name__, tuple(tuple(x) for x in spec), tuple(sorted(options.items())))
+
+
+_KEY_FUNCTIONS: dict = {}
 
 
 def triton_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | None = None) -> torch.Tensor:
@@ -385,16 +436,9 @@ def triton_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | N
         plan = make_plan(weight.spec, tuple(weight.shape), rows, config)
     y = torch.empty(plan.split, rows, out_f, dtype=x.dtype if plan.split == 1 else torch.float32, device=x.device)
     tensors = (weight.W_q, weight.scale_q, weight.scale_scale, weight.scale_zero, weight.zero_q)
+    args = (x2, *(t.contiguous() for t in tensors), weight.zero_scale, weight.zero_zero, y, *plan.ints)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # triton uses the current device
-        _KERNEL[plan.grid](
-            x2,
-            *(t.contiguous() for t in tensors),
-            weight.zero_scale,
-            weight.zero_zero,
-            y,
-            *plan.ints,
-            **plan.constants,
-        )
+        _launch(_KERNEL, plan.grid, args, plan.constants)
     y = y[0] if plan.split == 1 else y.sum(0).to(x.dtype)
     return y.reshape(*x.shape[:-1], out_f)
 
@@ -520,8 +564,10 @@ def _down_kernel(
 
 if HAS_TRITON:  # the kernels call it by this global name, so it must be a jit function itself
     _tile_update = triton.jit(_tile_update)
-_GATE_UP = triton.jit(_gate_up_kernel) if HAS_TRITON else None
-_DOWN = triton.jit(_down_kernel) if HAS_TRITON else None
+_GATE_UP = (
+    triton.jit(_gate_up_kernel, do_not_specialize_on_alignment=_NO_ALIGNMENT["_gate_up_kernel"]) if HAS_TRITON else None
+)
+_DOWN = triton.jit(_down_kernel, do_not_specialize_on_alignment=_NO_ALIGNMENT["_down_kernel"]) if HAS_TRITON else None
 
 
 def _weight_args(w: QuantizedWeight) -> tuple[torch.Tensor, ...]:
@@ -550,7 +596,7 @@ def triton_expert_gate_up(
     if rows == 0:
         return h
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _GATE_UP[plan.grid](x2, *_weight_args(w1), *_weight_args(w3), h, *plan.ints, **plan.constants)
+        _launch(_GATE_UP, plan.grid, (x2, *_weight_args(w1), *_weight_args(w3), h, *plan.ints), plan.constants)
     return h
 
 
@@ -586,17 +632,105 @@ def triton_expert_down(
     if rows == 0:
         return out
     with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
-        _DOWN[plan.grid](
-            h.contiguous(),
-            *_weight_args(w2),
-            coef,
-            out,
-            *plan.ints,
-            H_SPLIT=splits,
-            ACCUMULATE=accumulate,
-            **plan.constants,
-        )
+        args = (h.contiguous(), *_weight_args(w2), coef, out, *plan.ints)
+        _launch(_DOWN, plan.grid, args, dict(H_SPLIT=splits, ACCUMULATE=accumulate, **plan.constants))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# dequantize a whole matrix in one launch (prefill: dequantize + matmul)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dequant_kernel(
+    wq_ptr, sq_ptr, ss_ptr, sz_ptr, zq_ptr, zs_ptr, zz_ptr,  # the weight's seven tensors
+    out_ptr,  # [g, M] the grid of W (row-major W[out, in]), in the output dtype
+    num_groups, scale_cols,
+    NBITS: tl.constexpr, GROUP: tl.constexpr, PACKED_ROWS: tl.constexpr, P_PAD: tl.constexpr,
+    PER_WORD: tl.constexpr, PER_WORD_PAD: tl.constexpr, TOP_SHIFT: tl.constexpr, BLOCK_J: tl.constexpr,
+):  # fmt: skip
+    """One program per ``BLOCK_J`` grid columns: every code of them, ``(q - zero) * step`` in fp16 op for op as
+    ``QuantizedWeight.dequantize`` (and ``_gemv_kernel``), stored row by row (coalesced along the columns)."""
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = j < num_groups
+    sj = j % scale_cols
+    step = (tl.load(sq_ptr + j, mask=j_ok, other=0).to(tl.float16) - tl.load(sz_ptr + sj, mask=j_ok, other=0.0)) * (
+        tl.load(ss_ptr + sj, mask=j_ok, other=0.0)
+    )
+    zero = (tl.load(zq_ptr + j, mask=j_ok, other=0).to(tl.float16) - tl.load(zz_ptr)) * tl.load(zs_ptr)
+    k = tl.arange(0, PER_WORD_PAD)
+    p = tl.arange(0, P_PAD)
+    shift = tl.maximum(TOP_SHIFT - k * NBITS, 0)[:, None, None]
+    words = tl.load(
+        wq_ptr + p[:, None] * num_groups + j[None, :], mask=(p < PACKED_ROWS)[:, None] & j_ok[None, :], other=0
+    )
+    codes = ((words.to(tl.int32)[None, :, :] >> shift) & ((1 << NBITS) - 1)) | 0x6400
+    q = codes.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    w = (q - zero[None, None, :]) * step[None, None, :]
+    i = k[:, None] * PACKED_ROWS + p[None, :]  # grid row of (code slot, packed row)
+    ok = (k[:, None] < PER_WORD) & (p < PACKED_ROWS)[None, :] & (i < GROUP)
+    dst = out_ptr + i[:, :, None] * num_groups + j[None, None, :]
+    tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=ok[:, :, None] & j_ok[None, None, :])
+
+
+_DEQUANT = (
+    triton.jit(_dequant_kernel, do_not_specialize_on_alignment=_NO_ALIGNMENT["_dequant_kernel"]) if HAS_TRITON else None
+)
+_DEQUANT_SLOTS = 4096  # grid values one program dequantizes (codes per word x packed rows x columns)
+
+
+def triton_dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``weight.dequantize(dtype)`` in one launch, bit for bit (fp16 arithmetic, then cast); same devices
+    and conditions as ``triton_gemv``."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    spec = weight.spec
+    geo = Geometry.of(spec, tuple(weight.shape))
+    m = spec.num_groups(tuple(weight.shape))
+    if spec.group_size * m >= 2**31:
+        raise ValueError(f"weight {list(weight.shape)} too large for the kernel's 32-bit offsets")
+    out = torch.empty(spec.group_size, m, dtype=dtype, device=weight.W_q.device)
+    p_pad, k_pad = _pow2(geo.packed_rows), _pow2(geo.codes_per_word)
+    block_j = max(16, _DEQUANT_SLOTS // (p_pad * k_pad))
+    constants = dict(
+        NBITS=geo.nbits,
+        GROUP=geo.group_size,
+        PACKED_ROWS=geo.packed_rows,
+        P_PAD=p_pad,
+        PER_WORD=geo.codes_per_word,
+        PER_WORD_PAD=k_pad,
+        TOP_SHIFT=geo.top_shift,
+        BLOCK_J=block_j,
+    )
+    args = (*(t.contiguous() for t in _weight_args(weight)), out, m, m // spec.scale_group_size)
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _launch(_DEQUANT, (math.ceil(m / block_j),), args, constants)
+    return out.view(weight.shape)
+
+
+def use_fused_dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether ``QuantizedWeight.dequantize`` takes the one-launch Triton path: CUDA, Triton, fp16/fp32."""
+    return HAS_TRITON and _fused_enabled and weight.W_q.is_cuda and would_use_fused_dequantize(weight, dtype)
+
+
+def would_use_fused_dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """The device-independent half of ``use_fused_dequantize`` (``dispatch_count``'s CUDA-like counting)."""
+    return dtype in FUSED_DTYPES
+
+
+def _device_dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor | None:
+    """``QuantizedWeight.dequantize``'s CUDA path (registered in ``quant.DEVICE_DEQUANTIZE``); None elsewhere."""
+    if not use_fused_dequantize(weight, dtype):
+        return None
+    return _fused_or_none(triton_dequantize, (weight, dtype), "fused dequantize")
+
+
+quant.DEVICE_DEQUANTIZE.append(_device_dequantize)
+
+
+def reference_dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """What ``triton_dequantize`` computes: the torch path of ``QuantizedWeight.dequantize``."""
+    return weight.dequantize_blocks(dtype)
 
 
 def reference_gemv(x: torch.Tensor, weight: QuantizedWeight, config: GemvConfig | None = None) -> torch.Tensor:
@@ -632,9 +766,11 @@ FUSED_LAUNCHES: dict[str, int] = {  # triton_gemv: +2 (sum, cast) when a plan sp
     "triton_gemv": 1,
     "triton_expert_gate_up": 1,
     "triton_expert_down": 1,
+    "triton_dequantize": 1,
 }
 REFERENCES = {
     "triton_gemv": reference_gemv,
     "triton_expert_gate_up": reference_expert_gate_up,
     "triton_expert_down": reference_expert_down,
+    "triton_dequantize": reference_dequantize,
 }

@@ -36,7 +36,7 @@ class OffloadConfig:
 
     device: str = "cpu"
     dtype: torch.dtype | None = None  # default: float16 on CUDA, float32 on CPU
-    experts_on_device: int | tuple[int, ...] = 2
+    experts_on_device: int | tuple[int, ...] | str = "auto"  # "auto": the planner's choice (load_model)
     policy: str = "lfu_decay"  # beats LRU on the real Mixtral trace (docs/cache_policies.md)
     spare_slots: int = 2
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
@@ -65,28 +65,36 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+AUTO = "auto"  # experts_on_device chosen by the planner
+
+
 def load_model(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
-    experts_on_device: int | Sequence[int] = 2,
+    experts_on_device: int | Sequence[int] | str = AUTO,
     config: OffloadConfig | None = None,
     **overrides,
 ) -> MixtralForCausalLM:
     """Load a checkpoint in the offloading layout as its family's stock transformers causal LM.
 
     ``path`` is a local directory (see ``colab_helpers.hub.download`` for the hub). ``experts_on_device``
-    is an int or one int per MoE layer. Extra keyword arguments override ``OffloadConfig`` fields.
-    The cache is reachable as ``model.expert_cache``; nothing half-loaded is returned on error.
+    is an int, one int per MoE layer, or ``"auto"`` (default): the memory planner's choice — on CUDA as
+    many experts as the free VRAM holds after the trunk, KV cache and margins; on CPU 2 per layer (a
+    small cache, so a CPU run exercises offloading; the memory is the same host RAM either way).
+    Extra keyword arguments override ``OffloadConfig`` fields. The cache is reachable as
+    ``model.expert_cache``; nothing half-loaded is returned on error.
     """
     dev = resolve_device(device)
-    ks = experts_on_device if isinstance(experts_on_device, int) else tuple(experts_on_device)
+    ks = experts_on_device if isinstance(experts_on_device, (int, str)) else tuple(experts_on_device)
     cfg = config or OffloadConfig(device=str(dev), experts_on_device=ks, **overrides)
     ckpt = Checkpoint.open(Path(path), verify=cfg.verify)
     plan = None
     several_gpus = dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1
     if cfg.placement is None and several_gpus and split_refusal(ckpt.arch) is None:
         plan, cfg = _every_gpu(ckpt, cfg)  # layers split across all visible GPUs, experts per layer planned
-    elif cfg.check_memory and cfg.placement is None:
+    elif (cfg.check_memory or _is_auto(cfg.experts_on_device)) and cfg.placement is None:
+        from dataclasses import replace
+
         from .planner import check_fits, measure_budget, plan_memory
 
         plan = plan_memory(
@@ -95,13 +103,16 @@ def load_model(
             measure_budget(dev),
             dev,
             context_tokens(cfg, ckpt.config),
-            experts_on_device=cfg.experts_on_device,
+            experts_on_device=None if _is_auto(cfg.experts_on_device) else cfg.experts_on_device,
             spare_slots=cfg.spare_slots,
             dense_on_cpu=cfg.dense_on_cpu,
             suggest=False,
             attention=cfg.attention_path(),
         )
-        check_fits(plan)  # refuse before allocating anything, with the numbers
+        if cfg.check_memory:
+            check_fits(plan)  # refuse before allocating anything, with the numbers
+        if _is_auto(cfg.experts_on_device):
+            cfg = replace(cfg, experts_on_device=plan.experts_on_device)
     model = assemble_model(ckpt.config, ckpt.quant, ckpt.load_trunk(), ckpt.iter_experts(), cfg)
     model.checkpoint_path = str(path)
     model.memory_plan = plan
@@ -128,6 +139,22 @@ def _every_gpu(ckpt: Checkpoint, cfg: OffloadConfig):
     return plan, cfg
 
 
+def _is_auto(k) -> bool:
+    return isinstance(k, str) and k == AUTO
+
+
+def resolved_experts(k, device: torch.device):
+    """``experts_on_device`` as ``ExpertCache`` takes it. ``"auto"`` reaching here (``assemble_model``
+    called directly, or a given placement) has no plan: 2 per layer on CPU, an error on CUDA."""
+    if not isinstance(k, str):
+        return k
+    if k != AUTO:
+        raise ValueError(f"experts_on_device must be an int, one int per MoE layer or 'auto', got {k!r}")
+    if device.type == "cuda":
+        raise ValueError("experts_on_device='auto' needs a memory plan (load_model); give a number here")
+    return 2
+
+
 def context_tokens(cfg: OffloadConfig, mcfg: MixtralConfig) -> int:
     """Tokens of prompt + answer this model is planned for: the KV budget, at most the position table."""
     return min(cfg.context, int(mcfg.max_position_embeddings))
@@ -152,6 +179,7 @@ def assemble_model(
     if getattr(mcfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"experts with activation {mcfg.hidden_act!r} are not supported (the kernels are SiLU)")
     dev = resolve_device(cfg.device)
+    k = resolved_experts(cfg.experts_on_device, dev)
     dtype = cfg.compute_dtype
     attention = cfg.attention_path()
     if arch.attn_sinks:  # gpt-oss: only transformers' eager attention adds the sinks
@@ -219,10 +247,10 @@ def assemble_model(
     moe_layers = len(arch.moe_layers)
     if placement is None:
         model.to(dev)
-        cache = _expert_cache(mcfg, quant, moe_layers, cfg.experts_on_device, dev, cfg)
+        cache = _expert_cache(mcfg, quant, moe_layers, k, dev, cfg)
     else:
         model.boundary_hooks = place_layers(model, placement)
-        ks = experts_per_layer(cfg.experts_on_device, moe_layers, arch.num_experts)
+        ks = experts_per_layer(k, moe_layers, arch.num_experts)
         caches = [
             _expert_cache(mcfg, quant, n, ks[start : start + n], torch.device(d), cfg)
             for d, start, n in zip(placement.devices, placement.starts, placement.counts, strict=True)

@@ -13,7 +13,10 @@ One decode step of a layer, in the order the GPU should see it:
 2. every demand copy this layer needs (``ExpertCache.demand``), before any expert is computed;
 3. the next layers' guesses (speculative prefetch, arXiv 2312.17238 §3.2), gated on the next router's
    probability and capped in bytes per token, issued after this layer's demand copies on their own
-   lower-priority stream, so they overlap this layer's compute and never get ahead of a demand load;
+   lower-priority stream, so they overlap this layer's compute and never get ahead of a demand load.
+   ``mode="auto"`` (the default) loads a guess only into a free slot (nothing resident is evicted for
+   it) and in chunks, ``chunks_per_step`` issued per layer step: a demand copy queues behind at most
+   those, and guesses not started yet are dropped when a demand load comes (``ExpertCache.stage``);
 4. the experts, resident ones first, each a fused low-bit MLP that adds its weighted output in place.
 """
 
@@ -36,10 +39,23 @@ class PrefetchConfig:
     """Speculative prefetch: how many guesses per layer, how many layers ahead, and how much to spend."""
 
     enabled: bool = True
+    mode: str = "auto"  # "auto": free slots only, chunked, paced; "evict": a guess may evict (the paper's way)
     experts: int = 2  # guesses per layer (top-n of the next router); Mixtral uses top-2
     lookahead: int = 1  # layers ahead to guess (1 = the paper's next-layer guess)
     min_confidence: float = 0.0  # a guess needs at least this next-router probability (0: every top-n guess)
     max_bytes_per_token: int | None = None  # speculative bytes per decode token over all layers (None: no cap)
+    chunks: int = 8  # "auto": a guess's copy in this many chunks (a demand waits for at most one in flight)
+    chunks_per_step: int = 1  # "auto": speculative chunks issued per layer step (paces the bus, see docs)
+
+    def __post_init__(self) -> None:
+        if self.mode not in PREFETCH_MODES:
+            raise ValueError(f"prefetch mode must be one of {PREFETCH_MODES}, got {self.mode!r}")
+        if self.chunks < 1 or self.chunks_per_step < 0:
+            raise ValueError(f"prefetch chunks must be >= 1 and chunks_per_step >= 0, got {self.chunks}, "
+                             f"{self.chunks_per_step}")  # fmt: skip
+
+
+PREFETCH_MODES = ("auto", "evict")
 
 
 def expert_forward(x: torch.Tensor, w: dict[str, QuantizedWeight]) -> torch.Tensor:
@@ -121,6 +137,7 @@ class OffloadedMoE(nn.Module):
         self._pending_guess: set[int] | None = None
         self._routers: tuple[tuple[int, ...], torch.Tensor] | None = None  # (source pointers, stacked weights)
         self._bars: torch.Tensor | None = None  # per-row confidence bars for the routing readback
+        self._prefill_index: torch.Tensor | None = None  # a prefill's [T, k] routing on the device
         # observers(layer, experts [T][k], guesses [lookahead][<=n] as issued, or None): recorders, notebooks
         self.observers: list = []
 
@@ -138,6 +155,7 @@ class OffloadedMoE(nn.Module):
         else:  # prefill: no guesses (the next layer's own routing comes at once)
             _, weights, index = self.gate(x)
             choice, guesses = index.tolist(), None  # the one host sync
+            self._prefill_index = index  # grouped on the device by ``_run_prefill``
         return self._cache_step(x, weights, choice, guesses).reshape(bsz, seq, hidden)
 
     def _route_one(self, x: torch.Tensor) -> tuple[torch.Tensor, list[list[int]], list[list[int]] | None]:
@@ -225,6 +243,8 @@ class OffloadedMoE(nn.Module):
         order = cache.demand(layer, used)  # every demand copy it can issue, before any compute
         if tried is not None:
             self._issue_guesses(tried)  # after the demand copies, overlapping this layer's compute
+        if self.prefetch.enabled and self.prefetch.mode == "auto":
+            cache.pump(self.prefetch.chunks_per_step)
         shared = self._shared(x)  # queued before the routed experts: it computes while their copies land
         out = self._run_experts(x, weights, choice, order)
         cache.end_step(layer)
@@ -248,20 +268,35 @@ class OffloadedMoE(nn.Module):
                 out = kernels.expert_mlp(x, cache.weights(layer, e), coefs[choice[0].index(e)], out)
                 cache.release(layer, e)
             return out
-        routed: dict[int, tuple[list[int], list[int]]] = {}  # expert -> (tokens, ranks), one pass over the
-        for t, row in enumerate(choice):  # host copy of the choice: no nonzero/boolean mask on the device
-            for r, e in enumerate(row):
-                tokens, ranks = routed.setdefault(e, ([], []))
-                tokens.append(t)
-                ranks.append(r)
-        out = torch.zeros_like(x)
+        return self._run_prefill(x, weights, choice, order)
+
+    def _run_prefill(
+        self, x: torch.Tensor, weights: torch.Tensor, choice: list[list[int]], order: list[int]
+    ) -> torch.Tensor:
+        """Prefill: tokens grouped by expert on the device (one stable sort of the routing, no index
+        upload; the group sizes come from the host copy of the choice the layer already read), each
+        expert computing its contiguous slice, one weighted ``index_add_`` back into token order."""
+        cache, layer = self.cache, self.layer
+        k = len(choice[0])
+        index = self._prefill_index  # the router's [T, k] choice, still on the device
+        self._prefill_index = None
+        counts = [0] * (max(order, default=-1) + 1)
+        for row in choice:
+            for e in row:
+                counts[e] += 1
+        starts = [0] * len(counts)
+        for e in range(1, len(counts)):
+            starts[e] = starts[e - 1] + counts[e - 1]
+        position = index.reshape(-1).argsort(stable=True)  # (token, rank) positions, grouped by expert
+        tokens = position // k
+        xs = x.index_select(0, tokens)
+        ys: list[torch.Tensor | None] = [None] * len(counts)
         for e in order:
-            tok, rank = routed[e]
-            tok_i = torch.tensor(tok, device=x.device)
-            y = expert_forward(x[tok_i], cache.weights(layer, e))
-            out.index_add_(0, tok_i, y * weights[tok_i, torch.tensor(rank, device=x.device), None].to(x.dtype))
+            ys[e] = expert_forward(xs[starts[e] : starts[e] + counts[e]], cache.weights(layer, e))
             cache.release(layer, e)
-        return out
+        coef = weights.reshape(-1).index_select(0, position).to(x.dtype)
+        y = torch.cat([t for t in ys if t is not None]) * coef[:, None]
+        return torch.zeros_like(x).index_add_(0, tokens, y)
 
     def _plan_guesses(self, guesses: list[list[int]]) -> list[list[int]]:
         """The guesses to try per following layer: in order, while the token's byte budget covers the ones
@@ -282,9 +317,11 @@ class OffloadedMoE(nn.Module):
 
     def _issue_guesses(self, tried: list[list[int]]) -> None:
         cache, nbytes = self.cache, self.cache.layout.nbytes
+        staging, chunks = self.prefetch.mode == "auto", self.prefetch.chunks
         for step, (block, guess) in enumerate(zip(self._following, tried, strict=False)):
             for e in guess:
-                if cache.prefetch(block.layer, e, keep=guess):
+                started = cache.stage(block.layer, e, chunks) if staging else cache.prefetch(block.layer, e, keep=guess)
+                if started:
                     cache.speculative_bytes_left -= nbytes
             if step == 0 and guess:  # an all-gated-out step scores nothing (a trace cannot tell it from none)
                 block._pending_guess = set(guess)

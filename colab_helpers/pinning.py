@@ -27,11 +27,14 @@ class PinnedMemoryError(MemoryError):
     """The host store could not be page-locked; the message says how much and what to try."""
 
 
-def pinned_host_buffer(rows: int, nbytes: int, cudart=None) -> torch.Tensor:
+def pinned_host_buffer(
+    rows: int, nbytes: int, cudart=None, device: torch.device | str | int | None = None
+) -> torch.Tensor:
     """A ``[rows, nbytes]`` uint8 host tensor registered with CUDA (unregistered when it is freed).
 
-    ``cudart`` is ``torch.cuda.cudart()`` unless a test passes a fake with ``cudaHostRegister``,
-    ``cudaHostUnregister`` and optionally ``cudaGetLastError``.
+    ``device`` is the GPU whose copies read and write it (the expert cache's): unpinning first waits
+    for that device's copies (None: the current device). ``cudart`` is ``torch.cuda.cudart()`` unless a
+    test passes a fake with ``cudaHostRegister``, ``cudaHostUnregister`` and optionally ``cudaGetLastError``.
     """
     buf = torch.empty(rows, nbytes, dtype=torch.uint8)
     if buf.numel() == 0:
@@ -56,7 +59,7 @@ def pinned_host_buffer(rows: int, nbytes: int, cudart=None) -> torch.Tensor:
                     "runtime), or keep more experts on the GPU (fewer in host RAM)"
                 )
             regions.append(base + start)
-    _UNPIN[base] = weakref.finalize(buf, _unpin, base, cudart, regions)
+    _UNPIN[base] = weakref.finalize(buf, _unpin, base, cudart, regions, device)
     return buf
 
 
@@ -67,9 +70,9 @@ def release(buf: torch.Tensor) -> None:
         fin()
 
 
-def _unpin(base: int, cudart, regions: Sequence[int]) -> None:
+def _unpin(base: int, cudart, regions: Sequence[int], device=None) -> None:
     _UNPIN.pop(base, None)
-    _unregister_all(cudart, regions)
+    _unregister_all(cudart, regions, device=device)
 
 
 def _register(cudart, ptr: int, size: int) -> int:
@@ -79,15 +82,22 @@ def _register(cudart, ptr: int, size: int) -> int:
     return code
 
 
-def _unregister_all(cudart, regions: Sequence[int], synchronize: bool = True) -> None:
-    """Unregister every region; first wait for copies still reading or writing them (if CUDA is up)."""
+def _unregister_all(cudart, regions: Sequence[int], synchronize: bool = True, device=None) -> None:
+    """Unregister every region; first wait for copies still reading or writing them on ``device`` (the
+    cache's GPU, not whichever is current when the finalizer runs)."""
     try:
-        if synchronize and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
+        if synchronize:
+            _wait_for_copies(device)
         for ptr in regions:
             cudart.cudaHostUnregister(ptr)
     except Exception:  # interpreter shutdown: CUDA may already be gone
         pass
+
+
+def _wait_for_copies(device) -> None:
+    """``torch.cuda.synchronize(device)`` if CUDA is up (a test seam: no GPU here)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize(device)
 
 
 def _name(cudart, code: int) -> str:

@@ -136,6 +136,10 @@ class ExpertCacheGroup:
         for c in self.caches:
             c.begin_token(speculative_bytes)
 
+    def pump(self, chunks: int) -> int:
+        """``ExpertCache.pump`` on every device (each has its own bus); returns the chunks issued."""
+        return sum(c.pump(chunks) for c in self.caches)
+
     def locate(self, layer: int) -> tuple[ExpertCache, int]:
         i = self.placement.device_index(layer)
         return self.caches[i], layer - self.placement.starts[i]
@@ -202,6 +206,7 @@ for _name in (
     "weights",
     "release",
     "prefetch",
+    "stage",
     "score_prediction",
     "end_step",
     "expert_bytes",

@@ -40,27 +40,51 @@ PLAN_DESCRIPTION = (
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m colab_helpers plan", description=PLAN_DESCRIPTION)
     p.add_argument(
-        "--vram-gb", type=positive_float, default=None, help="free VRAM in GB (10^9 B), as mem_get_info reports"
+        "--vram-gb",
+        type=positive_float,
+        default=None,
+        help="free VRAM in GB (10^9 B), as mem_get_info reports (default: measured on this machine's GPU)",
     )
     p.add_argument(
-        "--ram-gb", type=positive_float, default=None, help="available host RAM in GB (psutil's 'available')"
+        "--ram-gb",
+        type=positive_float,
+        default=None,
+        help="available host RAM in GB (psutil's 'available'; default: measured here)",
     )
-    p.add_argument("--context", type=positive_int, default=DEFAULT_CONTEXT, help="tokens of context (prompt + answer)")
     p.add_argument(
-        "--expert-bits", type=int, default=2, choices=sorted(DEFAULT_EXPERT_SPECS), help="2 = the public checkpoint"
+        "--context",
+        type=positive_int,
+        default=DEFAULT_CONTEXT,
+        help=f"tokens of context, prompt + answer (default {DEFAULT_CONTEXT})",
+    )
+    p.add_argument(
+        "--expert-bits",
+        type=int,
+        default=2,
+        choices=sorted(DEFAULT_EXPERT_SPECS),
+        help="expert bit width; 2 = the public checkpoint (default 2)",
     )
     p.add_argument(
         "--model",
         default=None,
         help="a checkpoint folder (config and bit widths read from it), a folder or config.json of any supported "
-        "MoE family, or a hub repo id (shipped flagship configs offline, else config.json from the hub)",
+        "MoE family, or a hub repo id (shipped flagship configs offline, else config.json from the hub; "
+        "default: Mixtral-8x7B)",
     )
     p.add_argument(
         "--device", type=device_name, default=None, help="cuda or cpu (default: cuda with --vram-gb or a GPU present)"
     )
-    p.add_argument("--experts-on-device", type=positive_int, default=None, help="check this k instead of choosing one")
     p.add_argument(
-        "--gpus", type=positive_int, default=1, help="GPUs of --vram-gb each (Kaggle: 2); layers are split across them"
+        "--experts-on-device",
+        type=positive_int,
+        default=None,
+        help="check this k instead of choosing one (default: the plan chooses)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=positive_int,
+        default=1,
+        help="GPUs of --vram-gb each (Kaggle: 2); layers are split across them (default 1)",
     )
     p.add_argument("--json", action="store_true", help="print only the plan as a JSON object (report to stderr)")
     return p

@@ -129,7 +129,67 @@ class LFUPolicy(LFUDecayPolicy):
     default_half_life_tokens = math.inf
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (LRUPolicy, LFUDecayPolicy, LFUPolicy)}
+class TransitionPolicy(LFUDecayPolicy):
+    """``lfu_decay`` plus what usually follows: evict the expert least likely to be used at the layer's next step.
+
+    Per layer it counts, with decay, which experts were used one step after each expert (a first-order Markov
+    table of the layer's own routing). A candidate's score is its ``lfu_decay`` share of the layer's recent
+    uses plus ``weight`` times the probability that the experts of the current step (the last one while none
+    yet) are followed by it; LRU, then the lower index, break ties. Chosen on the HumanEval sequences of the
+    trace only (``weight`` 1, ``transition_half_life_tokens`` 32, swept over 0.5-2 and 32-128 with < 0.002
+    hit-rate spread); docs/cache_policies.md reports GSM8K separately.
+    """
+
+    name = "transition"
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        half_life_tokens: float | None = None,
+        top_k: int = 2,
+        weight: float = 1.0,
+        transition_half_life_tokens: float = 32.0,
+    ) -> None:
+        super().__init__(num_layers, num_experts, half_life_tokens, top_k)
+        self.weight = weight
+        self.transition_decay = decay_for_half_life(transition_half_life_tokens)
+        self._follows = [[[0.0] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
+        self._previous: list[set[int]] = [set() for _ in range(num_layers)]
+        self._current: list[set[int]] = [set() for _ in range(num_layers)]
+
+    def on_access(self, layer: int, expert: int) -> None:
+        super().on_access(layer, expert)
+        self._current[layer].add(expert)
+
+    def on_step(self, layer: int) -> None:
+        super().on_step(layer)
+        d = self.transition_decay
+        for a in self._previous[layer]:
+            row = self._follows[layer][a]
+            for e in range(len(row)):
+                row[e] *= d
+            for e in self._current[layer]:
+                row[e] += 1.0
+        self._previous[layer], self._current[layer] = self._current[layer], set()
+
+    def follow_probability(self, layer: int, expert: int) -> float:
+        """How likely ``expert`` is used at the layer's next step, given the current (else the last) step."""
+        rows = [self._follows[layer][a] for a in (self._current[layer] or self._previous[layer])]
+        total = sum(sum(row) for row in rows)
+        return sum(row[expert] for row in rows) / total if total else 0.0
+
+    def victim(self, layer: int, candidates: Sequence[int]) -> int:
+        step = self._this_step[layer]
+        pool = [e for e in candidates if e not in step] or candidates
+        score, last = self._score[layer], self._last_used[layer]
+        total = sum(score) or 1.0
+        return min(pool, key=lambda e: (score[e] / total + self.weight * self.follow_probability(layer, e), last[e], e))
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    p.name: p for p in (LRUPolicy, LFUDecayPolicy, LFUPolicy, TransitionPolicy)
+}
 
 
 def make_policy(name: str, num_layers: int, num_experts: int, **params: float) -> EvictionPolicy:

@@ -214,8 +214,19 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """``W[out, in]``; float16 arithmetic (bit-exact with hqq), then cast to ``dtype``.
 
-        Written block by block of ``DEQUANT_BLOCK`` codes into the output, so the scratch beyond the
-        result stays ~10 bytes x the block (measured by ``tests/test_quant.py`` with
+        On CUDA one Triton launch (``kernels.triton_dequantize``, the same fp16 ops, no scratch beyond
+        the result; ``kernels`` registers it in ``DEVICE_DEQUANTIZE``, as it imports this module);
+        elsewhere, or without Triton, ``dequantize_blocks``.
+        """
+        for fused in DEVICE_DEQUANTIZE:
+            out = fused(self, dtype)
+            if out is not None:
+                return out
+        return self.dequantize_blocks(dtype)
+
+    def dequantize_blocks(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """``dequantize`` in torch ops: written block by block of ``DEQUANT_BLOCK`` codes into the output, so
+        the scratch beyond the result stays ~10 bytes x the block (measured by ``tests/test_quant.py`` with
         ``memtrack.TensorMemoryTracker``) instead of ~8 bytes x the whole matrix: the planner counts it.
         """
         step, zero = self.step_and_zero()
@@ -232,6 +243,9 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
+# whole-matrix dequantizers for devices (``weight, dtype -> W or None`` when they do not apply), registered by
+# ``kernels`` (which imports this module, so this one cannot import it)
+DEVICE_DEQUANTIZE: list[Callable[[QuantizedWeight, torch.dtype], torch.Tensor | None]] = []
 DEQUANT_BLOCK = 1 << 22  # codes dequantized at a time (4.2 M): bounds the scratch, few launches per matrix
 
 

@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from .generation import GenerationResult, SamplingConfig, generate_stream, planned_context
+from .kv_cache import new_kv_cache
 
 
 class SessionBusy(RuntimeError):
@@ -50,6 +51,7 @@ class ChatSession:
     max_context: int | None = None  # tokens; default: the context the model was planned for (planned_context)
     system_prompt: str | None = None
     turns: list[ChatTurn] = field(default_factory=list)
+    forgotten: int = 0  # oldest turns dropped because the conversation outgrew the context (views say so)
     last_result: GenerationResult | None = None
     _cache: DynamicCache | None = None
     _cached_ids: list[int] = field(default_factory=list)
@@ -97,6 +99,7 @@ class ChatSession:
             raise SessionBusy("cannot clear while an answer is being generated: stop it first")
         try:
             self.turns = []
+            self.forgotten = 0
             self.reset_cache()
         finally:
             self._answering.release()
@@ -134,13 +137,14 @@ class ChatSession:
     ) -> GenerationResult:
         if dropped:
             self.turns = self.turns[dropped:]
+            self.forgotten += dropped
             self.reset_cache()
         common = _common_prefix(self._cached_ids, ids)
         if common == len(ids):  # always feed at least one token
             common -= 1
         if self._cache is None or common == 0:
             self.reset_cache()
-            self._cache = DynamicCache(config=self.model.config)
+            self._cache = new_kv_cache(self.model, self.max_context)  # preallocated, reused turn after turn
             common = 0
         elif common < len(self._cached_ids):
             _truncate(self._cache, common)

@@ -14,14 +14,7 @@ import torch
 import torch.nn as nn
 from transformers import MixtralConfig
 
-from .checkpoint import (
-    QuantConfig,
-    arch_of,
-    expected_expert_tensors,
-    expected_trunk_tensors,
-    to_transformers_name,
-    trunk_entries,
-)
+from .model_spec import ModelSpec, QuantConfig, to_transformers_name
 from .random_mixtral import small_config
 
 
@@ -89,9 +82,10 @@ def random_trunk(
     quantized matrices are the trunk's quantized entries, biases are zero, norms one)."""
     device = torch.device(device)
     gen = torch.Generator(device).manual_seed(seed)
-    bases = {e.name.removesuffix(".weight") for e in trunk_entries(config) if e.quantized}
+    model = ModelSpec.of(config, quant)
+    bases = {e.name.removesuffix(".weight") for e in model.trunk if e.quantized}
     quantized, dense = {}, {}
-    for key, spec in expected_trunk_tensors(config, quant).items():
+    for key, spec in model.trunk_tensors.items():
         (quantized if key.removesuffix(".W_q").split(".meta.")[0] in bases else dense)[key] = spec
     out = _random_quantized(quantized, quant.attention.nbits, gen, device)
     for key, (dtype, shape) in dense.items():
@@ -115,15 +109,15 @@ def random_experts(
     """
     device = torch.device(device)
     gen = torch.Generator(device).manual_seed(seed + 1)
-    specs = expected_expert_tensors(config, quant)
+    model = ModelSpec.of(config, quant)
+    specs = model.expert_tensors
     pool = [
         {k: v.cpu() for k, v in _random_quantized(specs, quant.experts.nbits, gen, device).items()}
         for _ in range(distinct)
     ]
-    arch = arch_of(config)
-    for layer in arch.moe_layers:
-        for e in range(arch.num_experts):
-            yield layer, e, pool[(layer * arch.num_experts + e) % distinct]
+    for layer in model.moe_layers:
+        for e in range(model.num_experts):
+            yield layer, e, pool[(layer * model.num_experts + e) % distinct]
 
 
 class ScriptedRouter(nn.Module):

@@ -38,7 +38,7 @@ class Projection:
 
 @dataclass(frozen=True)
 class TimingModel:
-    """Decode time per token on a free Colab T4 (numbers from docs/PERFORMANCE.md), Mixtral-8x7B, 2-bit experts.
+    """Decode time per token on a free Colab T4, Mixtral-8x7B, 2-bit experts (docs/benchmarks.md, reference facts).
 
     Compute reads the trunk and every used expert once from GPU memory; a load copies one expert
     host->device and (exclusive layout) writes the victim back device->host on its own stream.

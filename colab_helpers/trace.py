@@ -522,6 +522,11 @@ def _parser() -> argparse.ArgumentParser:
         help="experts per layer on the device: 4, 2-6 or 3,5 (default 2-6)",
     )
     p.add_argument(
+        "--sequences",
+        default=None,
+        help="comma-separated sequence names of the trace to replay (default: all)",
+    )
+    p.add_argument(
         "--policies",
         default=None,
         help="comma-separated subset (default: all registered + belady); --half-lives rows stay",
@@ -530,19 +535,20 @@ def _parser() -> argparse.ArgumentParser:
         "--half-lives",
         type=_half_lives,
         default=[],
-        help="extra lfu_decay rows with these half-lives in tokens, e.g. 2,8,32,128,inf (sensitivity sweep)",
+        help="extra lfu_decay rows with these half-lives in tokens, e.g. 2,8,32,128,inf "
+        "(sensitivity sweep; default none)",
     )
     p.add_argument(
         "--initial",
         choices=("cold", "warm"),
         default="cold",
-        help="cold: empty cache per sequence (reference); warm: experts 0..K-1 resident (load_model)",
+        help="cold: empty cache per sequence (reference); warm: experts 0..K-1 resident (load_model); default cold",
     )
     p.add_argument(
         "--order",
         choices=("rank", "live"),
         default="rank",
-        help="access order within a step: rank (top-1 first, reference) or live (resident first)",
+        help="access order within a step: rank (top-1 first, reference) or live (resident first); default rank",
     )
     p.add_argument("--prefetch", action="store_true", help="apply recorded prefetch guesses (*_decode_guesses)")
     p.add_argument(
@@ -605,6 +611,14 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(sorted(table))}")
         table = {k: v for k, v in table.items() if k in wanted or k.startswith("lfu_decay[")}
     arrays = load_trace_arrays(args.trace)
+    if args.sequences:
+        wanted, known = [n.strip() for n in args.sequences.split(",") if n.strip()], sequence_names(arrays)
+        unknown = [n for n in wanted if n not in known]
+        if unknown or not wanted:
+            raise UsageError(f"--sequences: no {', '.join(unknown) or 'name'} in the trace; it has {', '.join(known)}")
+        arrays = {
+            k: v for k, v in arrays.items() if not k.endswith(DECODE_SUFFIX) or k[: -len(DECODE_SUFFIX)] in wanted
+        }
     options = ReplayOptions(initial=args.initial, order=args.order, prefetch=args.prefetch)
     first = np.asarray(arrays[f"{sequence_names(arrays)[0]}{DECODE_SUFFIX}"])
     timing, args.timing_label = TimingModel(), None

@@ -3,24 +3,34 @@
 huggingface_hub (1.x on Colab, 2.x here) deletes a failed file's partial bytes and starts it from byte 0
 on the next call, so a 17 GB download over a shared link never really resumes. This module does the GET
 itself with the library's session and headers: bytes go to a ``.incomplete`` file next to the
-destination, a retry or a later run asks for ``Range: bytes=<size on disk>-``, and the file is moved
-into place only once its size matches the hub's listing. Transient faults (connection reset or closed,
-timeouts, 408/429/5xx) are retried with exponential backoff; the count of tries without new bytes is
-bounded, and so is the total per file. Everything that is printed goes through the main thread
-(Colab does not render output or widget updates made by background threads).
+destination as they arrive, a retry or a later run asks for ``Range: bytes=<size on disk>-`` (and
+checks the 206's Content-Range), and the file is moved into place only once its size matches the hub's
+listing and its hash (computed while streaming, ``content_hash``) the hub's id; a mismatch fetches it
+once more from byte 0. A lock per file (``filelock``) keeps a second process off a file being fetched:
+it waits, then finds the file complete. Transient faults (connection reset or closed, timeouts,
+408/429/5xx) are retried with exponential backoff, or after the server's Retry-After, within the same
+cap; the count of tries without new bytes is bounded, and so is the total per file. Everything that is
+printed goes through the main thread (Colab does not render output or widget updates made by
+background threads).
 """
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
+import errno
 import os
 import queue
+import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from .content_hash import ContentHash, Stamp, verified
 
 T = TypeVar("T")
 _NETWORK_MODULES = {"httpx", "httpx2", "httpcore", "requests", "urllib3", "aiohttp", "h11"}
@@ -36,10 +46,12 @@ class NetConfig:
     max_wait_s: float = 30.0
     max_tries_per_file: int = 20  # a hard cap even when every try brings some bytes
     workers: int = 4  # files fetched at once
-    chunk_bytes: int = 1 << 20
+    chunk_bytes: int = 1 << 20  # bytes per read when hashing a partial file already on disk
 
-    def wait_s(self, failures: int) -> float:
-        return min(self.max_wait_s, self.first_wait_s * 2 ** max(failures - 1, 0))
+    def wait_s(self, failures: int, asked_s: float | None = None) -> float:
+        """The backoff after ``failures`` faults in a row, or the server's Retry-After if longer; capped."""
+        backoff = self.first_wait_s * 2 ** max(failures - 1, 0)
+        return min(self.max_wait_s, max(backoff, asked_s or 0.0))
 
     def worst_case_s(self) -> float:
         """The longest one request can take to give up when nothing answers (tries, timeouts, waits)."""
@@ -52,6 +64,35 @@ class Stopped(Exception):
 
 class ShortRead(ConnectionError):
     """The server closed the connection cleanly before sending the whole file."""
+
+
+class WrongRange(ConnectionError):
+    """A 206 answered bytes other than the ones asked for; the file starts again from byte 0."""
+
+
+class Corrupt(Exception):
+    """A file's bytes did not match the hub's id twice in a row (its partial file is deleted)."""
+
+    def __init__(self, job: FileJob, what: str) -> None:
+        self.job = job
+        super().__init__(f"{job.name}: the bytes received twice do not match the hub's {what}")
+
+
+def retry_after_s(err: BaseException) -> float | None:
+    """The seconds a 429/503 answer asked us to wait (``Retry-After``: seconds or an HTTP date), if any."""
+    response = getattr(err, "response", None)
+    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
 
 
 def http_status(err: BaseException) -> int | None:
@@ -102,7 +143,7 @@ def retrying(
         except Exception as err:
             if not is_transient(err) or attempt == net.attempts or (attempt == 1 and give_up(err)):
                 raise
-            wait = net.wait_s(attempt)
+            wait = net.wait_s(attempt, retry_after_s(err))
             say(f"{what}: {describe(err)}; try {attempt + 1} of {net.attempts} in {wait:.0f} s")
             sleep(wait)
     raise AssertionError("unreachable")
@@ -110,13 +151,27 @@ def retrying(
 
 @dataclass(frozen=True)
 class FileJob:
-    """One file to fetch: bytes accumulate in ``partial`` and move to ``final`` once ``size`` is reached."""
+    """One file to fetch: bytes accumulate in ``partial`` and move to ``final`` once ``size`` and ``etag`` match.
+
+    ``stamp`` is where the proof of a verified file goes (``content_hash.Stamp``), ``lock`` the file
+    lock that keeps other processes off this file, ``commit`` the commit it comes from.
+    """
 
     name: str
     url: str
     size: int | None
     partial: Path
     final: Path
+    etag: str | None = None
+    stamp: Path | None = None
+    lock: Path | None = None
+    commit: str = ""
+
+    def is_done(self) -> bool:
+        """The final file is there and verified (a fresh stamp, else rehashed)."""
+        if self.stamp is None:
+            return self.size is not None and self.final.is_file() and self.final.stat().st_size == self.size
+        return verified(self.final, self.etag, self.size, self.stamp, self.commit, self.name)
 
     def on_disk(self) -> int:
         try:
@@ -164,26 +219,73 @@ class _Shared:
 
 
 def fetch_file(job: FileJob, headers: dict[str, str], net: NetConfig, shared: _Shared, session=None) -> None:
-    """Fetch one file with resume and retries; raise ``GaveUp``, ``Stopped`` or a non-transient error."""
+    """Fetch one file with resume, retries and its hash checked; raise ``GaveUp``, ``Corrupt``, ``Stopped``
+    or a non-transient error (``OSError`` naming the partial file for a disk fault: its bytes are kept).
+
+    Under the file's lock: a file another process completed meanwhile is only checked; bytes that
+    do not match the hub's id are deleted and fetched once more from byte 0.
+    """
     if session is None:
         from huggingface_hub.utils import get_session
 
         session = get_session()
+    counted = [job.on_disk()]  # the bytes the progress bar already shows for this file
+
+    def add(n: int) -> None:
+        counted[0] += n
+        shared.add(n)
+
+    with _file_lock(job, shared):
+        if job.final.is_file() and job.is_done():
+            job.partial.unlink(missing_ok=True)  # a leftover of the same bytes
+        else:
+            _fetch_verified(job, headers, net, shared, session, add)
+    if job.size is not None:
+        add(job.size - counted[0])  # what another process fetched, or a restart's undo
+
+
+def _fetch_verified(job: FileJob, headers: dict[str, str], net: NetConfig, shared: _Shared, session, add) -> None:
+    if job.final.is_file():
+        job.final.unlink()  # bytes that are not this listing's (another commit, or damaged): never kept
     job.partial.parent.mkdir(parents=True, exist_ok=True)
+    digest = ContentHash(job.etag, job.size)
+    for round_ in (1, 2):
+        _fetch_bytes(job, headers, net, shared, session, add, digest)
+        digest.catch_up(job.partial, net.chunk_bytes)
+        if digest.matches():
+            break
+        have = job.on_disk()
+        job.partial.unlink(missing_ok=True)
+        add(-have)
+        digest.reset()
+        if round_ == 2:
+            raise Corrupt(job, digest.what)
+        shared.messages.put(f"{job.name}: the bytes do not match the hub's {digest.what}; fetching it again from 0")
+    job.final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(job.partial, job.final)
+    if job.stamp is not None and digest.kind is not None:
+        Stamp.of(job.final, job.etag, job.commit).write(job.stamp)
+
+
+def _fetch_bytes(
+    job: FileJob, headers: dict[str, str], net: NetConfig, shared: _Shared, session, add, digest: ContentHash
+) -> None:
+    """Retry GETs until the partial file has ``job.size`` bytes (or the server's whole answer)."""
     failures = tries = 0
     while True:
         have = job.on_disk()
         if job.size is not None and have > job.size:  # a stale partial of some other content
             job.partial.unlink()
-            shared.add(-have)
+            add(-have)
             have = 0
         if job.size is not None and have == job.size:
-            break
+            return
         tries += 1
         try:
-            _get_once(job, have, headers, net, shared, session)
+            digest.catch_up(job.partial, net.chunk_bytes)  # a resumed file: hash the bytes on disk first
+            _get_once(job, have, headers, net, shared, session, add, digest)
             if job.size is None or job.on_disk() == job.size:
-                break
+                return
             raise ShortRead(f"the connection closed after {job.on_disk():,} of {job.size:,} bytes")
         except Stopped:
             raise
@@ -195,19 +297,90 @@ def fetch_file(job: FileJob, headers: dict[str, str], net: NetConfig, shared: _S
             failures = 1 if job.on_disk() > have else failures + 1
             if failures >= net.attempts or tries >= net.max_tries_per_file:
                 raise GaveUp(job, tries, err) from err
-            wait = net.wait_s(failures)
+            wait = net.wait_s(failures, retry_after_s(err))
             shared.messages.put(
                 f"{job.name}: {describe(err)}; retry in {wait:.0f} s from byte {job.on_disk():,}"
                 f" (try {tries + 1}, at most {net.attempts} in a row without progress)"
             )
             if shared.stop.wait(wait):
                 raise Stopped from None
-    job.final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(job.partial, job.final)
 
 
-def _get_once(job: FileJob, have: int, headers: dict[str, str], net: NetConfig, shared: _Shared, session) -> None:
-    """One GET from byte ``have`` to the end (or to the first fault), appending to the partial file."""
+_HELD: dict[str, list] = {}  # lock path -> [FileLock, the _Shared of the fetch in this process holding it]
+_HELD_LOCK = threading.Lock()
+
+
+def _take_over(key: str, shared: _Shared):
+    """The lock of a stopped fetch in this process (Ctrl-C; its worker may sit in a read until its timeout)."""
+    with _HELD_LOCK:
+        entry = _HELD.get(key)
+        if entry is not None and entry[1] is not shared and entry[1].stop.is_set():
+            entry[1] = shared  # its worker writes nothing more (it checks the stop flag before every write)
+            return entry[0]
+    return None
+
+
+@contextlib.contextmanager
+def _file_lock(job: FileJob, shared: _Shared) -> Iterator[None]:
+    """Hold ``job.lock`` (another process fetching this file: say so once and wait, Ctrl-C still works)."""
+    if job.lock is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    key = str(job.lock)
+    lock = _take_over(key, shared)
+    if lock is None:
+        job.lock.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(key, thread_local=False)  # released by whichever thread holds it last
+        waited = False
+        while True:
+            try:
+                lock.acquire(timeout=0 if not waited else 0.25)
+                with _HELD_LOCK:
+                    _HELD[key] = [lock, shared]
+                break
+            except Timeout:
+                if not waited:
+                    shared.messages.put(f"hub: another download of {job.name} is running; waiting")
+                    waited = True
+            if shared.stop.is_set():
+                raise Stopped from None
+            if (taken := _take_over(key, shared)) is not None:
+                lock = taken
+                break
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            mine = _HELD.get(key, [None, None])[1] is shared
+            if mine:
+                del _HELD[key]
+        if mine:
+            lock.release()
+
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
+
+
+def _check_range(job: FileJob, have: int, r) -> None:
+    """A 206 must start at ``have`` (and be of a file of ``job.size`` bytes); else start the file again."""
+    m = _CONTENT_RANGE.match(r.headers.get("Content-Range", ""))
+    ok = m is not None and int(m.group(1)) == have
+    if ok and job.size is not None and m.group(3) != "*":
+        ok = int(m.group(3)) == job.size
+    if not ok:
+        raise WrongRange(
+            f"asked for bytes from {have:,}, the server answered {r.headers.get('Content-Range')!r}; "
+            "starting the file again"
+        )
+
+
+def _get_once(
+    job: FileJob, have: int, headers: dict[str, str], net: NetConfig, shared: _Shared, session, add, digest
+) -> None:
+    """One GET from byte ``have`` to the end (or to the first fault), appending to the partial file as
+    bytes arrive (a dropped connection loses nothing that was received)."""
     from huggingface_hub.utils import hf_raise_for_status
 
     request_headers = {**headers, "Accept-Encoding": "identity"}  # byte ranges of the stored bytes, no gzip
@@ -218,25 +391,53 @@ def _get_once(job: FileJob, have: int, headers: dict[str, str], net: NetConfig, 
             shared.responses.add(r)
         try:
             if r.status_code == 416 and have:  # asked past the end: the partial is of other content
-                job.partial.unlink(missing_ok=True)
-                shared.add(-have)
+                _restart(job, have, add, digest)
                 raise ShortRead("the server refused the resume range; starting the file again")
             if r.status_code >= 400:
                 r.read()
                 hf_raise_for_status(r)
             mode = "ab"
-            if have and r.status_code != 206:  # the server ignored Range: start over
-                shared.add(-have)
+            if have and r.status_code == 206:
+                try:
+                    _check_range(job, have, r)
+                except WrongRange:
+                    _restart(job, have, add, digest)
+                    raise
+            elif have:  # the server ignored Range: start over
+                add(-have)
+                digest.reset()
                 mode = "wb"
-            with open(job.partial, mode) as f:
-                for chunk in r.iter_bytes(net.chunk_bytes):
-                    if shared.stop.is_set():
-                        raise Stopped
-                    f.write(chunk)
-                    shared.add(len(chunk))
+            try:
+                with open(job.partial, mode, buffering=0) as f:
+                    for chunk in r.iter_bytes():  # as they arrive: no chunk-sized buffer to lose
+                        if shared.stop.is_set():
+                            raise Stopped
+                        _write_all(f, chunk, add, digest)
+            except OSError as err:
+                if err.filename is None and err.errno is not None:
+                    err.filename = str(job.partial)  # so the message can name it
+                raise
         finally:
             with shared.lock:
                 shared.responses.discard(r)
+
+
+def _restart(job: FileJob, have: int, add, digest: ContentHash) -> None:
+    job.partial.unlink(missing_ok=True)
+    add(-have)
+    digest.reset()
+
+
+def _write_all(f, chunk: bytes, add, digest: ContentHash) -> None:
+    """Write ``chunk`` (unbuffered: a short write, as at a file-size limit, is continued or raises)."""
+    view = memoryview(chunk)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(errno.EIO, "the file system accepted no bytes", f.name)
+        digest.update(view[:n])
+        add(n)
+        view = view[n:]
 
 
 def fetch_all(

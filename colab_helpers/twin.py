@@ -38,8 +38,8 @@ NUM_LAYERS, TOP_K, NUM_EXPERTS = 32, 2, 8
 
 HOST_COST_SOURCE = (
     "host cost per launch: 9 us per eager PyTorch op, 20 us per Triton launch, 9 us per async copy, 15 us per "
-    "sync round trip on Colab's 2.2 GHz vCPUs -- the assumption stated in shared/docs/PERFORMANCE.md "
-    "('an assumption to be measured, not a measurement'); kernel floor 3 us (T4 launch-to-completion of an "
+    "sync round trip on Colab's 2.2 GHz vCPUs -- an assumption to be measured, not a measurement "
+    "(docs/benchmarks.md, reference facts); kernel floor 3 us (T4 launch-to-completion of an "
     "empty kernel, same status)"
 )
 
@@ -72,14 +72,14 @@ T4 = Hardware(
     h2d_bytes_per_s=12.3e9,
     d2h_bytes_per_s=13.1e9,
     hbm_bytes_per_s=320e9,
-    kernel_efficiency=0.75,  # 240 GB/s achievable (PERFORMANCE.md); our fused GEMV is unmeasured on a T4
+    kernel_efficiency=0.75,  # 240 GB/s achievable (docs/benchmarks.md); our fused GEMV is unmeasured on a T4
     eager_launch_s=9e-6,
     fused_launch_s=20e-6,
     copy_launch_s=9e-6,
     sync_s=15e-6,
     kernel_floor_s=3e-6,
-    source="PCIe and HBM: shared/docs/PERFORMANCE.md (measured pinned 12.3 / 13.1 GB/s, 320 GB/s peak, ~240 "
-    "achievable); " + HOST_COST_SOURCE,
+    source="PCIe and HBM: measured pinned 12.3 / 13.1 GB/s, 320 GB/s peak, ~240 achievable "
+    "(docs/benchmarks.md, reference facts); " + HOST_COST_SOURCE,
 )
 
 H200 = Hardware(

@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="project this model instead of Mixtral-8x7B: a folder, config.json or hub repo id, as for plan --model",
+        help="project this model: a folder, config.json or hub repo id, as for plan --model (default: Mixtral-8x7B)",
     )
     p.add_argument(
         "--trace",
@@ -52,20 +52,73 @@ def _parser() -> argparse.ArgumentParser:
         "--routing",
         choices=("auto", "trace", "synthetic"),
         default="auto",
-        help="auto: the trace when it is one of this model, else synthetic routing (other families only); "
-        "Mixtral-8x7B without a trace is refused unless --routing synthetic",
+        help="auto (default): the trace when one is given and is of this model, else synthetic routing, labelled "
+        "SYNTHETIC; trace: refuse to run without one; synthetic: ignore any trace",
     )
     p.add_argument("--sequences", default=None, help="comma-separated sequence names of the trace (default: all)")
-    p.add_argument("--hardware", choices=sorted(PRESETS), default="t4")
-    p.add_argument("--h2d-gbs", type=positive_float, default=None, help="override pinned host->device GB/s (measured)")
-    p.add_argument("--d2h-gbs", type=positive_float, default=None, help="override pinned device->host GB/s (measured)")
-    p.add_argument("--kernel-efficiency", type=positive_float, default=None, help="override: fraction of HBM peak")
-    p.add_argument("--vram-gb", type=positive_float, default=FREE_T4["vram_gb"], help="plan for this much free VRAM")
-    p.add_argument("--ram-gb", type=positive_float, default=FREE_T4["ram_gb"], help="plan for this much host RAM")
-    p.add_argument("--experts-on-device", type=positive_int, default=None, help="fixed K per layer instead of the plan")
-    p.add_argument("--recall", type=float, default=PAPER_RECALL, help="prefetch guess recall (= precision)")
-    p.add_argument("--no-prefetch", action="store_true")
-    p.add_argument("--policy", default="lfu_decay")
+    p.add_argument("--hardware", choices=sorted(PRESETS), default="t4", help="GPU preset to simulate (default t4)")
+    p.add_argument(
+        "--h2d-gbs",
+        type=positive_float,
+        default=None,
+        help="override pinned host->device GB/s, e.g. measured (default: the preset's)",
+    )
+    p.add_argument(
+        "--d2h-gbs",
+        type=positive_float,
+        default=None,
+        help="override pinned device->host GB/s, e.g. measured (default: the preset's)",
+    )
+    p.add_argument(
+        "--kernel-efficiency",
+        type=positive_float,
+        default=None,
+        help="override: fraction of HBM peak our kernels reach (default: the preset's)",
+    )
+    p.add_argument(
+        "--vram-gb",
+        type=positive_float,
+        default=FREE_T4["vram_gb"],
+        help="plan for this much free VRAM, GB (default %(default)s, a free T4)",
+    )
+    p.add_argument(
+        "--ram-gb",
+        type=positive_float,
+        default=FREE_T4["ram_gb"],
+        help="plan for this much host RAM, GB (default %(default)s, a free T4)",
+    )
+    p.add_argument(
+        "--experts-on-device",
+        type=positive_int,
+        default=None,
+        help="fixed K per layer instead of the plan (default: planned)",
+    )
+    p.add_argument(
+        "--recall", type=float, default=PAPER_RECALL, help="prefetch guess recall (= precision) (default %(default)s)"
+    )
+    p.add_argument("--no-prefetch", action="store_true", help="simulate without speculative prefetch")
+    p.add_argument(
+        "--prefetch-mode",
+        choices=("auto", "evict"),
+        default="auto",
+        help="auto (default): guesses load only into free slots, in chunks, paced; evict: a guess may evict",
+    )
+    p.add_argument(
+        "--chunks", type=int, default=None, help="auto: chunks per speculative load (default: PrefetchConfig's, 8)"
+    )
+    p.add_argument(
+        "--chunks-per-step",
+        type=int,
+        default=None,
+        help="auto: speculative chunks issued per layer step (default: PrefetchConfig's, 1)",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        help="next-router probability a guess needs (default: PrefetchConfig's, 0)",
+    )
+    p.add_argument("--policy", default="lfu_decay", help="eviction policy (default lfu_decay)")
     p.add_argument("--tokens", type=positive_int, default=48, help="decode steps recorded (default 48)")
     p.add_argument("--warmup", type=_non_negative_int, default=32, help="decode steps run first (default 32)")
     p.add_argument(
@@ -73,9 +126,10 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="JSON",
-        help="benchmarks/gpu_offload.py --json report: predict its 'ours (full)' tok/s with its measured bandwidth",
+        help="benchmarks/gpu_offload.py --json report: predict its 'ours (full)' tok/s with its measured "
+        "bandwidth (default: none)",
     )
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON object to this file")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON object to this file (default: none)")
     return p
 
 
@@ -102,7 +156,10 @@ def find_trace(path: Path | None) -> Path:
     """``--trace``, else ``$COLAB_HELPERS_TRACE``; FileNotFoundError saying how to give one."""
     found = trace_path(path)
     if found is None:
-        raise FileNotFoundError(f"no routing trace: give --trace PATH or set {TRACE_ENV} (none is shipped)")
+        raise FileNotFoundError(
+            f"no routing trace: give --trace PATH or set {TRACE_ENV} (none is shipped; `python -m colab_helpers "
+            "record` saves one from a model)"
+        )
     if not found.is_file():
         raise FileNotFoundError(f"routing trace not found: {found}")
     return found
@@ -223,10 +280,16 @@ def _routing(args: argparse.Namespace, target: Target | None, names: list[str] |
             return np.concatenate(decode_rows(trace, names)), f"the recorded routing trace {path.name}"
         if args.trace is not None or args.routing == "trace" or mixtral:
             raise ValueError(f"{path}: a trace of another model ({why}); give this model's or --routing synthetic")
-    if args.routing == "trace" or (mixtral and args.routing == "auto"):
+    if args.routing == "trace":
         raise FileNotFoundError(
-            f"no routing trace: give --trace PATH or set {TRACE_ENV} (Mixtral-8x7B's real trace is not shipped), "
-            "or --routing synthetic"
+            f"no routing trace: give --trace PATH or set {TRACE_ENV} (none is shipped; `python -m colab_helpers "
+            "record` saves one), or --routing synthetic"
+        )
+    if path is None and args.routing == "auto":  # said on stderr as well as in the report's routing line
+        print(
+            "twin: no routing trace given, so this projection runs on SYNTHETIC routing; for a recorded one: "
+            "python -m colab_helpers record PROMPT --out T.npz (on a GPU with the real model), then --trace T.npz",
+            file=sys.stderr,
         )
     if names:
         raise ValueError("--sequences names sequences of a trace; synthetic routing has none")
@@ -261,11 +324,28 @@ def _project(args: argparse.Namespace, target: Target | None, names: list[str] |
         ks = family_plan(target.arch, target.quant, args.vram_gb, args.ram_gb)
     family = None if target is None else target.family
     proj = project_ours(
-        routing, ks, hw, args.recall, args.policy, not args.no_prefetch, args.tokens, args.warmup, family
-    )
+        routing, ks, hw, args.recall, args.policy, not args.no_prefetch, args.tokens, args.warmup, family,
+        _prefetch_config(args),
+    )  # fmt: skip
     proj.notes["model"] = "Mixtral-8x7B (2-bit experts)" if target is None else target.name
     proj.notes["routing"] = label
     return proj
+
+
+def _prefetch_config(args: argparse.Namespace):
+    """The ``PrefetchConfig`` the twin's engine runs with: the engine's defaults, with the flags given."""
+    from .moe import PrefetchConfig
+
+    given = {"mode": args.prefetch_mode, "chunks": args.chunks, "chunks_per_step": args.chunks_per_step}
+    given["min_confidence"] = args.min_confidence
+    if (
+        given["chunks"] is not None
+        and given["chunks"] < 1
+        or given["chunks_per_step"] is not None
+        and given["chunks_per_step"] < 0
+    ):
+        raise ValueError("--chunks must be >= 1 and --chunks-per-step >= 0")
+    return PrefetchConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def _emit(obj: dict, args: argparse.Namespace) -> None:

@@ -207,7 +207,6 @@ class FamilyTwin:
         ``assemble_model`` builds the family's own class, as ``load_model`` does: its attention (biases,
         q/k norms), norms, shared expert and gate, dense layers' MLPs. Only the routers are scripted."""
         from .model import OffloadConfig, assemble_model
-        from .moe import PrefetchConfig
         from .synthetic import random_experts, random_trunk
         from .twin_record import NoisyScriptedRouter
 
@@ -218,7 +217,7 @@ class FamilyTwin:
             dtype=torch.float16,
             experts_on_device=tuple(run.experts_on_device),
             policy=run.policy,
-            prefetch=PrefetchConfig(enabled=run.prefetch, experts=a.top_k),
+            prefetch=run.prefetch_settings(experts=a.top_k),
             dense_on_cpu=False,
             check_memory=False,
             progress=False,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .twin import H200, NUM_LAYERS, PAPER_RECALL, T4, Hardware, Timeline, decode_rows, simulate
+from .twin import EXPERT_BYTES, H200, NUM_LAYERS, PAPER_RECALL, T4, Hardware, Timeline, decode_rows, simulate
 from .twin_record import EngineRun, record_engine
 
 FREE_T4 = {"vram_gb": 15.0, "ram_gb": 12.7}  # what a fresh free Colab T4 reports (planner defaults)
@@ -42,7 +42,7 @@ class EngineProjection:
     syncs_per_token: float  # dispatch_count's harness: the engine's forward per decode token
     launches_per_token: float
     fused_per_token: float
-    loads_per_token: float
+    loads_per_token: float  # expert-sized host->device copies per token (demand + speculative chunks)
     notes: dict
 
     def to_dict(self) -> dict:
@@ -75,12 +75,20 @@ def project_ours(
     tokens: int = 48,
     warmup: int = 32,
     family=None,
+    prefetch_config=None,
 ) -> EngineProjection:
     """Record our engine decoding ``routing`` [T, L, k] at ``experts_on_device`` and simulate it on ``hw``.
 
     ``family``: a ``twin_family.FamilyTwin`` for another model (None: Mixtral-8x7B's narrow engine)."""
     run = EngineRun(
-        tuple(experts_on_device), policy, prefetch, recall, decode_tokens=tokens, warmup_tokens=warmup, family=family
+        tuple(experts_on_device),
+        policy,
+        prefetch,
+        recall,
+        decode_tokens=tokens,
+        warmup_tokens=warmup,
+        family=family,
+        prefetch_config=prefetch_config,
     )
     s = record_engine(run, routing)
     notes = dict(s.notes)
@@ -97,9 +105,12 @@ def project_ours(
         notes.pop("harness_syncs_per_token"),
         notes.pop("harness_launches_per_token"),
         s.per_token("fused"),
-        s.per_token("copy") / 2,
+        s.bytes_per_token("copy", "demand") / EXPERT_BYTES + s.bytes_per_token("copy", "speculative") / EXPERT_BYTES,
         notes,
     )
+
+
+HOST_COST_FIELDS = ("eager_launch_s", "fused_launch_s", "copy_launch_s", "sync_s")  # Hardware's host costs
 
 
 def compare_with_offload(report: dict, trace: dict, tokens: int = 48, warmup: int = 32) -> dict:
@@ -120,6 +131,8 @@ def compare_with_offload(report: dict, trace: dict, tokens: int = 48, warmup: in
         "d2h_bytes_per_s": bw["d2h_gbs"] * 1e9 if bw.get("d2h_gbs") else None,
         "hbm_bytes_per_s": kb["peak_gbs"] * 1e9 if kb.get("peak_gbs") else None,
         "kernel_efficiency": kb.get("fraction_of_peak") if kb.get("fused_kernel", True) else None,
+        # host seconds per eager op, Triton launch, async copy and sync, measured in the same run (gpu_check)
+        **{k: (report.get("host_costs") or {}).get(k) for k in HOST_COST_FIELDS},
     }
     hw = replace(base.with_measured(**measured), name=f"{device or base.name} (measured copies and kernel)")
     ks = full["experts_on_device"]

@@ -30,7 +30,7 @@ from transformers import MixtralConfig
 
 from . import kernels
 from .dispatch_count import _PATCHED_METHODS, _is_launch, _is_sync
-from .experts import WRITE_BACK, CopyEngine, ExpertCache
+from .experts import DEMAND, SPECULATIVE, WRITE_BACK, CopyEngine, ExpertCache
 from .quant import QuantizedWeight
 from .synthetic import ScriptedRouter
 from .twin import EXPERT_BYTES, Op, Schedule
@@ -346,6 +346,16 @@ class EngineRun:
     warmup_tokens: int = 0  # decode steps run (not recorded) before the recorded window, to warm the cache
     seed: int = 0
     family: object | None = None  # a ``twin_family.FamilyTwin`` (another model's narrow engine); None: Mixtral-8x7B
+    prefetch_config: object | None = None  # a ``moe.PrefetchConfig`` (None: the default, on or off by ``prefetch``)
+
+    def prefetch_settings(self, **family_defaults):
+        """The ``PrefetchConfig`` the engine runs with."""
+        from dataclasses import replace
+
+        from .moe import PrefetchConfig
+
+        base = self.prefetch_config if self.prefetch_config is not None else PrefetchConfig(**family_defaults)
+        return replace(base, enabled=self.prefetch and base.enabled)
 
 
 def build_narrow_engine(run: EngineRun, routing: np.ndarray):
@@ -354,7 +364,6 @@ def build_narrow_engine(run: EngineRun, routing: np.ndarray):
         return run.family.build(run, routing)
     from .checkpoint import QuantConfig
     from .model import OffloadConfig, assemble_model
-    from .moe import PrefetchConfig
     from .synthetic import random_experts, random_trunk
 
     config = narrow_mixtral_config(len(run.experts_on_device))
@@ -364,7 +373,7 @@ def build_narrow_engine(run: EngineRun, routing: np.ndarray):
         dtype=torch.float16,
         experts_on_device=tuple(run.experts_on_device),
         policy=run.policy,
-        prefetch=PrefetchConfig(enabled=run.prefetch),
+        prefetch=run.prefetch_settings(),
         dense_on_cpu=False,
         check_memory=False,
         progress=False,
@@ -393,9 +402,14 @@ def record_engine(run: EngineRun, routing: np.ndarray) -> Schedule:
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     s, w = rec.schedule, rec.window
     s.hit_rate = w["hits"] / max(w["hits"] + w["misses"], 1)
+    per_token = 1 / max(s.tokens, 1)
+    h2d = {kind: s.bytes_per_token("copy", kind) / EXPERT_BYTES for kind in (DEMAND, SPECULATIVE)}
     s.notes = {
-        "misses_per_token": w["misses"] / max(s.tokens, 1),
-        "prefetch_loads_per_token": w["prefetch_loads"] / max(s.tokens, 1),
+        "misses_per_token": w["misses"] * per_token,
+        "demand_loads_per_token": h2d[DEMAND],  # expert-sized host->device copies a demand issued
+        "speculative_loads_per_token": h2d[SPECULATIVE],  # ... a guess issued (chunks summed)
+        "wasted_speculative_loads_per_token": w["wasted_bytes"] / model.expert_cache.layout.nbytes * per_token,
+        "prefetch_loads_per_token": w["prefetch_loads"] * per_token,
         "prefetch_precision": w["correct"] / max(w["predicted"], 1),
         "prefetch_recall": w["correct"] / max(w["needed"], 1),
         "harness_syncs_per_token": counts.syncs_per_token,

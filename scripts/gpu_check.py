@@ -1,28 +1,45 @@
 """One GPU check: run everything that needs a GPU, in one go, and write one JSON file and one markdown table.
 
-Steps (each in its own process with its own time box, so a crash, a hang or an out-of-memory in one
-step costs only that step; the run as a whole stays inside --budget-s, 450 s by default):
+Steps, in this order (each in its own process with its own time box, so a crash, a hang or an
+out-of-memory in one step costs only that step; the time boxes add up to the whole run's --budget-s,
+400 s by default, well inside a 7.5-minute device slot; a step the budget leaves no time for is
+recorded as skipped, not failed):
 
   environment     GPU, compute capability, memory, driver, torch/CUDA/triton versions, host RAM
-  cuda_tests      pytest -m requires_cuda over the test files that have such tests (junit XML parsed)
+  host_cost       host time per eager launch, Triton launch, async copy and sync, with the process
+                  pinned to 2 cores (taskset -c 0,1: a Colab VM's CPUs) -- the twin's host inputs
+  offload_bench   benchmarks/gpu_offload.py --quick: tokens/s of resident, ours (full), the paper's
+                  baseline and naive; copy bandwidth; decode's expert kernels (kernels.expert_mlp) GB/s
+  twin            python -m colab_helpers twin --compare-offload: the twin fed this run's measured copy and
+                  kernel bandwidth and host costs, same plan and routing: predicted vs measured tok/s of
+                  "ours (full)" on one line
+  kernel_bench    benchmarks/kernel_bench.py: fused low-bit GEMV GB/s (CUDA events over CUDA graphs)
   memory_margins  what the planner assumes, measured: CUDA context size (device and host), RSS after
                   imports, free VRAM after loading a full-size Mixtral-shaped model with the planned
                   cache, runtime growth at the first token, peak VRAM during a 4096-token prefill,
                   pinned host bytes; each next to the planner's number
-  kernel_bench    benchmarks/kernel_bench.py: fused low-bit GEMV GB/s (CUDA events over CUDA graphs)
-  offload_bench   benchmarks/gpu_offload.py: tokens/s of every variant, copy and kernel bandwidth
-  twin            python -m colab_helpers twin --compare-offload: the twin with this GPU's measured copy and
-                  kernel bandwidth, same plan and routing, predicted vs measured tok/s of "ours (full)"
+  cuda_tests      pytest -m "requires_cuda or gpu_kernels": the CUDA tests plus the kernel tests that run
+                  in Triton's interpreter on CPUs (float64 comparisons, now on the GPU); per-test results
+                  are read from the log when a time box kills pytest before its junit XML
 
 On a GPU bigger than a T4 (more than 17 GB) the memory and offload steps emulate a free Colab T4
-(--t4 auto): the caching allocator is capped to the T4's free 15.0 GB and the cache is planned for
-Colab's 12.7 GB of host RAM. PCIe and memory bandwidth stay this GPU's: only the offload benchmark's
-timing-model table converts loads per token to T4 tokens/s.
+(--t4 auto): the caching allocator is capped to the T4's free 15.0 GB minus what the CUDA runtime
+measurably holds outside the allocator (cuBLAS, Triton modules: loaded, then measured), flash attention
+is off (SDPA's memory-efficient kernel, as on a T4) with the T4 attention path (chunked prefill), and
+the cache is planned for Colab's 12.7 GB of host RAM. PCIe and memory bandwidth stay this GPU's.
 
-Output (default: $OUT when set, else ./gpu_check_out): gpu_check.json (every step's status, seconds,
-log tail and data; rewritten after each step, so it exists even if the run is killed), gpu_check.md
-(a table ready for docs/benchmarks.md), logs/<step>.log, steps/<step>.json. Exit code 0 when every
-step passed, 1 otherwise. Nothing is downloaded or installed: the models are random, made on the GPU.
+The routing trace (--trace): without it the offload benchmark routes with random routers, so its hit
+rate and prefetch figures say nothing about Mixtral. The trace is not in the repository and a GPU
+machine gets only the checkout: copy it into the git-ignored folder gpu_traces/ of the checkout
+(mkdir -p gpu_traces && cp ../shared/traces/mixtral-8x7b-instruct-routing.npz gpu_traces/), name
+gpu_traces in the run's carry, and pass --trace gpu_traces/mixtral-8x7b-instruct-routing.npz (the
+default when that file is there). Never commit it.
+
+Output (default: $OUT when set, else ./gpu_check_out), three files: gpu_check.json (every step's status,
+seconds, log tail and data; rewritten after each step, so it exists even if the run is killed),
+gpu_check.md (a table ready for docs/benchmarks.md) and gpu_check_logs.tar.gz (logs/<step>.log and
+steps/<step>.json, re-packed after each step). Exit code 0 when no step failed, 1 otherwise. Nothing
+is downloaded or installed: the models are random, made on the GPU.
 
 --cpu-smoke runs the same steps tiny on the CPU (CI runs it): it checks this script, not a GPU.
 """
@@ -49,6 +66,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SELF = Path(__file__).resolve()
 T4_VRAM_GB = 15.0  # what mem_get_info reports free on a fresh Colab T4
+TRACE_DIR = "gpu_traces"  # git-ignored: where a trace brought to the GPU machine lives in the checkout
+DEFAULT_TRACE = f"{TRACE_DIR}/mixtral-8x7b-instruct-routing.npz"
+ARCHIVE = "gpu_check_logs.tar.gz"
+KERNEL_TESTS = ("test_kernels.py", "test_expert_kernels.py", "test_dequant_kernel.py", "test_warm_up_keys.py")
 COLAB_RAM_GB = 12.7
 EMULATE_ABOVE_GB = 17.0  # a GPU with more memory than this is not a T4: emulate one
 PREFILL_TOKENS = 4096  # the quickstart's context
@@ -69,9 +90,15 @@ class Context:
     emulate_t4: bool
     python: str = sys.executable
     facts: dict = field(default_factory=dict)  # the environment step's data, once it ran
+    work: Path | None = None  # logs/ and steps/ (packed into ARCHIVE in ``out``); default: ``out``
+    trace: str | None = None  # the routing trace, if one was brought along
+
+    @property
+    def scratch(self) -> Path:
+        return self.work or self.out
 
     def step_json(self, name: str) -> Path:
-        return self.out / "steps" / f"{name}.json"
+        return self.scratch / "steps" / f"{name}.json"
 
 
 @dataclass(frozen=True)
@@ -88,18 +115,36 @@ def _in_process(name: str) -> Callable[[Context], list[str]]:
 
     def command(ctx: Context) -> list[str]:
         flags = ["--cpu-smoke"] if ctx.smoke else []
-        flags += ["--t4", "on" if ctx.emulate_t4 else "off"]
+        flags += ["--t4", "on" if ctx.emulate_t4 else "off", "--work", str(ctx.scratch)]
         return [ctx.python, str(SELF), "--run-step", name, "--out", str(ctx.out), *flags]
 
     return command
 
 
+def _pinned_to_two_cores(name: str) -> Callable[[Context], list[str]]:
+    """An in-process step under ``taskset -c 0,1`` (a Colab VM has 2 vCPUs), when taskset and 2 cores exist."""
+    inner = _in_process(name)
+
+    def command(ctx: Context) -> list[str]:
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        pin = shutil.which("taskset") and {0, 1} <= cores
+        return (["taskset", "-c", "0,1"] if pin else []) + inner(ctx)
+
+    return command
+
+
 def _cuda_tests_command(ctx: Context) -> list[str]:
+    """The CUDA tests and the kernel tests (unmarked: on CPUs they run in Triton's interpreter), verbose, so a
+    killed run still leaves each finished test's result in its log."""
     files = sorted(
-        str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if "requires_cuda" in p.read_text()
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").glob("test_*.py")
+        if "requires_cuda" in p.read_text() or p.name in KERNEL_TESTS
     )
-    cmd = [ctx.python, "-m", "pytest", "-q", "-rfEs", "-m", "requires_cuda", "--continue-on-collection-errors"]
-    cmd += ["-p", "no:cacheprovider", f"--junitxml={ctx.out / 'steps' / 'cuda_tests.xml'}", *files]
+    marks = "requires_cuda" if ctx.smoke else "requires_cuda or gpu_kernels"  # CI runs the kernel tests anyway
+    cmd = [ctx.python, "-m", "pytest", "-v", "-rfEs", "-m", marks]
+    cmd += ["--continue-on-collection-errors", "-p", "no:cacheprovider"]
+    cmd += [f"--junitxml={ctx.scratch / 'steps' / 'cuda_tests.xml'}", *files]
     if _has_module("pytest_timeout"):
         cmd.append("--timeout=120")  # one hung test fails alone
     return cmd
@@ -112,22 +157,29 @@ def _kernel_command(ctx: Context) -> list[str]:
 
 def _offload_command(ctx: Context) -> list[str]:
     cmd = [ctx.python, str(ROOT / "benchmarks" / "gpu_offload.py"), "--json", str(ctx.step_json("offload_bench"))]
+    routing = ["--trace", ctx.trace, "--routing", "trace"] if ctx.trace else ["--routing", "model"]
     if ctx.smoke:
-        return cmd + ["--cpu-smoke", "--quick", "--new-tokens", "2", "--routing", "model"]
-    return cmd + ["--new-tokens", "32"] + (["--emulate-t4"] if ctx.emulate_t4 else [])
+        return cmd + ["--cpu-smoke", "--quick", "--new-tokens", "2", *routing]
+    return cmd + ["--quick", "--new-tokens", "32", *routing] + (["--emulate-t4"] if ctx.emulate_t4 else [])
 
 
 def _twin_command(ctx: Context) -> list[str]:
-    """The T4 twin with this GPU's measured bandwidth (from offload_bench), predicting its 'ours (full)'."""
-    cmd = [ctx.python, "-m", "colab_helpers", "twin", "--compare-offload", str(ctx.step_json("offload_bench"))]
-    cmd += ["--out", str(ctx.step_json("twin"))]
+    """The twin fed this run's measurements: the offload benchmark's copy and kernel bandwidth and the
+    host_cost step's launch and sync costs, predicting the same run's 'ours (full)'."""
+    inputs = _read_json(ctx.step_json("offload_bench")) or {}
+    host = _read_json(ctx.step_json("host_cost")) or {}
+    inputs["host_costs"] = {k: host[k] for k in HOST_COSTS if isinstance(host.get(k), (int, float))}
+    merged = ctx.step_json("twin_inputs")
+    merged.write_text(json.dumps(inputs, indent=2))
+    cmd = [ctx.python, "-m", "colab_helpers", "twin", "--compare-offload", str(merged)]
+    cmd += ["--out", str(ctx.step_json("twin"))] + (["--trace", ctx.trace] if ctx.trace else [])
     return cmd + (["--tokens", "2", "--warmup", "0"] if ctx.smoke else [])
 
 
 def _collect_junit(ctx: Context, log: str) -> dict | None:
-    path = ctx.out / "steps" / "cuda_tests.xml"
+    path = ctx.scratch / "steps" / "cuda_tests.xml"
     if not path.is_file():
-        return None
+        return _results_from_log(log)
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed = []
     for suite in ET.parse(path).getroot().iter("testsuite"):
@@ -142,18 +194,39 @@ def _collect_junit(ctx: Context, log: str) -> dict | None:
     return {**counts, "failed": failed}
 
 
+def _results_from_log(log: str) -> dict | None:
+    """Per-test results from pytest -v lines (``path::test PASSED``) when no junit XML was written (killed)."""
+    import re
+
+    outcomes = re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", log, flags=re.M)
+    if not outcomes:
+        return None
+    count = {o: sum(1 for _, x in outcomes if x == o) for o in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    return {
+        "tests": len(outcomes),
+        "passed": count["PASSED"],
+        "failures": count["FAILED"],
+        "errors": count["ERROR"],
+        "skipped": count["SKIPPED"],
+        "failed": [name for name, o in outcomes if o in ("FAILED", "ERROR")],
+        "from_log": True,  # pytest was stopped before writing its XML: the tests it finished
+    }
+
+
 # A new step is one line here: its command runs with cwd = the repository root and PYTHONPATH set; it
 # exits 0 on success and may write ``ctx.step_json(name)`` (earlier steps' files are there to read, e.g.
 # ``ctx.step_json("offload_bench")``); that JSON lands in the report, and in the markdown through
 # ``SUMMARIES[name]`` when one is given, else as its scalar fields.
-STEPS: list[Step] = [
-    Step("environment", "GPU, driver, versions, free memory", 60, _in_process("environment")),
-    Step("cuda_tests", "pytest -m requires_cuda", 150, _cuda_tests_command, _collect_junit),
-    Step("memory_margins", "the planner's assumptions, measured", 150, _in_process("memory_margins")),
-    Step("kernel_bench", "fused low-bit GEMV GB/s", 100, _kernel_command),
-    Step("offload_bench", "decode tok/s of every variant", 300, _offload_command),
-    Step("twin", "the twin's tok/s with this GPU's measured bandwidth vs measured", 90, _twin_command),
+STEPS: list[Step] = [  # the time boxes add up to the default budget (400 s); the slow steps come last
+    Step("environment", "GPU, driver, versions, free memory", 20, _in_process("environment")),
+    Step("host_cost", "host time per launch, copy and sync on 2 cores", 25, _pinned_to_two_cores("host_cost")),
+    Step("offload_bench", "decode tok/s: resident, ours, baseline, naive", 110, _offload_command),
+    Step("twin", "the twin fed this run's measurements vs measured", 30, _twin_command),
+    Step("kernel_bench", "fused low-bit GEMV GB/s", 40, _kernel_command),
+    Step("memory_margins", "the planner's assumptions, measured", 75, _in_process("memory_margins")),
+    Step("cuda_tests", "pytest: CUDA tests and the kernel tests", 100, _cuda_tests_command, _collect_junit),
 ]
+HOST_COSTS = ("eager_launch_s", "fused_launch_s", "copy_launch_s", "sync_s")  # the twin's Hardware fields
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,9 +245,9 @@ def run_steps(ctx: Context, steps: list[Step], budget_s: float) -> dict:
         "steps": [],
         "ok": False,
     }
-    (ctx.out / "logs").mkdir(parents=True, exist_ok=True)
-    (ctx.out / "steps").mkdir(parents=True, exist_ok=True)
-    write_outputs(ctx.out, report)
+    (ctx.scratch / "logs").mkdir(parents=True, exist_ok=True)
+    (ctx.scratch / "steps").mkdir(parents=True, exist_ok=True)
+    write_outputs(ctx, report)
     for step in steps:
         left = budget_s - (time.monotonic() - started)
         if ctx.facts.get("interrupted"):
@@ -190,18 +263,20 @@ def run_steps(ctx: Context, steps: list[Step], budget_s: float) -> dict:
                 report["gpu"] = ctx.facts["gpu"]
         print(f"[gpu_check] {step.name}: {result['status']} ({result.get('seconds', 0):.0f} s)", flush=True)
         report["wall_s"] = round(time.monotonic() - started, 1)
-        write_outputs(ctx.out, report)
-    report["ok"] = all(s["status"] == "ok" for s in report["steps"])
-    write_outputs(ctx.out, report)
+        write_outputs(ctx, report)
+    report["ok"] = all(s["status"] in ("ok", "skipped") for s in report["steps"])
+    report["skipped"] = [s["name"] for s in report["steps"] if s["status"] == "skipped"]
+    write_outputs(ctx, report)
     return report
 
 
 def run_step(ctx: Context, step: Step, timeout_s: float) -> dict:
     """Run one step's command in its own process group; kill the group at the time box."""
-    log_path = ctx.out / "logs" / f"{step.name}.log"
-    for stale in (ctx.out / "steps").glob(f"{step.name}.*"):  # an earlier run's files must not pass for this one's
+    log_path = ctx.scratch / "logs" / f"{step.name}.log"
+    for stale in (ctx.scratch / "steps").glob(f"{step.name}.*"):  # an earlier run's files must not pass for this one's
         stale.unlink()
-    result: dict = {"name": step.name, "what": step.what, "timeout_s": round(timeout_s), "log": str(log_path)}
+    log = f"{ARCHIVE}:logs/{step.name}.log"
+    result: dict = {"name": step.name, "what": step.what, "timeout_s": round(timeout_s), "log": log}
     start = time.monotonic()
     try:
         cmd = step.command(ctx)
@@ -267,9 +342,21 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def write_outputs(out: Path, report: dict) -> None:
+def write_outputs(ctx: Context, report: dict) -> None:
+    """gpu_check.json, gpu_check.md and, when the scratch is elsewhere, the logs and step files in one archive
+    (a GPU run brings back at most 8 files, two folders deep: these are three)."""
+    out = ctx.out
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "gpu_check.md").write_text(markdown(report))
+    if ctx.work is not None and ctx.work != out:
+        import tarfile
+
+        tmp = out / f".{ARCHIVE}.tmp"
+        with tarfile.open(tmp, "w:gz") as tar:
+            for sub in ("logs", "steps"):
+                if (ctx.work / sub).is_dir():
+                    tar.add(ctx.work / sub, arcname=sub)
+        tmp.replace(out / ARCHIVE)  # whole or not at all, even if the run is killed while packing
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +371,7 @@ def markdown(report: dict) -> str:
         f"### GPU check, {report['date_utc']} UTC, {where} ({report['mode']})",
         "",
         f"`scripts/gpu_check.sh` on {report['host']['hostname']} ({report['host']['cpus']} CPUs); "
-        f"{'all steps passed' if report.get('ok') else 'NOT all steps passed'}; "
+        f"{_verdict(report)}; "
         f"wall time {report.get('wall_s', 0):.0f} s of a {report['budget_s']:.0f} s budget.",
         "",
         "| step | status | s | measurement | value |",
@@ -299,6 +386,13 @@ def markdown(report: dict) -> str:
     if report["mode"] == "cpu-smoke":
         lines += ["", "(CPU smoke run: tiny sizes; it checks the script, none of these numbers is about a GPU)"]
     return "\n".join(lines) + "\n"
+
+
+def _verdict(report: dict) -> str:
+    skipped = [s["name"] for s in report["steps"] if s["status"] == "skipped"]
+    if not report.get("ok"):
+        return "NOT all steps passed"
+    return "all steps passed" + (f" that ran ({len(skipped)} skipped: {', '.join(skipped)})" if skipped else "")
 
 
 def _summary_rows(step: dict) -> list[tuple[str, str]]:
@@ -392,7 +486,8 @@ def _offload_rows(d: dict) -> list[tuple[str, str]]:
     if bw:
         rows.append(("H2D / D2H GB/s", f"{bw.get('h2d_gbs', 0):.1f} / {bw.get('d2h_gbs', 0):.1f}"))
     if kb:
-        rows.append(("expert GEMVs", f"{kb.get('kernel_gbs', 0):.0f} GB/s ({kb.get('timing', '')})"))
+        value = f"{kb.get('kernel_gbs', 0):.0f} GB/s ({kb.get('timing', '')})"
+        rows.append(("decode's expert MLP (expert_mlp)", value))
     if d.get("partial"):
         rows.append(("partial", "stopped before every variant ran"))
     return rows
@@ -403,15 +498,24 @@ def _twin_rows(d: dict) -> list[tuple[str, str]]:
     tok_s = f"{_num(d.get('predicted_tok_s'))} / {_num(d.get('measured_tok_s'))} tok/s"
     per_token = f"{t.get('loads_per_token')}, {t.get('syncs_per_token')}, {t.get('launches_per_token')}"
     return [
-        ("ours (full): twin predicted / measured", tok_s),
+        ("ours (full), this run: twin predicted / measured", tok_s),
         ("predicted / measured", _num(d.get("predicted_over_measured"), ".2f", "x")),
         ("twin inputs (measured)", _cell(d.get("inputs"))),
         ("twin: loads, syncs, launches per token", per_token),
     ]
 
 
+def _host_rows(d: dict) -> list[tuple[str, str]]:
+    us = {k: d.get(k) for k in HOST_COSTS}
+    line = ", ".join(
+        f"{k.removesuffix('_s').replace('_', ' ')} {_num(v * 1e6 if v else None, '.1f')} us" for k, v in us.items()
+    )
+    return [("host cost per op (2 cores)", line), ("CPUs the process ran on", _cell(d.get("cpus")))]
+
+
 SUMMARIES: dict[str, Callable[[dict], list[tuple[str, str]]]] = {
     "environment": _env_rows,
+    "host_cost": _host_rows,
     "cuda_tests": _test_rows,
     "memory_margins": _margin_rows,
     "kernel_bench": _kernel_rows,
@@ -477,11 +581,11 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
     """
     import psutil
     import torch
-    from transformers import DynamicCache
 
     from colab_helpers.checkpoint import QuantConfig
     from colab_helpers.generation import _kv_cache_kwarg
     from colab_helpers.generation import prefill as prefill_in_chunks
+    from colab_helpers.kv_cache import new_kv_cache
     from colab_helpers.planner import Budget, Margins, measure_budget, plan_memory
     from colab_helpers.synthetic import mixtral_8x7b_config, smoke_config
 
@@ -508,9 +612,16 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
         note = "total - free - reserved after the first allocation (assumes no other process on the GPU)"
         record("cuda_context", total - free0 - torch.cuda.memory_reserved(), None, note)
         record("cuda_context_host", proc.memory_info().rss - rss0, planned("cuda_host_rss"), "RSS growth at CUDA init")
-        if ctx.emulate_t4:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, T4_VRAM_GB * GB / total))
-            data["emulation"] = f"caching allocator capped to {T4_VRAM_GB} GB of {total / GB:.1f} GB"
+        if ctx.emulate_t4:  # 15.0 GB minus what the runtime holds outside the allocator; T4 attention, no flash
+            from colab_helpers.t4_emulation import cap_like_t4
+
+            cap = cap_like_t4("cuda", int(T4_VRAM_GB * GB))
+            data["emulation"] = (
+                f"caching allocator capped to {cap['cap_bytes'] / GB:.3f} GB ({T4_VRAM_GB} GB - "
+                f"{cap['runtime_outside_bytes'] / GB:.3f} GB the runtime holds outside it) of {total / GB:.1f} GB; "
+                "flash attention off, the T4 attention path"
+            )
+            data["t4_cap"] = cap
 
     config = mixtral_8x7b_config() if cuda else smoke_config()
     prefill = PREFILL_TOKENS if cuda else 64
@@ -524,11 +635,11 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
         data["error"] = "the planner says this does not fit: " + "; ".join(plan.reasons)
         raise SystemExit(1)
 
-    model = _random_model(config, quant, device, plan.experts_on_device)
+    model = _random_model(config, quant, device, plan.experts_on_device, cuda and ctx.emulate_t4)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the random generator's temporaries are not the model
-        limit = T4_VRAM_GB * GB if ctx.emulate_t4 else None
+        limit = data["t4_cap"]["cap_bytes"] if ctx.emulate_t4 else None
         free_after = limit - torch.cuda.memory_reserved() if limit else torch.cuda.mem_get_info()[0]
         weights = _rows_vram(plan, "trunk", "expert slots")
         plan_free = (plan.budget.vram - weights) / GB if weights else None
@@ -555,7 +666,7 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
     start, oom = time.perf_counter(), None
     try:
         with torch.no_grad():  # the path a chat turn takes: generate_stream prefills in the attention path's
-            kv = DynamicCache(config=model.config)  # chunks (generation.prefill), then generate adds a token
+            kv = new_kv_cache(model, prefill + 1)  # chunks (generation.prefill), then generate adds a token
             prefill_in_chunks(model, ids, kv, model.attention_path.prefill_chunk or prefill)
             model.generate(ids, max_new_tokens=1, do_sample=False, **{_kv_cache_kwarg(model): kv})
         if cuda:
@@ -572,7 +683,7 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
         if ctx.emulate_t4:
             unplanned = (plan.budget.vram - plan.vram_peak + _rows_vram(plan, "reserve")) / GB
             note = "T4 budget - peak reserved; plan: VRAM unplanned (reserve + headroom)"
-            record("headroom_after_prefill", T4_VRAM_GB * GB - peak, unplanned, note)
+            record("headroom_after_prefill", data["t4_cap"]["cap_bytes"] - peak, unplanned, note)
     if oom is not None:
         data["error"] = f"out of memory during the {prefill}-token prefill the plan allows: {oom}"
         raise SystemExit(1)
@@ -583,12 +694,15 @@ def _rows_vram(plan, *prefixes: str) -> int:
     return sum(r.vram for r in plan.rows if r.item.startswith(prefixes))
 
 
-def _random_model(config, quant, device: str, k):
+def _random_model(config, quant, device: str, k, t4_attention: bool = False):
     """A full-size (or smoke-size) Mixtral-shaped model with random weights, as the offload benchmark builds it."""
     from colab_helpers.model import OffloadConfig, assemble_model
     from colab_helpers.synthetic import random_experts, random_trunk
+    from colab_helpers.t4_emulation import t4_attention as t4_path
 
-    cfg = OffloadConfig(device=device, experts_on_device=k, progress=False)
+    cfg = OffloadConfig(
+        device=device, experts_on_device=k, progress=False, attention=t4_path() if t4_attention else None
+    )
     return assemble_model(
         config, quant, random_trunk(config, quant, device), random_experts(config, quant, device), cfg
     )
@@ -616,8 +730,64 @@ def _nvidia_smi(field_name: str) -> str | None:
         return None
 
 
+def step_host_cost(ctx: Context, data: dict, save: Callable[[], None]) -> None:
+    """Host seconds to issue one eager op, one Triton launch, one async copy (+ event) and one sync of an idle
+    GPU: each the mean over many issues whose kernels are tiny (so the GPU never holds the host back).
+    Run pinned to 2 cores (``_pinned_to_two_cores``), a Colab VM's count, so the twin gets Colab-like costs
+    from this machine's CPU (a faster server CPU still makes them optimistic)."""
+    import torch
+
+    from colab_helpers import kernels
+    from colab_helpers.quant import DEMO_EXPERT_SPEC, quantize
+
+    data["cpus"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cuda = torch.cuda.is_available() and not ctx.smoke
+    dev = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    n = 2000 if cuda else 50
+    x = torch.zeros(16, device=dev)
+
+    def per_issue(fn, count: int = n) -> float:
+        fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(count):
+            fn()
+        seconds = (time.perf_counter() - start) / count
+        sync()
+        return seconds
+
+    data["eager_launch_s"] = per_issue(lambda: x.add_(1.0))
+    save()
+    w = quantize(torch.randn(64, 256) * 0.02, DEMO_EXPERT_SPEC, optimize=False)
+    w = type(w).from_tensors(w.spec, w.shape, {k: v.to(dev) for k, v in w.tensors().items()})
+    xv = torch.zeros(1, 256, device=dev, dtype=torch.float16 if cuda else torch.float32)
+    fused = kernels.triton_gemv if cuda and kernels.HAS_TRITON else kernels.reference_gemv
+    data["fused_launch_s"] = per_issue(lambda: fused(xv, w))
+    data["fused_timed"] = fused.__name__
+    save()
+    if cuda:
+        src = torch.zeros(4096, dtype=torch.uint8).pin_memory()
+        dst = torch.empty(4096, dtype=torch.uint8, device=dev)
+        stream = torch.cuda.Stream()
+
+        def copy() -> None:
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+                torch.cuda.Event().record(stream)
+
+        data["copy_launch_s"] = per_issue(copy)
+        data["sync_s"] = per_issue(torch.cuda.synchronize, 500)
+    else:
+        src, dst = torch.zeros(4096, dtype=torch.uint8), torch.empty(4096, dtype=torch.uint8)
+        data["copy_launch_s"] = per_issue(lambda: dst.copy_(src))
+        data["sync_s"] = None
+    save()
+
+
 IN_PROCESS: dict[str, Callable[[Context, dict, Callable[[], None]], None]] = {
     "environment": step_environment,
+    "host_cost": step_host_cost,
     "memory_margins": step_memory_margins,
 }
 
@@ -679,9 +849,19 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="emulate a free T4 (15.0 GB VRAM, 12.7 GB RAM): auto = when the GPU has more than 17 GB",
     )
-    ap.add_argument("--budget-s", type=float, default=450.0, help="the whole run's time budget (default 450 s)")
+    ap.add_argument(
+        "--budget-s", type=float, default=400.0, help="the whole run's time budget (default 400 s: the time boxes' sum)"
+    )
+    ap.add_argument(
+        "--trace",
+        default=None,
+        help=f"routing trace .npz for the offload benchmark and the twin (default: {DEFAULT_TRACE} when present). "
+        f"Bring it along: copy it into {TRACE_DIR}/ in the checkout (git-ignored), name {TRACE_DIR} in the run's "
+        "carry; never commit it. Without one the routers are random",
+    )
     ap.add_argument("--steps", default=None, help=f"comma-separated subset of: {', '.join(s.name for s in STEPS)}")
     ap.add_argument("--run-step", default=None, help=argparse.SUPPRESS)  # internal: one IN_PROCESS step
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)  # internal: the run's logs/ and steps/
     args = ap.parse_args(argv)
 
     out = Path(args.out or os.environ.get("OUT") or "gpu_check_out").resolve()
@@ -690,9 +870,23 @@ def main(argv: list[str] | None = None) -> int:
         emulate = total is not None and total > EMULATE_ABOVE_GB
     else:
         emulate = args.t4 == "on" and not args.cpu_smoke
-    ctx = Context(out=out, smoke=args.cpu_smoke, emulate_t4=emulate)
+    trace = args.trace or (DEFAULT_TRACE if (ROOT / DEFAULT_TRACE).is_file() else None)
+    if trace is not None and not Path(trace).is_absolute() and not Path(trace).is_file():
+        trace = str(ROOT / trace)  # steps run from the checkout's root
+    if trace is not None and not Path(trace).is_file():
+        ap.error(f"--trace {args.trace}: no such file")
     if args.run_step:
+        ctx = Context(out=out, smoke=args.cpu_smoke, emulate_t4=emulate, work=Path(args.work) if args.work else None)
         return run_in_process(ctx, args.run_step)
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))  # logs and step files: packed into one archive in out
+    if args.steps and (out / ARCHIVE).is_file():  # a rerun of some steps builds on the last run's step files
+        import tarfile
+
+        with tarfile.open(out / ARCHIVE) as tar:
+            tar.extractall(work, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    ctx = Context(out=out, smoke=args.cpu_smoke, emulate_t4=emulate, work=work, trace=trace)
 
     steps = STEPS
     if args.steps:
@@ -704,7 +898,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed run still ends its steps and writes its report
     print(f"[gpu_check] {len(steps)} steps, budget {args.budget_s:.0f} s, writing {out}", flush=True)
-    report = run_steps(ctx, steps, args.budget_s)
+    print(f"[gpu_check] routing trace: {trace or 'none (random routers; see --help: --trace)'}", flush=True)
+    try:
+        report = run_steps(ctx, steps, args.budget_s)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # packed into the archive after every step
     print(f"[gpu_check] {'all steps passed' if report['ok'] else 'some steps did not pass'}: {out / 'gpu_check.md'}")
     return 130 if ctx.facts.get("interrupted") else 0 if report["ok"] else 1
 

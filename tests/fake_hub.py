@@ -3,10 +3,12 @@
 It serves repos made of in-memory files on 127.0.0.1 only, speaking the part of the hub API a
 download uses: ``/api/models/<repo>[/revision/<rev>]`` (model info with ``blobs=true`` sizes, blob ids
 and LFS sha256), ``/api/models/<repo>/tree/<rev>`` and ``/<repo>/resolve/<rev>/<file>`` (GET and HEAD,
-with ETag, X-Repo-Commit, Content-Length, Accept-Ranges and ``Range``). Faults are queued per path
-pattern (reset, clean close mid-file, an error status, silence past the client's timeout, a stall
-for Ctrl-C tests) and each is used up after ``times`` hits. Every request is recorded. Silences are
-bounded and the server thread is a daemon that ``stop()`` ends.
+with ETag, X-Repo-Commit, Content-Length, Accept-Ranges and ``Range``). ``move()`` gives a repo's
+branch a new commit (old commits stay reachable by hash, as on the hub). Faults are queued per path
+pattern (reset, clean close mid-file, an honest short answer, corrupt bytes, a 206 from the wrong
+offset, a slow body, an error status with headers, silence past the client's timeout, a stall for
+Ctrl-C tests, a callback before serving) and each is used up after ``times`` hits. Every request is
+recorded with its time. Silences are bounded and the server thread is a daemon that ``stop()`` ends.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import socket
 import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,9 +33,13 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".model")
 class Fault:
     """What to do to the next ``times`` requests whose path (after resolve/<rev>/ or /api/) matches ``pattern``.
 
-    kind: "reset" (TCP RST after ``at`` body bytes), "close" (clean FIN after ``at`` bytes), "status"
-    (answer ``status``), "hang" (say nothing for ``seconds``), "stall" (send ``at`` bytes, then nothing
-    for ``seconds``).
+    kind: "reset" (TCP RST after ``at`` body bytes), "close" (clean FIN after ``at`` bytes), "short"
+    (headers that honestly announce only ``at`` bytes, those bytes, a clean close), "corrupt" (the whole
+    answer, honest headers, 16 bytes flipped at file offset ``at``), "offset" (a 206 whose honest
+    Content-Range starts ``at`` bytes away from the range asked for), "slow" (the answer in pieces of
+    ``at`` bytes, ``seconds`` apart), "status" (answer ``status`` with ``headers``), "hang" (say nothing
+    for ``seconds``), "stall" (send ``at`` bytes, then nothing for ``seconds``), "call" (run ``action()``,
+    then answer normally).
     """
 
     kind: str
@@ -41,6 +49,8 @@ class Fault:
     status: int = 500
     seconds: float = 5.0
     message: str = ""
+    headers: dict = field(default_factory=dict)
+    action: Callable[[], object] | None = None
     done: threading.Event = field(default_factory=threading.Event)  # set when a hang or stall ran its course
 
 
@@ -49,20 +59,35 @@ class Request:
     method: str
     path: str
     range: str | None
+    time: float = 0.0  # time.monotonic() when it arrived
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def etag_of(name: str, data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest() if name.endswith(LFS_SUFFIXES) else git_blob_id(data)
 
 
 @dataclass
 class Repo:
-    files: dict[str, bytes]
+    files: dict[str, bytes]  # at the head of ``branch``
     commit: str
     branch: str = "main"
     gated: bool = False
+    history: dict[str, dict[str, bytes]] = field(default_factory=dict)  # every commit's files, by hash
 
     def etag(self, name: str) -> str:
-        data = self.files[name]
-        if name.endswith(LFS_SUFFIXES):
-            return hashlib.sha256(data).hexdigest()
-        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        return etag_of(name, self.files[name])
+
+    def at(self, rev: str) -> Repo | None:
+        """The repo as of ``rev`` (the branch, or any commit it ever had); None for an unknown revision."""
+        if rev in (self.branch, self.commit):
+            return self
+        if rev in self.history:
+            return Repo(self.history[rev], rev, self.branch, self.gated, self.history)
+        return None
 
 
 @dataclass
@@ -86,8 +111,18 @@ class FakeHub:
         if folder is not None:
             files |= {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
         commit = hashlib.sha1(repo_id.encode() + b"".join(files[n] for n in sorted(files))).hexdigest()
-        self.repos[repo_id] = Repo(files, commit)
+        self.repos[repo_id] = Repo(files, commit, history={commit: files})
         return self.repos[repo_id]
+
+    def move(self, repo_id: str, changes: dict[str, bytes]) -> str:
+        """A new commit on the repo's branch with ``changes`` (other files as before); returns its hash."""
+        repo = self.repos[repo_id]
+        files = repo.files | changes
+        commit = hashlib.sha1(repo.commit.encode() + b"".join(files[n] for n in sorted(files))).hexdigest()
+        with self.lock:
+            repo.history[commit] = files
+            repo.files, repo.commit = files, commit
+        return commit
 
     def fault(self, kind: str, pattern: str, **kw) -> Fault:
         f = Fault(kind, pattern, **kw)
@@ -173,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         url = urlparse(self.path)
         path = unquote(url.path)
-        self.fake.requests.append(Request(self.command, path, self.headers.get("Range")))
+        self.fake.requests.append(Request(self.command, path, self.headers.get("Range"), time.monotonic()))
         if path.startswith("/api/models/"):
             self._api(path[len("/api/models/") :], parse_qs(url.query), body)
         elif "/resolve/" in path:
@@ -191,10 +226,10 @@ class _Handler(BaseHTTPRequestHandler):
         if repo.gated:
             self._error(403, "GatedRepo", "Access to this repo is restricted")
             return None
-        if rev is not None and rev not in (repo.branch, repo.commit):
+        if rev is not None and repo.at(rev) is None:
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
             return None
-        return repo
+        return repo if rev is None else repo.at(rev)
 
     def _api(self, rest: str, query: dict, body: bool) -> None:
         if self._injected(f"api/{rest}", b""):
@@ -218,12 +253,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _entry(self, repo: Repo, name: str, tree: bool = False) -> dict:
         data = repo.files[name]
         lfs = None
+        blob_id = git_blob_id(data)  # as on the hub: the git object id of the file (of its pointer, for LFS)
         if name.endswith(LFS_SUFFIXES):
             lfs = {"sha256": repo.etag(name), "size": len(data), "pointerSize": 134}
+            blob_id = git_blob_id(f"version https://git-lfs.github.com/spec/v1\noid sha256:{lfs['sha256']}\n".encode())
         if tree:
-            out = {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+            out = {"type": "file", "path": name, "size": len(data), "oid": blob_id}
             return out | ({"lfs": {"oid": lfs["sha256"], "size": len(data), "pointerSize": 134}} if lfs else {})
-        out = {"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest()}
+        out = {"rfilename": name, "size": len(data), "blobId": blob_id}
         return out | ({"lfs": lfs} if lfs else {})
 
     def _resolve(self, repo_id: str, rev: str, name: str, body: bool) -> None:
@@ -252,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(payload)
 
-    def _file_headers(self, repo: Repo, name: str, length: int, start: int) -> None:
+    def _file_headers(self, repo: Repo, name: str, length: int, start: int, force_range: bool = False) -> None:
         total = len(repo.files[name])
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(length))
@@ -262,8 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
         if name.endswith(LFS_SUFFIXES):
             self.send_header("X-Linked-Etag", f'"{repo.etag(name)}"')
             self.send_header("X-Linked-Size", str(total))
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{total - 1}/{total}")
+        if start or force_range:
+            self.send_header("Content-Range", f"bytes {start}-{start + length - 1}/{total}")
 
     # ---- faults ----------------------------------------------------------------------------------
 
@@ -272,8 +309,14 @@ class _Handler(BaseHTTPRequestHandler):
         f = self.fake.take_fault(path)
         if f is None:
             return False
+        if f.kind == "call":
+            f.action()
+            return False
         if f.kind == "status":
-            self._error(f.status, None, f.message or f"injected {f.status}")
+            self._error(f.status, None, f.message or f"injected {f.status}", f.headers)
+            return True
+        if repo is not None and f.kind in ("short", "corrupt", "offset", "slow"):
+            self._answer_badly(f, payload, status, repo, name, start)
             return True
         if f.kind == "hang":
             if not self.fake.stopping.wait(f.seconds):
@@ -299,9 +342,35 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         return True
 
-    def _error(self, status: int, code: str | None, message: str) -> None:
+    def _answer_badly(self, f: Fault, payload: bytes, status: int, repo: Repo, name: str, start: int) -> None:
+        """An answer whose headers are honest about what it sends, and what it sends is wrong or short."""
+        data, total = repo.files[name], len(repo.files[name])
+        if f.kind == "short":
+            payload = payload[: f.at]
+        elif f.kind == "corrupt":
+            flipped = bytearray(data)
+            flipped[f.at : f.at + 16] = bytes(b ^ 0xFF for b in flipped[f.at : f.at + 16])
+            payload = bytes(flipped[start:])
+        elif f.kind == "offset":
+            start = min(max(start + f.at, 0), total - 1)
+            payload, status = data[start:], 206
+        self.close_connection = True
+        self.send_response(status)
+        self._file_headers(repo, name, len(payload), start, force_range=status == 206)
+        self.end_headers()
+        step = f.at if f.kind == "slow" else len(payload)
+        for i in range(0, len(payload), max(step, 1)):
+            self.wfile.write(payload[i : i + step])
+            self.wfile.flush()
+            if f.kind == "slow" and self.fake.stopping.wait(f.seconds):
+                return
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _error(self, status: int, code: str | None, message: str, headers: dict | None = None) -> None:
         body = json.dumps({"error": message}).encode()
         self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, str(value))
         if code:
             self.send_header("X-Error-Code", code)
         self.send_header("X-Error-Message", message)

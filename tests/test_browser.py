@@ -301,13 +301,18 @@ def _chat_flow(nb: Notebook) -> None:
     nb.wait(ANSWER_DONE)
     streamed = [t for t in nb.page.evaluate("() => window.__transcripts") if "▌" in t]
     assert len(streamed) >= 3, f"the answer did not stream: {streamed}"
+    for log_like in ("pieces", "VRAM -", "[eos]", "[length]"):  # the status line is words (issue 22)
+        assert log_like not in nb.status(), nb.status()
     zen_answer = nb.answers()[-1]
     assert "Beautiful is better than ugly." in zen_answer, zen_answer
     assert nb.page.locator(".colab-helpers-prompt textarea").input_value() == ""
     if not lab:  # Notebook 6 runs callbacks on the main thread: the interrupt route, no Stop button
         assert not nb.button("Stop").is_visible() and "Kernel → Interrupt" in nb.note()
+    else:  # decided before the first answer and kept: the first answer (a main-thread click) had the Stop route too
+        assert nb.button("Stop").is_visible() and "Stop ends an answer early" in nb.note(), nb.note()
     _check_layout(nb)
     nb.shot("after_zen")
+    _double_click_send(nb)
 
     # From here on an answer must still be running when the test acts on it. The tiny model answers in about a
     # second, so on a fast machine it can end before a click or cell lands (CI saw it): every forward pass is
@@ -347,6 +352,7 @@ def _chat_flow(nb: Notebook) -> None:
     nb.type_and_send(ZEN)
     nb.wait(STREAMING)
     _check_mode(nb)
+    assert nb.page.locator(".colab-helpers-prompt textarea").input_value() == "", "the sent message stays in the box"
     if lab:
         nb.button("Stop").click()
     else:
@@ -381,9 +387,25 @@ def _chat_flow(nb: Notebook) -> None:
     nb.shot("narrow")
 
 
+def _double_click_send(nb: Notebook) -> None:
+    """A double-click on Send answers once and leaves the numbers, not a red "empty message" (Notebook 6 delivers
+    the second click after the answer, JupyterLab during it). A cell run afterwards is delivered after both."""
+    answers = len(nb.answers())
+    nb.page.locator(".colab-helpers-prompt textarea").fill("What is 2 + 3?")
+    nb.button("Send").dblclick()
+    nb.wait(f"() => ({ROWS})().length >= {2 * answers + 2}")
+    nb.wait(ANSWER_DONE)
+    cell = nb.run_code("print('after the double-click')")
+    assert "after the double-click" in nb.wait_output(cell, "after the double-click")
+    nb.wait(ANSWER_DONE)
+    assert len(nb.answers()) == answers + 1, nb.answers()
+    assert "#c01c28" not in nb.page.locator(".colab-helpers-chat").inner_html(), nb.status()
+    assert "empty message" not in nb.status() and "tok/s" in nb.status(), nb.status()
+
+
 def _check_mode(nb: Notebook) -> None:
-    """During an answer: JupyterLab delivers clicks on a subshell (after the first one; see chat.py), so a
-    Stop button and a note saying so; Notebook 6 runs them on the main thread, so the interrupt note."""
+    """During an answer: JupyterLab has kernel subshells, so every answer runs on a worker with a Stop button and a
+    note saying so (decided once, see chat.py); Notebook 6 runs clicks on the main thread, so the interrupt note."""
     if nb.kind == "lab":
         assert nb.button("Stop").is_visible() and nb.button("Stop").is_enabled(), nb.note()
         assert "Stop ends an answer early" in nb.note()
@@ -402,3 +424,54 @@ def _check_layout(nb: Notebook, long_answer: bool = True) -> None:
     newest_in_view = m["view_top"] < m["last_bottom"] <= m["view_bottom"] + 1  # the end of the newest message
     assert newest_in_view, f"the transcript does not follow the newest text: {detail}"
     assert min(m["sliders"]) >= min(200, 0.9 * m["box_width"]), f"sliders too small to read: {detail}"
+    assert max(m["sliders"]) - min(m["sliders"]) <= 2, f"sliders of unequal widths (one alone on a row?): {detail}"
+
+
+RERUN = """() => { const line = document.querySelector('.colab-helpers-rerun');
+    return !!line && line.offsetParent !== null; }"""
+CHAT_SHOWN = """() => { const chat = document.querySelector('.colab-helpers-chat');
+    return !!chat && chat.offsetParent !== null; }"""
+
+
+def test_notebook6_run_all_while_the_kernel_starts_shows_the_chat_or_says_to_rerun(browser, shots, tmp_path) -> None:
+    """Notebook 6.5 + ipywidgets 7.7.1: a Run All clicked while the kernel is still starting used to run every cell
+    and show no widget (the widget manager's start-up re-render hides it; browser_harness.NB6_READY). Now either
+    the chat shows, or a line under the cell says to run it again, and running it again shows the chat."""
+    reason = missing(FRONT_ENDS["nb6"])
+    if reason:
+        if REQUIRED:
+            pytest.fail(f"browser test required but: {reason}")
+        pytest.skip(reason)
+    server = Server(FRONT_ENDS["nb6"], tmp_path / "server")
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    try:
+        page.goto(server.url("quickstart.ipynb"))
+        nb = Notebook(page, "nb6", shots)
+        nb.wait("() => !!(window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel)", LONG)
+        page.evaluate("() => Jupyter.notebook.execute_all_cells()")  # at once, as a user clicking early
+        done = f"""() => {{ const cells = ({NB6["cells"]})().filter(c => c);
+            return cells.every(c => c.count !== null) && ({NB6["idle"]})(); }}"""
+        nb.wait(done, LONG)
+        assert not nb.errors(), nb.errors()
+        nb.wait(f"() => ({CHAT_SHOWN})() || ({RERUN})()", 30_000)
+        lost = page.evaluate(RERUN)
+        print("the widget was", "lost: the re-run line showed" if lost else "shown")
+        if lost:
+            assert "run this cell again" in page.locator(".colab-helpers-rerun").inner_text()
+            index = page.evaluate(
+                """() => Jupyter.notebook.get_cells().findIndex(c => c.output_area &&
+                    c.output_area.element[0].querySelector('.colab-helpers-rerun'))"""
+            )
+            page.evaluate("(i) => Jupyter.notebook.get_cell(i).execute()", index)
+            nb.wait(CHAT_SHOWN, LONG)
+            nb.wait(f"() => !({RERUN})()", 30_000)
+        assert page.evaluate(CHAT_SHOWN)
+        nb.shot("early_run_all")
+    except BaseException:
+        page.screenshot(path=str(shots / "nb6_early_run_all_failure.png"), full_page=True)
+        print(server.log_text()[-4000:])
+        raise
+    finally:
+        page.close()
+        server.close()
+        shutil.rmtree(tmp_path / "server" / "jupyter", ignore_errors=True)

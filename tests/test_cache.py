@@ -154,3 +154,40 @@ def test_interrupt_during_a_swap_is_deferred_until_bookkeeping_is_done() -> None
         signal.raise_signal(signal.SIGINT)
         done = True  # still runs: the interrupt waits for the block to end
     assert done
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    capacity=st.lists(st.integers(1, EXPERTS), min_size=LAYERS, max_size=LAYERS),
+    spare=st.integers(1, 3),
+    chunks=st.integers(1, 5),
+    pumped=st.integers(0, 6),
+    steps=requests,
+)
+def test_staged_guesses_never_evict_and_serve_the_right_bytes(capacity, spare, chunks, pumped, steps) -> None:
+    """``stage``/``pump`` (prefetch "auto") load guesses into free slots only: the residents of every layer
+    are exactly the demand path's, a used guess is re-mapped with its bytes whole, a wrong one costs no eviction."""
+    cache, plain = build(capacity, "lru", spare), build(capacity, "lru", spare)
+    cache.spec_chunks = chunks
+    for layer, needed, guesses in steps:
+        for c in (cache, plain):
+            order = c.demand(layer, needed)
+            for e in order:
+                c.weights(layer, e)
+                slot = c.device_buf[c.slot_of[layer][e]]
+                assert torch.equal(slot, ORIGINAL_BYTES[(layer, e)]), f"expert {layer}.{e} served wrong bytes"
+                c.release(layer, e)
+            c.end_step(layer)
+        assert cache.resident(layer) == plain.resident(layer)  # same demand decisions, guesses or not
+        nxt = (layer + 1) % LAYERS
+        before = [cache.resident(lay) for lay in range(LAYERS)]
+        for g in guesses:
+            cache.stage(nxt, g)
+        cache.pump(pumped)
+        assert [cache.resident(lay) for lay in range(LAYERS)] == before, "a guess evicted a resident expert"
+        cache.check_invariants()
+    s = cache.stats
+    assert sum(s.d2h_bytes) == sum(plain.stats.d2h_bytes)  # write-backs only for demand misses
+    assert sum(s.staged_used) <= sum(s.staged)
+    for (lay, e), expected in ORIGINAL_BYTES.items():
+        assert torch.equal(cache.expert_bytes(lay, e), expected)

@@ -24,7 +24,7 @@ import torch
 pytest.importorskip("ipywidgets")
 
 from colab_helpers import chat as chat_module  # noqa: E402
-from colab_helpers.chat import ChatUI, chat, render_transcript  # noqa: E402
+from colab_helpers.chat import STOP_WORDS, ChatUI, chat, max_new_tokens_cap, render_transcript  # noqa: E402
 from colab_helpers.generation import SamplingConfig  # noqa: E402
 from colab_helpers.model import load_model, load_tokenizer  # noqa: E402
 from colab_helpers.session import ChatSession  # noqa: E402
@@ -58,6 +58,10 @@ def session(model, tokenizer) -> ChatSession:
     return ChatSession(model, tokenizer, GREEDY)
 
 
+def stats_line_words(stop_reason: str) -> str:
+    return STOP_WORDS[stop_reason]
+
+
 def _watch(ui: ChatUI) -> list[tuple[str, bool]]:
     """Every value the transcript HTML takes, with whether Send was disabled at that moment."""
     seen: list[tuple[str, bool]] = []
@@ -81,11 +85,14 @@ def test_send_streams_the_answer_into_the_transcript(session) -> None:
     assert not ui.send_button.disabled and not ui.clear_button.disabled and not ui.prompt.disabled and not ui.busy
     assert ui.prompt.value == ""
     assert "▌" not in ui.transcript_html.value and "What is 2 + 3?" in ui.transcript_html.value
-    assert any("generating" in v and "tok/s" in v and "cache hit rate" in v and "VRAM" in v for v in live)
+    assert any("generating" in v and "tokens so far" in v and "tok/s" in v and "cache hit rate" in v for v in live)
     assert all(v.count("generating") <= 1 for v in live), "one status line, one 'generating…'"
     stats = ui.status_html.value
     assert "generating" not in stats
-    assert "tok/s" in stats and "cache hit rate" in stats and "prefetch precision" in stats and "VRAM" in stats
+    assert "tok/s" in stats and "cache hit rate" in stats and "prefetch precision" in stats
+    for log_like in ("pieces", "VRAM -", "[eos]", "[length]"):  # plain words (VRAM only on a GPU)
+        assert not any(log_like in v for v in [*live, stats]), log_like
+    assert stats_line_words(result.stats.stop_reason) in stats
 
 
 def test_interrupt_mid_stream_keeps_the_partial_answer_and_the_next_turn_works(session, model, tokenizer) -> None:
@@ -440,3 +447,100 @@ def test_the_widget_works_with_colab_ipywidgets_7() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().startswith("ok 7.")
+
+
+# ---- issue 22: what a user touches ---------------------------------------------------------------------------
+
+
+def test_a_double_click_on_send_answers_once_and_shows_no_error(session) -> None:
+    """Notebook 6 delivers the second click of a double-click after the answer, with the box already emptied: it
+    is ignored (no red "empty message" over the numbers). A click on an empty box after the user typed, or
+    before any answer, still says why nothing was sent."""
+    ui = ChatUI(session)
+    ui.prompt.value = "What is 2 + 3?"
+    ui.send_button.click()
+    numbers = ui.status_line
+    ui.send_button.click()  # the second click of the double-click
+    assert len(session.turns) == 1 and ui.status_line == numbers and "#c01c28" not in ui.status_html.value
+    ui.prompt.value = "x"
+    ui.prompt.value = ""  # the user typed, then emptied the box: a deliberate empty send
+    ui.send_button.click()
+    assert "empty message" in ui.status and len(session.turns) == 1
+
+
+def test_the_message_leaves_the_box_when_its_answer_starts(session) -> None:
+    ui = ChatUI(session)
+    box_at_start: list[str] = []
+    session.watchers.append(lambda event, _detail: box_at_start.append(ui.prompt.value) if event == "start" else None)
+    ui.prompt.value = "What is 2 + 3?"
+    ui.send_button.click()
+    assert box_at_start == [""] and ui.transcript[0] == ("user", "What is 2 + 3?")
+
+
+def test_a_red_error_clears_on_the_next_action(session) -> None:
+    ui = ChatUI(session)
+    ui.send("What is 2 + 3?")
+    numbers = ui.status_line
+    for act in (
+        lambda: setattr(ui.prompt, "value", "a new message"),
+        lambda: setattr(ui.temperature, "value", 0.5),
+        lambda: ui.clear_button.click(),
+    ):
+        ui.send("   ")
+        assert "#c01c28" in ui.status_html.value and "empty message" in ui.status
+        act()
+        assert "#c01c28" not in ui.status_html.value and "empty message" not in ui.status_line
+    assert numbers  # the first two actions brought the numbers back, Clear says "cleared"
+
+
+def test_the_max_new_tokens_slider_leaves_room_for_a_prompt(model, tokenizer) -> None:
+    """At the slider's top a normal message still fits (it used to reach 1023 of 1024, where every message is
+    refused); when old turns stop fitting, the transcript says so instead of dropping them silently."""
+    session = ChatSession(model, tokenizer, GREEDY, max_context=128)
+    ui = ChatUI(session)
+    assert ui.max_new_tokens.max == max_new_tokens_cap(128) == 96
+    assert max_new_tokens_cap(1024) == 768 and max_new_tokens_cap(8192) == 2048
+    ui.max_new_tokens.value = ui.max_new_tokens.max
+    assert ui.send("What is 2 + 3?") is not None, ui.status  # fits at the slider's top
+    ui.max_new_tokens.value = 60
+    for i in range(8):
+        result = ui.send(f"Tell me about the number {i} in a few words please.")
+        assert result is not None, ui.status  # never refused at a slider value the widget offers
+        if session.forgotten:
+            break
+    assert session.forgotten > 0, "the conversation never outgrew the context: make the test's messages longer"
+    assert "earlier turn(s) no longer fit the model" in ui.transcript_html.value
+    ui.clear_button.click()
+    assert session.forgotten == 0 and "no longer fit" not in ui.transcript_html.value
+
+
+def test_the_stop_mode_is_decided_once_before_the_first_answer(session, monkeypatch) -> None:
+    """JupyterLab delivers the first click after a cell on the main thread and later ones on a subshell: the widget
+    keeps the Stop-button mode it chose (kernel subshells exist) for every answer, whichever thread clicks."""
+    monkeypatch.setattr(chat_module, "kernel_has_subshells", lambda: True)
+    ui = ChatUI(session)
+    assert ui.subshell is True and ui.stop_button.layout.display is None and "Stop ends" in ui.note_html.value
+    ui.prompt.value = "What is 2 + 3?"
+    ui.send_button.click()  # on the main thread, as JupyterLab's first click after a cell
+    assert ui.worker is not None, "the answer runs on a worker: the Stop button can end it"
+    ui.worker.join(timeout=120)
+    assert ui.subshell is True and ui.stop_button.layout.display is None and len(session.turns) == 1
+
+    monkeypatch.setattr(chat_module, "kernel_has_subshells", lambda: None)
+    nb6 = ChatUI(session)  # nothing known at build time: the first callback decides, then it stays
+    assert nb6.subshell is None
+    nb6.max_new_tokens.value = 9
+    assert nb6.subshell is False
+    thread = threading.Thread(target=nb6.top_p.__setattr__, args=("value", 0.5))
+    thread.start()
+    thread.join()
+    assert nb6.subshell is False and nb6.stop_button.layout.display == "none"
+
+
+def test_sliders_share_their_row_evenly_and_the_rerun_hint_ships(session) -> None:
+    ui = ChatUI(session)
+    row = ui.widget.children[4]
+    assert row.layout.display == "grid" and "minmax" in row.layout.grid_template_columns
+    assert {s.layout.width for s in (ui.max_new_tokens, ui.temperature, ui.top_p)} == {"auto"}
+    assert "Jupyter.notebook" in chat_module.WATCH_JS and chat_module.CSS_CHAT in chat_module.WATCH_JS
+    assert "run this cell again" in chat_module.WATCH_JS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from colab_helpers.dispatch_count import count_decode, count_ops
+from colab_helpers.dispatch_count import count_decode, count_ops, count_prefill
 from colab_helpers.model import load_model
 from colab_helpers.tiny import tiny_model_path
 
@@ -25,9 +25,10 @@ def test_every_kind_of_host_sync_is_counted() -> None:
         "where one-argument": lambda: torch.where(t > 0),
         "boolean mask": lambda: t[t > 0],
         "masked_select": lambda: t.masked_select(t > 0),
+        "list upload": lambda: torch.tensor([1, 2], device=t.device),  # pageable H2D + stream sync on CUDA
     }
     for name, run in cases.items():
-        with count_ops() as c:
+        with count_ops(uploads=True) as c:
             run()
         assert c.total.syncs == 1, (name, c.total.ops)
 
@@ -68,3 +69,18 @@ def test_decode_counts_on_the_embedded_model() -> None:
     assert d.total.launches > d.moe.launches  # attention, norms and lm_head happen outside the MoE blocks
     assert any(op.startswith("launch:triton.") for op in d.moe.ops)  # low-bit matmuls counted as fused launches
     assert not any(op.startswith("launch:copy_") for op in d.moe.ops)  # expert copies are copies, not launches
+
+
+def test_prefill_syncs_and_uploads_per_layer_on_the_embedded_model() -> None:
+    """A 256-token prefill: the routing readback is the one host sync per MoE layer (tokens are grouped by
+    expert on the device, no index list uploaded per expert; main had 1 sync + 16 uploads per layer), and
+    each low-bit matrix dequantizes in one launch on the CUDA path."""
+    model = load_model(tiny_model_path(), experts_on_device=2, progress=False)
+    ids = torch.randint(3, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    c = count_prefill(model, ids)
+    assert c.moe_layers == model.config.num_hidden_layers
+    assert c.syncs_per_layer <= 2, c.moe.ops
+    assert c.moe.ops["sync:tensor_upload"] == 0
+    experts = c.moe.ops["launch:triton.triton_dequantize"] / 3  # w1, w3, w2 each once per expert with tokens
+    assert experts == c.moe_layers * model.config.num_local_experts  # 256 tokens reach every expert here
+    assert c.launches_per_layer < 100  # main: ~630 (a dequantize was ~20 torch ops per matrix here)

@@ -20,6 +20,8 @@ from colab_helpers.kernels import GemvConfig
 from colab_helpers.quant import DEFAULT_EXPERT_SPECS, DEMO_EXPERT_SPEC, QuantizedWeight, QuantSpec
 from tests.test_kernels import DEVICE, interpreter_results, on_device, random_weight
 
+pytestmark = pytest.mark.gpu_kernels  # gpu_check runs these on CUDA too
+
 HIDDEN, FFN = 256, 512  # the tiny model's expert shapes
 
 

@@ -91,7 +91,7 @@ def test_warm_up_compiles_each_weight_geometry_once_with_a_progress_line(capsys)
 
     def gemv(x, weight):
         calls.append(("gemv", tuple(x.shape), x.dtype))
-        return x.new_zeros(1, weight.shape[0])
+        return x.new_zeros(x.shape[0], weight.shape[0])
 
     def expert(x, ws, coef, out=None):
         calls.append(("expert", tuple(x.shape), out is not None))  # first and accumulating launch
@@ -99,8 +99,9 @@ def test_warm_up_compiles_each_weight_geometry_once_with_a_progress_line(capsys)
 
     mlp = {"w1": w, "w3": w, "w2": other}
     n = kernels.warm_up([w, other], [mlp, dict(mlp)], torch.float16, "cpu", gemv=gemv, expert=expert)
-    assert n == 2
-    assert calls == [("gemv", (1, 256), torch.float16), ("expert", (1, 256), False), ("expert", (1, 256), True)]
+    assert n == 2  # one matrix geometry (attention and experts share it here), one expert geometry
+    rows = [("gemv", (r, 256), torch.float16) for r in range(1, kernels.MAX_GEMV_ROWS + 1)]  # decode + short prefill
+    assert calls == [*rows, ("expert", (1, 256), False), ("expert", (1, 256), True)]
     assert "compiling fused low-bit kernels" in capsys.readouterr().err
     assert kernels.warm_up([w], [mlp], torch.float16, "cpu") == 0  # no GPU: nothing to compile
 
@@ -169,6 +170,25 @@ def test_pinning_registers_the_exact_size_once() -> None:
     del buf
     gc.collect()
     assert fake.registered == {}  # unregistered when freed
+
+
+def test_unpinning_waits_for_the_copies_of_the_caches_own_device(monkeypatch) -> None:
+    """With several GPUs the finalizer may run while another device is current: it synchronizes the device
+    whose copies use the buffer (the expert cache's), before unregistering."""
+    fake, order = FakeCudart(), []
+    monkeypatch.setattr(pinning, "_wait_for_copies", lambda device: order.append(("sync", device)))
+    unregister = fake.cudaHostUnregister
+    fake.cudaHostUnregister = lambda ptr: (order.append(("unregister", ptr)), unregister(ptr))[1]
+    buf = pinning.pinned_host_buffer(3, 1000, cudart=fake, device=torch.device("cuda:1"))
+    base = buf.data_ptr()
+    pinning.release(buf)
+    assert order == [("sync", torch.device("cuda:1")), ("unregister", base)] and fake.registered == {}
+    seen = {}
+    monkeypatch.setattr(pinning, "pinned_host_buffer", lambda rows, nbytes, **kw: seen.update(kw))
+    from colab_helpers.experts import host_buffer
+
+    host_buffer(2, 64, pin=True, device=torch.device("cuda:1"))  # what ExpertCache passes: its own device
+    assert seen == {"device": torch.device("cuda:1")}
 
 
 def test_a_refused_registration_clears_the_error_and_pins_in_chunks(monkeypatch) -> None:

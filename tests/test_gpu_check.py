@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,16 @@ def test_cpu_smoke_runs_every_step_and_writes_json_and_markdown(tmp_path: Path) 
     assert offload["ours (full)"]["tokens_per_s"] > 0
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| step | status | s | measurement | value |" in md and "all steps passed" in md
+    # a GPU run brings back at most 8 files, two folders deep: logs and step files travel in one archive
+    files = [f.relative_to(tmp_path) for f in tmp_path.rglob("*") if f.is_file()]
+    assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files
+    assert sorted(map(str, files)) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.tar.gz"]
+    with tarfile.open(tmp_path / "gpu_check_logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert {f"logs/{s.name}.log" for s in gpu_check.STEPS} <= set(names) and "steps/offload_bench.json" in names
+    assert steps["host_cost"]["data"]["eager_launch_s"] > 0
+    twin_inputs = steps["twin"]["data"]["inputs"]  # this run's measurements, fed to the twin
+    assert twin_inputs["eager_launch_s"] == steps["host_cost"]["data"]["eager_launch_s"]
 
 
 def _ctx(tmp_path: Path):
@@ -98,6 +109,28 @@ def test_steps_past_the_budget_are_skipped_not_started(tmp_path: Path) -> None:
     report = gpu_check.run_steps(_ctx(tmp_path), steps, budget_s=1)
     assert [s["status"] for s in report["steps"]] == ["skipped", "skipped"]
     assert "time budget" in report["steps"][0]["why"]
+    assert report["ok"] and report["skipped"] == ["a", "b"]  # a skip is a skip, not a failure
+    assert "2 skipped: a, b" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_killed_pytest_still_reports_the_tests_it_finished(tmp_path: Path) -> None:
+    log = "tests/test_kernels.py::test_a[x] PASSED   [ 10%]\ntests/test_kernels.py::test_b FAILED   [ 20%]\n"
+    got = gpu_check._collect_junit(_ctx(tmp_path), log)  # no junit XML: the run was killed
+    assert got["tests"] == 2 and got["passed"] == 1 and got["failed"] == ["tests/test_kernels.py::test_b"]
+    assert got["from_log"]
+
+
+def test_time_boxes_fit_the_default_budget_and_offload_runs_before_the_slow_steps() -> None:
+    names = [s.name for s in gpu_check.STEPS]
+    assert sum(s.timeout_s for s in gpu_check.STEPS) <= 400 < 450  # well inside a 7.5-minute slot
+    assert names.index("offload_bench") < min(names.index("cuda_tests"), names.index("memory_margins"))
+
+
+def test_help_says_how_to_bring_the_trace() -> None:
+    out = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120, env=ENV)
+    assert "--trace" in out.stdout and "gpu_traces" in out.stdout and "carry" in out.stdout
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "gpu_traces/" in ignored
 
 
 def test_step_names_are_unique_and_each_has_a_summary_or_generic_rows() -> None:
@@ -131,9 +164,9 @@ raise SystemExit(gpu_check.main(["--out", {str(tmp_path)!r}, "--t4", "off"]))
 """
     proc = subprocess.Popen([sys.executable, "-c", code], env=ENV)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (tmp_path / "logs" / "sleeps.log").exists():
+    while time.monotonic() < deadline and not (tmp_path / "gpu_check.json").exists():
         time.sleep(0.2)
-    time.sleep(1)
+    time.sleep(2)  # the first step has started
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130
     report = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -10,25 +10,35 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from colab_helpers import kernels, pinning
 from colab_helpers.attention import T4_CAPABILITY, choose_attention, install_attention
-from colab_helpers.model import close_model, load_model
+from colab_helpers.generation import SamplingConfig, generate_stream
+from colab_helpers.model import close_model, load_model, load_tokenizer
 from colab_helpers.tiny import tiny_model_path
 
 pytestmark = pytest.mark.requires_cuda
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
 
 
-def test_t4_path_runs_with_only_the_memory_efficient_kernel(make_checkpoint) -> None:
-    """Flash and math switched off: the cc 7.5 path (chunked prefill, masked chunks, folded decode)
-    still runs on this GPU, and gives the math kernel's tokens (fp32, so no rounding differences)."""
-    model = load_model(make_checkpoint(2), device="cuda", dtype=torch.float32, experts_on_device=3, progress=False)
+def test_t4_path_runs_with_only_the_memory_efficient_kernel() -> None:
+    """Flash and math switched off: the cc 7.5 path (chunked prefill, masked chunks, folded decode) still
+    runs on this GPU, and gives the math kernel's tokens (fp32, so no rounding differences). Through
+    ``generate_stream``, where the prompt is prefilled in the path's chunks (``model.generate`` never chunks)."""
+    model = load_model(tiny_model_path(), device="cuda", dtype=torch.float32, experts_on_device=3, progress=False)
+    tokenizer = load_tokenizer(tiny_model_path())
     t4 = replace(choose_attention("cuda", capability=T4_CAPABILITY), prefill_chunk=5)
     install_attention(model, t4)
+    lengths = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: lengths.append(kw["input_ids"].shape[-1]), with_kwargs=True
+    )
+    sampling = SamplingConfig(max_new_tokens=6)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        tokens = model.generate(PROMPT.cuda(), max_new_tokens=6, do_sample=False)
+        chunked = generate_stream(model, tokenizer, PROMPT, sampling)
+    hook.remove()
+    assert lengths[:2] == [5, 5]  # 11 prompt tokens before the last: chunks of 5, 5, 1, then generate
     install_attention(model, choose_attention("cpu"))  # stock sdpa, whole prompt
     with sdpa_kernel([SDPBackend.MATH]):
-        ref = model.generate(PROMPT.cuda(), max_new_tokens=6, do_sample=False)
-    assert torch.equal(tokens, ref)
+        ref = generate_stream(model, tokenizer, PROMPT, sampling)
+    assert chunked.token_ids == ref.token_ids and len(ref.token_ids) == 6
 
 
 def test_a_failed_registration_leaves_no_stale_error() -> None:

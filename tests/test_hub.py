@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import errno
 import filecmp
+import json
 import os
+import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +24,7 @@ import pytest
 import torch
 from fake_hub import FakeHub
 
+import colab_helpers
 from colab_helpers import cli, hub
 from colab_helpers.hub import DEMO_REPO, DownloadError, download, resolve_model
 from colab_helpers.hub_layout import RECORD
@@ -369,19 +374,27 @@ def test_disk_space_is_checked_before_downloading(fake, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "error, match",
+    "error, match, code",
     [
-        (OSError(errno.ENOSPC, "No space left on device"), "ran out of disk space.*resumes"),
-        (OSError("Consistency check failed: file should be of size 5 but has size 3"), "wrong size"),
+        (OSError(errno.ENOSPC, "No space left on device", "/x/blob.incomplete"), "ran out of disk space.*resumes", 2),
+        (OSError(errno.EFBIG, "File too large", "/x/blob.incomplete"), "^/x/blob.incomplete: .*EFBIG.*HF_HUB_CACHE", 2),
+        (OSError(errno.EROFS, "Read-only file system", "/x/.locks"), "^/x/.locks: .*read-only.*HF_HUB_CACHE", 2),
+        (PermissionError(errno.EACCES, "Permission denied", "/x/blobs"), "^/x/blobs: permission denied.*writable", 2),
+        (OSError("Consistency check failed: file should be of size 5 but has size 3"), "wrong size", 1),
     ],
 )
-def test_disk_errors_are_explained(fake, monkeypatch, error, match):
+def test_disk_errors_are_explained(fake, monkeypatch, capsys, error, match, code):
     def fail(*a, **kw):
         raise error
 
     monkeypatch.setattr(hub, "fetch_all", fail)
-    with pytest.raises(DownloadError, match=match):
+    with pytest.raises(DownloadError, match=match) as info:
         fetch()
+    assert info.value.exit_code == code
+    capsys.readouterr()
+    assert cli.main(["generate", "hi", "--model", REPO, "--device", "cpu"]) == code
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1 and "Traceback" not in err
 
 
 def test_unknown_errors_are_not_hidden(fake, monkeypatch):
@@ -476,3 +489,328 @@ def test_resolve_a_file_is_an_error(tmp_path, calls):
     f.write_text("{}")
     with pytest.raises(FileNotFoundError, match="is a file"):
         resolve_model(f)
+
+
+# ---- verified bytes: the hub's hash checked while streaming, damage on disk repaired ---------------------
+
+OURS = Path(".cache") / "colab_helpers"  # a folder's partial files (docs/download.md)
+LAYOUTS = pytest.mark.parametrize("local", [False, True], ids=["hub-cache", "local-dir"])
+BIG = "model-00001-of-00033.safetensors"  # ~2.5 MB: more than a 1 MiB chunk
+
+
+def source(name: str) -> bytes:
+    return (TINY_MODEL_DIR / name).read_bytes()
+
+
+def folder_kw(tmp_path: Path, local: bool) -> dict:
+    return {"local_dir": tmp_path / "ckpt"} if local else {}
+
+
+def stored(fake: FakeHub, tmp_path: Path, local: bool, name: str) -> Path:
+    """The file that holds ``name``'s bytes on disk: the blob in the hub cache, the file in a folder."""
+    if local:
+        return tmp_path / "ckpt" / name
+    return tmp_path / "hub-cache" / "models--fake--tiny-mixtral" / "blobs" / fake.repos[REPO].etag(name)
+
+
+def partial_of(fake: FakeHub, tmp_path: Path, local: bool, name: str) -> Path:
+    etag = fake.repos[REPO].etag(name)
+    if local:
+        return tmp_path / "ckpt" / OURS / f"{name}.{etag[:16]}.incomplete"
+    return stored(fake, tmp_path, False, name).with_name(f"{etag}.incomplete")
+
+
+def assert_served(path: Path, files: dict[str, bytes]) -> None:
+    """Every needed file of the served commit is in ``path`` byte for byte."""
+    for name, data in files.items():
+        if hub.is_needed(name):
+            assert (path / name).read_bytes() == data, name
+
+
+def damage(path: Path, at: int = 100_000, keep_mtime: bool = False) -> None:
+    """Flip 16 bytes in place (same size), as a bad disk or a stray write would."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[at : at + 16] = bytes(b ^ 0xFF for b in data[at : at + 16])
+    path.unlink()  # a blob may be a hard link elsewhere; and a new inode like any rewrite
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def no_partials(tmp_path: Path) -> bool:
+    return not list(tmp_path.rglob("*.incomplete"))
+
+
+@LAYOUTS
+def test_a_corrupt_body_with_the_right_etag_is_fetched_again(fake, tmp_path, capsys, local):
+    fake.fault("corrupt", f"resolve/*/{SHARD}", at=70_000)  # headers, size and ETag all correct
+    path = fetch(**folder_kw(tmp_path, local))
+    assert_identical(path)
+    assert [r.range for r in fake.gets(SHARD)] == [None, None]  # fetched once more, from byte 0
+    assert f"{SHARD}: the bytes do not match the hub's sha256" in capsys.readouterr().err
+
+
+@LAYOUTS
+def test_a_body_corrupt_every_time_is_one_clear_error_and_nothing_is_kept(fake, tmp_path, local):
+    fake.fault("corrupt", f"resolve/*/{SHARD}", at=70_000, times=99)
+    with pytest.raises(DownloadError, match=rf"^{REPO}: {SHARD}: the bytes received twice do not match") as info:
+        fetch(**folder_kw(tmp_path, local))
+    assert info.value.exit_code == 1 and "\n" not in str(info.value)
+    assert not stored(fake, tmp_path, local, SHARD).exists() and not partial_of(fake, tmp_path, local, SHARD).exists()
+    fake.faults.clear()  # the hub healthy again: a rerun repairs
+    assert_identical(fetch(**folder_kw(tmp_path, local)))
+
+
+@LAYOUTS
+def test_a_file_damaged_on_disk_after_completion_is_fetched_again(fake, tmp_path, local):
+    fetch(**folder_kw(tmp_path, local))
+    damage(stored(fake, tmp_path, local, SHARD))
+    assert_identical(fetch(**folder_kw(tmp_path, local)))
+    assert len(fake.gets(SHARD)) == 2 and len(fake.gets(BIG)) == 1  # only the damaged file again
+
+
+@LAYOUTS
+def test_a_damaged_header_is_repaired_even_with_size_and_mtime_unchanged(fake, tmp_path, local):
+    fetch(**folder_kw(tmp_path, local))
+    damage(stored(fake, tmp_path, local, SHARD), at=20, keep_mtime=True)  # the stamp still looks fresh
+    assert_identical(fetch(**folder_kw(tmp_path, local)))
+    assert len(fake.gets(SHARD)) == 2
+
+
+@LAYOUTS
+def test_files_without_stamps_are_hashed_once_then_trusted(fake, tmp_path, capsys, local):
+    path = fetch(**folder_kw(tmp_path, local))
+    stamps = tmp_path / "ckpt" / OURS / "verified" if local else path.parents[1] / ".colab_helpers" / "verified"
+    assert len(list(stamps.rglob("*"))) == len(list(TINY_MODEL_DIR.iterdir()))  # one per verified file
+    for stamp in stamps.iterdir():
+        stamp.unlink()  # as a folder from an earlier version of this package
+    capsys.readouterr()
+    assert_identical(fetch(**folder_kw(tmp_path, local)))
+    assert f"checking {len(list(TINY_MODEL_DIR.iterdir()))} files already on disk" in capsys.readouterr().err
+    assert_identical(fetch(**folder_kw(tmp_path, local)))
+    assert "checking" not in capsys.readouterr().err  # stamped now: not read again
+    assert len(file_gets(fake)) == len(list(TINY_MODEL_DIR.iterdir()))  # nothing fetched twice
+
+
+@LAYOUTS
+def test_a_damaged_file_is_not_used_offline(fake, tmp_path, local):
+    fetch(**folder_kw(tmp_path, local))
+    damage(stored(fake, tmp_path, local, SHARD))
+    fake.stop()
+    with pytest.raises(DownloadError, match="no complete local copy"):
+        fetch(**folder_kw(tmp_path, local))
+
+
+def test_a_clean_short_answer_resumes_from_the_bytes_on_disk(fake, capsys):
+    fake.fault("short", f"resolve/*/{SHARD}", at=50_000)  # 200, Content-Length 50000, 50000 bytes, clean close
+    assert_identical(fetch())
+    assert [r.range for r in fake.gets(SHARD)] == [None, "bytes=50000-"]
+    assert "closed after 50,000 of" in capsys.readouterr().err
+
+
+def test_a_resumed_file_is_hashed_from_its_first_byte(fake, tmp_path):
+    """A clean short answer, then the run gives up: the partial is kept; if its bytes are not the hub's,
+    the resumed file must not be moved into place (its hash covers the bytes on disk too)."""
+    fake.fault("short", f"resolve/*/{SHARD}", at=50_000)
+    fake.fault("status", f"resolve/*/{SHARD}", status=502, times=FAST.attempts - 1)
+    with pytest.raises(DownloadError, match="resume on the next run"):
+        fetch()
+    partial = shard_partial(fake, tmp_path)
+    assert partial.stat().st_size == 50_000
+    damage(partial, at=1000)
+    assert_identical(fetch())
+    assert [r.range for r in fake.gets(SHARD)][-2:] == ["bytes=50000-", None]  # resumed, then from byte 0
+
+
+def test_bytes_are_kept_as_they_arrive_not_per_chunk(fake):
+    fake.fault("close", f"resolve/*/{BIG}", at=50_000)  # well under one 1 MiB chunk
+    assert_identical(download(REPO, net=NetConfig(timeout_s=0.5, attempts=3, first_wait_s=0.01, max_wait_s=0.05)))
+    assert [r.range for r in fake.gets(BIG)] == [None, "bytes=50000-"]
+
+
+@pytest.mark.parametrize("shift", [10_000, -10_000])
+def test_a_206_from_the_wrong_offset_restarts_the_file(fake, capsys, shift):
+    fake.fault("close", f"resolve/*/{SHARD}", at=50_000)
+    fake.fault("offset", f"resolve/*/{SHARD}", at=shift)  # honest Content-Range, of the wrong bytes
+    assert_identical(fetch())
+    assert [r.range for r in fake.gets(SHARD)] == [None, "bytes=50000-", None]
+    assert "starting the file again" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "listing"])
+def test_retry_after_is_honoured(fake, capsys, where):
+    pattern = f"resolve/*/{SHARD}" if where == "file" else "api/*"
+    fake.fault("status", pattern, status=429, headers={"Retry-After": "1"})
+    net = NetConfig(timeout_s=0.5, attempts=3, first_wait_s=0.01, max_wait_s=5)
+    assert_identical(download(REPO, net=net))
+    asked = fake.gets(SHARD) if where == "file" else [r for r in fake.requests if r.path.startswith("/api/")]
+    assert asked[1].time - asked[0].time >= 0.9  # waited as asked, not the 0.01 s backoff
+    assert ("retry in 1 s" if where == "file" else "try 2 of 3 in 1 s") in capsys.readouterr().err
+
+
+def test_retry_after_is_capped_and_read_as_seconds_or_a_date():
+    from email.utils import formatdate
+
+    from colab_helpers.transfer import retry_after_s
+
+    net = NetConfig(first_wait_s=1, max_wait_s=30)
+    assert net.wait_s(1, 10) == 10 and net.wait_s(1, 600) == 30 and net.wait_s(3, None) == 4
+
+    def answer(value: str) -> SimpleNamespace:
+        return SimpleNamespace(response=SimpleNamespace(headers={"Retry-After": value}))
+
+    assert retry_after_s(answer("7")) == 7
+    assert 8 <= retry_after_s(answer(formatdate(time.time() + 10, usegmt=True))) <= 10
+    assert retry_after_s(answer("soon")) is None and retry_after_s(ConnectionResetError()) is None
+
+
+# ---- one commit per folder: the repo's main moves ----------------------------------------------------------
+
+
+def moved(data: bytes) -> bytes:
+    """New bytes of the same size (the tensor data near the end flipped; the header still parses)."""
+    return data[:-64] + bytes(b ^ 0x55 for b in data[-64:])
+
+
+def served(fake: FakeHub) -> dict[str, bytes]:
+    return dict(fake.repos[REPO].files)
+
+
+@LAYOUTS
+def test_updating_a_downloaded_folder_to_a_new_commit(fake, tmp_path, local):
+    first = fetch(**folder_kw(tmp_path, local))
+    commit = fake.move(REPO, {SHARD: moved(source(SHARD))})
+    path = fetch(**folder_kw(tmp_path, local))
+    assert_served(path, served(fake))
+    assert len(fake.gets(SHARD)) == 2 and len(fake.gets(BIG)) == 1  # the new file only
+    if local:
+        assert path == first and json.loads((path / RECORD).read_text())["commit"] == commit
+    else:
+        assert path.name == commit and (first / SHARD).read_bytes() == source(SHARD)  # the old commit intact
+
+
+@LAYOUTS
+def test_main_moving_between_the_listing_and_the_files_gives_one_commit(fake, tmp_path, local):
+    old = served(fake)
+    fake.fault("call", "resolve/*", action=lambda: fake.move(REPO, {SHARD: moved(source(SHARD))}))
+    path = fetch(**folder_kw(tmp_path, local))
+    assert_served(path, old)  # every file from the commit the listing named
+    path = fetch(**folder_kw(tmp_path, local))  # the next run moves to the new commit
+    assert_served(path, served(fake))
+
+
+@LAYOUTS
+def test_interrupted_at_one_commit_and_resumed_after_main_moved(fake, tmp_path, local):
+    one_by_one = NetConfig(timeout_s=0.5, attempts=3, first_wait_s=0.01, max_wait_s=0.05, workers=1)
+    fake.fault("status", f"resolve/*/{SHARD}", status=502, times=99)  # BIG (fetched before it) completes
+    with pytest.raises(DownloadError, match=SHARD):
+        download(REPO, net=one_by_one, **folder_kw(tmp_path, local))
+    assert (tmp_path / "ckpt" / BIG).is_file() if local else True
+    fake.faults.clear()
+    fake.move(REPO, {BIG: moved(source(BIG)), SHARD: moved(source(SHARD))})
+    path = download(REPO, net=one_by_one, **folder_kw(tmp_path, local))
+    assert_served(path, served(fake))  # nothing of the old commit counted complete
+
+
+# ---- two processes, one cache or folder ------------------------------------------------------------------
+
+CHILD = """
+import sys
+from colab_helpers import hub
+from colab_helpers.transfer import NetConfig
+hub.check_chat_template = lambda path, what: None  # a transformers import (seconds); not what is tested here
+net = NetConfig(timeout_s=10, attempts=3, first_wait_s=0.01, max_wait_s=0.05)
+print(hub.download("{repo}", local_dir=sys.argv[1] or None, net=net))
+"""
+
+
+def child_env() -> dict[str, str]:
+    root = str(Path(colab_helpers.__file__).resolve().parents[1])  # this checkout's package, in the child too
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
+class Child:
+    """``download()`` in another process; its stderr lines are collected as they come."""
+
+    def __init__(self, local_dir: Path | None, **kw) -> None:
+        code = CHILD.format(repo=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(local_dir or "")],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kw,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    def wait(self, timeout: float = 120) -> tuple[int, str, str]:
+        try:
+            out = self.proc.stdout.read()
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self.reader.join(timeout=5)
+        return code, out, "".join(self.lines)
+
+
+def wait_for(check, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("local, start", [(False, "mid-file"), (True, "mid-file"), (False, "together")])
+def test_two_processes_on_one_cache_fetch_every_file_once(fake, tmp_path, local, start):
+    slow = fake.fault("slow", f"resolve/*/{SHARD}", at=2048, seconds=0.2)  # ~15 s unless released below
+    local_dir = tmp_path / "ckpt" if local else None
+    first = Child(local_dir)
+    if start == "mid-file":
+        partial = partial_of(fake, tmp_path, local, SHARD)
+        assert wait_for(partial.is_file), "the first one never started the file"
+    second = Child(local_dir)
+    waiting = "another download of model-"
+    said = lambda: any(waiting in line for c in (first, second) for line in c.lines)  # noqa: E731
+    wait_for(lambda: said() or second.proc.poll() is not None)  # one waits for the other (or fails to)
+    slow.seconds = 0  # now let the first one finish
+    results = [first.wait(), second.wait()]
+    for code, out, err in results:
+        assert code == 0, err[-2000:]
+        assert_identical(Path(out.strip()))
+    gets = file_gets(fake)
+    assert sorted(gets) == sorted(set(gets))  # every file fetched once, by one of them
+    assert said(), "neither process said it waited for the other"
+    if start == "mid-file":
+        assert f"another download of {SHARD} is running; waiting" in results[1][2]
+    assert no_partials(tmp_path)
+
+
+# ---- a file-size limit (EFBIG: FAT/exFAT, ulimit -f) -------------------------------------------------
+
+
+def test_a_file_size_limit_is_one_line_exit_2_and_the_partial_resumes(fake, tmp_path):
+    limit = 1_000_000  # BIG is ~2.5 MB, every other file smaller
+
+    def limited() -> None:  # in the child: write() past the limit fails with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    argv = [sys.executable, "-m", "colab_helpers", "generate", "hi", "--model", REPO, "--device", "cpu"]
+    done = subprocess.run(argv, env=child_env(), capture_output=True, text=True, timeout=180, preexec_fn=limited)
+    partial = (
+        tmp_path / "hub-cache" / "models--fake--tiny-mixtral" / "blobs" / f"{fake.repos[REPO].etag(BIG)}.incomplete"
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert str(partial) in errors[0] and "EFBIG" in errors[0]
+    assert partial.stat().st_size == limit  # every byte that fit is kept
+    assert_identical(fetch())
+    assert fake.gets(BIG)[-1].range == f"bytes={limit}-"

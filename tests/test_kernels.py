@@ -36,6 +36,8 @@ from colab_helpers.quant import (
     quantize,
 )
 
+pytestmark = pytest.mark.gpu_kernels  # gpu_check runs these on CUDA too
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SPECS = sorted(
     set(DEFAULT_EXPERT_SPECS.values()) | set(DEFAULT_ATTENTION_SPECS.values()),

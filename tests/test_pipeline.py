@@ -107,7 +107,8 @@ def test_gated_and_capped_guesses_replay_to_the_live_counters(tmp_path) -> None:
         tiny_model_path(),
         experts_on_device=3,
         policy="lfu_decay",
-        prefetch=PrefetchConfig(min_confidence=0.25, max_bytes_per_token=300_000),
+        # the replay models guesses that evict (mode "evict"); "auto" staging is measured by the twin instead
+        prefetch=PrefetchConfig(mode="evict", min_confidence=0.25, max_bytes_per_token=300_000),
         progress=False,
     )
     with RoutingRecorder(model) as rec:
@@ -117,3 +118,25 @@ def test_gated_and_capped_guesses_replay_to_the_live_counters(tmp_path) -> None:
     s = replay_file(z, "lfu_decay", 3, ReplayOptions.live(count_prefill=True))
     assert (s.hits, s.misses, s.prefetch_loads) == (live.hits, live.misses, live.prefetch_loads)
     assert (s.predicted, s.correct, s.needed) == (live.predicted, live.correct, live.needed)
+
+
+def _longest_demand_wait(prefetch: PrefetchConfig) -> tuple[float, float]:
+    """The copy simulator's longest wait of a demand load behind a speculative copy, and one chunk's duration."""
+    model = load_model(tiny_model_path(), experts_on_device=2, prefetch=prefetch, progress=False)
+    nbytes = model.expert_cache.layout.nbytes
+    engine = simulate_copies(model, compute_s=0.2 * nbytes / 12.3e9)  # compute much shorter than a copy
+    model.generate(PROMPT, max_new_tokens=10, do_sample=False)
+    if prefetch.mode == "auto":
+        assert sum(model.expert_cache.stats.staged) > 0 and sum(model.expert_cache.stats.staged_used) > 0
+    chunk_s = -(-nbytes // prefetch.chunks) / engine.h2d_bytes_per_s
+    return engine.stats.longest_demand_wait_behind_speculative_s, chunk_s
+
+
+def test_a_demand_copy_waits_behind_at_most_one_speculative_chunk() -> None:
+    """Prefetch "auto" issues a guess in chunks, one per layer step, and drops guesses not started when a demand
+    load comes: on the copy simulator's clock no demand load queues behind more than one chunk. Guesses that
+    evict (mode "evict", whole experts) do make demand loads wait, so the measure is live."""
+    longest, chunk_s = _longest_demand_wait(PrefetchConfig())
+    assert longest <= chunk_s * 1.01
+    evicting, _ = _longest_demand_wait(PrefetchConfig(mode="evict"))
+    assert evicting > 0

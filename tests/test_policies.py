@@ -120,3 +120,22 @@ def test_victim_is_always_a_candidate_and_deterministic(name: str, seq) -> None:
 
 
 # The per-token cost goal (< 2 ms) is a benchmark, not a test: benchmarks/policy_bench.py prints it.
+
+
+def test_transition_keeps_the_expert_that_usually_follows_the_current_one() -> None:
+    """Expert 2 always came right after expert 0; expert 1 was used more, and more recently. With expert 0 in
+    the current step, only ``transition`` evicts 1 (2 is the likely next one); every other policy evicts 2."""
+    a, b, c = 0, 1, 2
+    steps = [[a], [c]] * 3 + [[b]] * 7
+    choices = {}
+    for name in POLICIES:
+        policy = make_policy(name, LAYERS, EXPERTS)
+        run_steps(policy, steps)
+        policy.on_access(0, a)  # the current step uses expert 0
+        choices[name] = policy.victim(0, [b, c])
+    assert choices.pop("transition") == b
+    assert set(choices.values()) == {c}, choices
+    p = make_policy("transition", LAYERS, EXPERTS)
+    run_steps(p, steps)
+    p.on_access(0, a)
+    assert p.follow_probability(0, c) == pytest.approx(1.0) and p.follow_probability(0, b) == 0.0

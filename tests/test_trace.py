@@ -26,6 +26,7 @@ from colab_helpers.trace import (
     replay,
     replay_file,
 )
+from colab_helpers.usage import UsageError
 
 ALL = [*sorted(POLICIES), "belady"]
 
@@ -184,6 +185,16 @@ def test_cli_json_is_one_object_of_hit_rates(synthetic_trace, capsys) -> None:
         assert 0 <= rate <= out["belady"]
 
 
+def test_cli_replays_only_the_sequences_asked_for(synthetic_trace, capsys) -> None:
+    assert cli_main([str(synthetic_trace), "--experts-on-device", "3", "--json", "--sequences", "beta"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    beta = {k: v for k, v in np.load(synthetic_trace).items() if not k.startswith("alpha")}
+    assert out["lru"] == pytest.approx(replay_file(beta, "lru", 3).hit_rate)
+    assert out["lru"] != pytest.approx(replay_file(synthetic_trace, "lru", 3).hit_rate)
+    with pytest.raises(UsageError, match="--sequences: no gamma in the trace; it has alpha, beta"):
+        cli_main([str(synthetic_trace), "--sequences", "gamma"])
+
+
 def test_cli_is_reachable_through_the_package_entry_point(synthetic_trace, capsys) -> None:
     from colab_helpers.cli import main
 
@@ -255,8 +266,9 @@ NEW_TOKENS = 6
 
 def record(path, tmp_path, policy: str, k: int, prefetch: bool):
     """Generate with a recorder attached; also snapshot the live counters when decoding starts."""
+    # the replay models guesses that evict (mode "evict"); "auto" staging is measured by the twin
     model = load_model(path, experts_on_device=k, progress=False, policy=policy,
-                       prefetch=PrefetchConfig(enabled=prefetch))  # fmt: skip
+                       prefetch=PrefetchConfig(enabled=prefetch, mode="evict"))  # fmt: skip
     stats, at_decode = model.expert_cache.stats, {}
 
     def snapshot(layer, experts, guesses) -> None:

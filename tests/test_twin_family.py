@@ -212,7 +212,8 @@ def test_shared_experts_and_dense_layers_are_the_familys_own_modules(tmp_path):
     # with experts offloaded (3 of 8 per layer), only the MoE layers load experts
     s = record_engine(EngineRun((3, 3), decode_tokens=4, prompt_tokens=4, family=fam), routing)
     loads = [op for op in s.ops if op.kind == "copy" and op.to_device]
-    assert loads and all(op.nbytes == pytest.approx(ModelSizes.of(arch, Q2).expert_bytes) for op in loads)
+    expert = ModelSizes.of(arch, Q2).expert_bytes  # whole experts, or a guess's chunks (eighths)
+    assert loads and all(round(op.nbytes / expert * 8) in range(1, 9) for op in loads)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@
 config.json and refuses any other family with the list of supported ones; ``architecture(config_dict)``
 builds the family's transformers config from the dict and returns its ``MoEArchitecture``. The planner
 (``plan --model``), ``replay --model``, the converter's family detection, the checkpoint layout
-(``checkpoint.trunk_entries``) and the loader (``load_model``: the family's stock class, ``OffloadedMoE`` per
+(``model_spec.ModelSpec``) and the loader (``load_model``: the family's stock class, ``OffloadedMoE`` per
 MoE layer) use this; ``source_names`` maps each family's published checkpoint names onto transformers 5's.
 """
 
