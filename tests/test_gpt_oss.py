@@ -150,7 +150,7 @@ def test_chunked_prefill_over_sliding_window_layers_matches_the_whole_prompt(tmp
     from transformers import DynamicCache
 
     from colab_helpers.attention import AttentionPath
-    from colab_helpers.generation import prefill
+    from colab_helpers.generation import _kv_cache_kwarg, prefill
 
     save_checkpoint(random_model("gpt_oss"), tmp_path, optimize=False, progress=False)
     ref = dequantized_reference(tmp_path)
@@ -161,6 +161,6 @@ def test_chunked_prefill_over_sliding_window_layers_matches_the_whole_prompt(tmp
     prefill(model, PROMPT, cache, 4)
     mask = torch.ones(1, PROMPT.shape[1], dtype=torch.long)
     with torch.no_grad():
-        last = model(input_ids=PROMPT[:, -1:], attention_mask=mask, past_key_values=cache).logits[:, -1]
+        last = model(input_ids=PROMPT[:, -1:], attention_mask=mask, **{_kv_cache_kwarg(model): cache}).logits[:, -1]
         want = ref(PROMPT).logits[:, -1]
     assert rel_err(last, want) < 1e-3
