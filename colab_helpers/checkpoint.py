@@ -356,6 +356,12 @@ def expert_matrices(gate_up: torch.Tensor, down: torch.Tensor, expert: int) -> d
     return {"w1": gate_up[expert, :inter], "w2": down[expert], "w3": gate_up[expert, inter:]}
 
 
+def interleaved_expert_matrices(gate_up: torch.Tensor, down: torch.Tensor, expert: int) -> dict[str, torch.Tensor]:
+    """``expert_matrices`` for gpt-oss: ``gate_up`` [E, H, 2I] with gate and up columns alternating
+    (``GptOssExperts``: gate = ``[..., ::2]``, up = ``[..., 1::2]``), ``down`` [E, I, H]; transposed views."""
+    return {"w1": gate_up[expert, :, ::2].T, "w2": down[expert].T, "w3": gate_up[expert, :, 1::2].T}
+
+
 def num_files(cfg) -> int:
     """One trunk file plus one file per expert (of the MoE layers)."""
     return 1 + spec_of(cfg).total_experts
@@ -385,7 +391,7 @@ def quantize_matrix(
     """
     from .quant import quantize
 
-    w = weight.detach()
+    w = weight.detach().contiguous()  # gpt-oss experts arrive as transposed views
     if device is not None:
         w = w.to(device)
     qw = quantize(w, spec, optimize=optimize)
@@ -488,7 +494,9 @@ def model_to_layout_names(sd: dict[str, torch.Tensor], cfg) -> Iterator[tuple[st
 
 
 # trunk matrices quantized with the attention settings (``trunk_entries``), by layout name
-QUANTIZED_TRUNK = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.)?(gate|up|down)_proj)\.weight$")
+QUANTIZED_TRUNK = re.compile(
+    r"\.(self_attn\.([qkvo]|q_[ab]|kv_a|kv_b)_proj(_with_mqa)?|mlp\.(shared_experts?\.)?(gate|up|down)_proj)\.weight$"
+)  # kv_a_proj_with_mqa, kv_b_proj, q_a/q_b_proj: DeepSeek-V2's latent attention; shared_experts: its shared MLP
 
 
 def stored_trunk_tensor(
@@ -512,11 +520,18 @@ def trunk_tensors(
 
 
 def expert_tensors(
-    gate_up: torch.Tensor, down: torch.Tensor, expert: int, spec: QuantSpec, optimize: bool = True, device=None
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    expert: int,
+    spec: QuantSpec,
+    optimize: bool = True,
+    device=None,
+    interleaved: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One expert file's 21 tensors (keys relative to the expert: ``w1.W_q`` ...)."""
     tensors = {}
-    for mat, w in expert_matrices(gate_up, down, expert).items():
+    split = interleaved_expert_matrices if interleaved else expert_matrices
+    for mat, w in split(gate_up, down, expert).items():
         tensors.update({f"{mat}.{k}": t for k, t in quantize_matrix(w, spec, optimize, device).items()})
     return tensors
 
@@ -546,7 +561,7 @@ def save_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     arch = spec_of(cfg).arch  # UnsupportedFamilyError for any other model
-    quant = QuantConfig.for_bits(attn_bits, expert_bits)
+    quant = QuantConfig.for_bits(attn_bits, expert_bits).fitted(arch)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     bar = tqdm(total=num_files(cfg), desc="quantizing", unit="file", disable=not progress)
     write_shard(trunk_tensors(sd, cfg, quant, optimize, device), out / trunk_file(cfg))
@@ -556,7 +571,8 @@ def save_checkpoint(
         gate_up, down = sd[p + "gate_up_proj"], sd[p + "down_proj"]
         for e in range(arch.num_experts):
             write_shard(
-                expert_tensors(gate_up, down, e, quant.experts, optimize, device), out / expert_file(cfg, layer, e)
+                expert_tensors(gate_up, down, e, quant.experts, optimize, device, arch.expert_layout == "interleaved"),
+                out / expert_file(cfg, layer, e),
             )
             bar.update(1)
     bar.close()

@@ -1,7 +1,8 @@
 """Streaming converter: a transformers MoE checkpoint (hub repo or folder) -> the offloading layout.
 
-The family (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Phi-3.5-MoE) comes from the source's config.json; its
-adapter says how the published shards name experts and router (``families/source_names.py``). A source is
+The family (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Phi-3.5-MoE, gpt-oss, DeepSeek-V2) comes from the source's
+config.json; its adapter says how the published shards name experts and router (``families/source_names.py``; gpt-oss's
+published MXFP4 experts are decoded by ``mxfp4.py`` first, the one quantized source accepted). A source is
 read one safetensors shard at a time, each tensor straight from the memory map, and quantized with the same
 per-tensor functions as ``save_checkpoint`` (HQQ's optimizer, on the GPU when there is one). An expert is
 written as soon as its w1/w2/w3 have all been seen; what is still incomplete at the end of a shard (an expert
@@ -334,6 +335,7 @@ def plan_conversion(
     cfg_dict = _read_json_file(source, CONFIG_FILE, meta)
     config = _family_config(cfg_dict, source)
     arch = from_transformers(config)
+    quant = quant.fitted(arch)  # a smaller expert scale group where the shapes need it (gpt-oss at 3/4 bits)
     _check_shapes(arch, quant, source)
     shard_tensors = _shard_tensors(source, meta)
     _refuse_quantized(source, shard_tensors)
@@ -378,7 +380,9 @@ def _family_config(cfg: dict, source: Source):
         )
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "?")
-        raise ConvertError(f"{source.description}: already quantized ({method}); convert the bf16/fp16 original")
+        if not (method == "mxfp4" and adapter.MODEL_TYPE == "gpt_oss"):  # openai's own release: decoded here
+            raise ConvertError(f"{source.description}: already quantized ({method}); convert the bf16/fp16 original")
+        cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
     try:
         return config_from_dict(cfg, CONFIG_FILE)  # as the layout reads it back (Mixtral: architecture fields)
     except (CheckpointError, ValueError, TypeError, KeyError) as err:
@@ -529,6 +533,10 @@ class _Converter:
                 if kind.kind == "fused":
                     self._fused(shard, f, key, kind)
                     continue
+                if kind.kind.startswith("mxfp4"):  # gpt-oss's published experts: decoded with their scales
+                    if kind.kind == "mxfp4_blocks":
+                        self._mxfp4(shard, f, key, kind)
+                    continue
                 weight = f.get_tensor(key)
                 self._check_dtype(shard, key, weight)
                 if kind.kind == "trunk":
@@ -567,11 +575,41 @@ class _Converter:
         for e in range(a.num_experts):
             block = sl[e : e + 1][0]  # one expert read from the memory map, not the whole layer
             self._check_dtype(shard, key, block)
+            if a.expert_layout == "interleaved":  # gpt-oss: [H, 2I] gate/up columns alternating, down [I, H]
+                if kind.name == "gate_up":
+                    self._expert_matrix(shard, key, kind.layer, e, "w1", block[:, ::2].T)
+                    self._expert_matrix(shard, key, kind.layer, e, "w3", block[:, 1::2].T)
+                else:
+                    self._expert_matrix(shard, key, kind.layer, e, "w2", block.T)
+                continue
             if kind.name == "gate_up":
                 self._expert_matrix(shard, key, kind.layer, e, "w1", block[:i])
                 self._expert_matrix(shard, key, kind.layer, e, "w3", block[i:])
             else:
                 self._expert_matrix(shard, key, kind.layer, e, "w2", block)
+
+    def _mxfp4(self, shard: str, f, key: str, kind: SourceKey) -> None:
+        """gpt-oss's published MXFP4 experts (``*_blocks`` with their ``*_scales`` from the same shard), decoded
+        as transformers does (``mxfp4.dequantize``), one expert at a time, in float32 (exact), then HQQ."""
+        from .mxfp4 import BLOCK, dequantize
+
+        a = self.arch
+        scales_key = key.removesuffix("_blocks") + "_scales"
+        if scales_key not in f.keys():
+            raise ConvertError(f"{shard}: {key!r} has no {scales_key!r} beside it; MXFP4 blocks need their scales")
+        blocks, scales = f.get_slice(key), f.get_slice(scales_key)
+        h, i, e_n = a.hidden, a.expert_intermediate, a.num_experts
+        rows, cols = (2 * i, h) if kind.name == "gate_up" else (h, i)
+        want = (e_n, rows, cols // BLOCK, BLOCK // 2)
+        if tuple(blocks.get_shape()) != want or tuple(scales.get_shape()) != want[:3]:
+            raise _shape_error(shard, key, (*blocks.get_shape(), "/", *scales.get_shape()), want)
+        for e in range(e_n):
+            w = dequantize(blocks[e : e + 1][0], scales[e : e + 1][0])  # [rows, cols], as published (not transposed)
+            if kind.name == "gate_up":  # rows alternate gate, up
+                self._expert_matrix(shard, key, kind.layer, e, "w1", w[::2])
+                self._expert_matrix(shard, key, kind.layer, e, "w3", w[1::2])
+            else:
+                self._expert_matrix(shard, key, kind.layer, e, "w2", w)
 
     def _expert_matrix(self, shard: str, key: str, layer: int, e: int, mat: str, weight: torch.Tensor) -> None:
         a = self.arch
@@ -844,7 +882,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "src",
         help="hub repo id (owner/name) or local folder of a transformers Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE or "
-        "Phi-3.5-MoE checkpoint (the family is read from its config.json)",
+        "Phi-3.5-MoE, gpt-oss or DeepSeek-V2 checkpoint (the family is read from its config.json)",
     )
     p.add_argument("out", help="output folder (rerun with the same arguments to resume)")
     p.add_argument("--expert-bits", type=int, default=2, choices=(2, 3, 4), help="expert bit width (default 2)")

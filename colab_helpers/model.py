@@ -24,6 +24,7 @@ from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, arch_of, quantized_tr
 from .experts import ExpertCache, ExpertLayout, experts_per_layer
 from .linear import QuantLinear
 from .moe import OffloadedMoE, PrefetchConfig
+from .oss_experts import BiasedSwigluMoE, sink_attention
 from .placement import ExpertCacheGroup, LayerPlacement, place_layers, split_refusal
 from .quant import QuantizedWeight
 from .tokenizer import load_tokenizer  # noqa: F401  (re-exported: model.load_tokenizer)
@@ -181,6 +182,8 @@ def assemble_model(
     k = resolved_experts(cfg.experts_on_device, dev)
     dtype = cfg.compute_dtype
     attention = cfg.attention_path()
+    if arch.attn_sinks:  # gpt-oss: only transformers' eager attention adds the sinks
+        attention = sink_attention(attention)
     placement = cfg.placement
     if placement is not None and placement.num_layers != arch.num_layers:
         raise ValueError(f"placement covers {placement.num_layers} layers, the model has {arch.num_layers}")
@@ -210,9 +213,20 @@ def assemble_model(
         gate = getattr(sparse, arch.router_param)
         weight = trunk.pop(f"model.layers.{i}.mlp.{arch.router_param}.weight").to(device_of(i), dtype)
         gate.weight = torch.nn.Parameter(weight, requires_grad=False)
-        shared = getattr(sparse, "shared_expert", None) if arch.shared_intermediate else None
+        if arch.router_bias:
+            bias = trunk.pop(f"model.layers.{i}.mlp.{arch.router_param}.bias").to(device_of(i), dtype)
+            gate.bias = torch.nn.Parameter(bias, requires_grad=False)
+        shared = getattr(sparse, arch.shared_name, None) if arch.shared_intermediate else None
         shared_gate = getattr(sparse, "shared_expert_gate", None) if arch.shared_expert_gate else None
-        block = OffloadedMoE(gate, rank, None, cfg.prefetch, shared, shared_gate)  # the cache is attached below
+        if arch.expert_bias:  # gpt-oss: biased experts, clamped SwiGLU (oss_experts.py)
+            b = {
+                m: trunk.pop(f"model.layers.{i}.mlp.experts.{m}").to(device_of(i), dtype)
+                for m in arch.expert_bias_shapes
+            }
+            alpha, limit = sparse.experts.alpha, sparse.experts.limit
+            block = BiasedSwigluMoE(gate, rank, cfg.prefetch, b["gate_up_proj_bias"], b["down_proj_bias"], alpha, limit)
+        else:
+            block = OffloadedMoE(gate, rank, None, cfg.prefetch, shared, shared_gate)  # the cache is attached below
         block.decoder_layer = i
         layer.mlp = block
         blocks.append(block)
@@ -300,7 +314,7 @@ def dequantized_reference(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     """
     ckpt = Checkpoint.open(Path(path))
     mcfg, arch = ckpt.config, ckpt.arch
-    mcfg._attn_implementation = "sdpa"
+    mcfg._attn_implementation = "eager" if arch.attn_sinks else "sdpa"  # transformers' SDPA drops gpt-oss's sinks
     model = getattr(transformers, arch.model_class)(mcfg).eval().requires_grad_(False)
     sd = ckpt.load_trunk()
     for name, shape in quantized_trunk_shapes(mcfg).items():
@@ -309,13 +323,16 @@ def dequantized_reference(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     if "lm_head.weight" not in sd:  # tied, not stored
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     layout = ExpertLayout.for_model(mcfg, ckpt.quant)
-    inter, h, n = arch.expert_intermediate, arch.hidden, arch.num_experts
-    gate_up = {i: torch.zeros(n, 2 * inter, h) for i in arch.moe_layers}
-    down = {i: torch.zeros(n, h, inter) for i in arch.moe_layers}
+    inter = arch.expert_intermediate
+    gate_up = {i: torch.zeros(arch.fused_expert_shapes["gate_up_proj"]) for i in arch.moe_layers}
+    down = {i: torch.zeros(arch.fused_expert_shapes["down_proj"]) for i in arch.moe_layers}
     buf = torch.empty(layout.nbytes, dtype=torch.uint8)
     for layer, e, tensors in ckpt.iter_experts():
         layout.pack(tensors, buf)
         w = {k: v.dequantize().float() for k, v in layout.weights(buf).items()}
+        if arch.expert_layout == "interleaved":  # gpt-oss: [H, 2I] gate/up columns alternating, down [I, H]
+            gate_up[layer][e, :, ::2], gate_up[layer][e, :, 1::2], down[layer][e] = w["w1"].T, w["w3"].T, w["w2"].T
+            continue
         gate_up[layer][e, :inter], gate_up[layer][e, inter:], down[layer][e] = w["w1"], w["w3"], w["w2"]
     for i in arch.moe_layers:
         sd[f"model.layers.{i}.mlp.experts.gate_up_proj"] = gate_up[i]

@@ -135,6 +135,7 @@ def _trunk(a: MoEArchitecture) -> tuple[TrunkEntry, ...]:
             out.append(TrunkEntry(p + "self_attn.k_norm.weight", (a.k_norm,), False))
         if getattr(a, "attn_sinks", False):  # gpt-oss (issue 23's family; absent from older architectures)
             out.append(TrunkEntry(p + "self_attn.sinks", (a.heads,), False))
+        out += [TrunkEntry(f"{p}self_attn.{m}.weight", (n,), False) for m, n in a.attention_norms.items()]  # MLA
         if mixtral:
             continue
         if layer in a.moe_layers:
@@ -144,7 +145,7 @@ def _trunk(a: MoEArchitecture) -> tuple[TrunkEntry, ...]:
             biases = getattr(a, "expert_bias_shapes", {}).items()
             out += [TrunkEntry(f"{p}mlp.experts.{m}", shape, False) for m, shape in biases]
             shared = a.shared_expert_shapes.items()
-            out += [TrunkEntry(f"{p}mlp.shared_expert.{m}.weight", shape, True) for m, shape in shared]
+            out += [TrunkEntry(f"{p}mlp.{a.shared_name}.{m}.weight", shape, True) for m, shape in shared]
             if a.shared_expert_gate:
                 out.append(TrunkEntry(p + "mlp.shared_expert_gate.weight", (1, h), False))
         else:

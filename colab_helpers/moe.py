@@ -66,7 +66,7 @@ def expert_forward(x: torch.Tensor, w: dict[str, QuantizedWeight]) -> torch.Tens
 def _router_logits(gate: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A router's logits for ``x``; routers that script their choices (benchmarks) expose ``predict``."""
     predict = getattr(gate, "predict", None)
-    return predict(x) if predict is not None else F.linear(x, gate.weight)
+    return predict(x) if predict is not None else F.linear(x, gate.weight, getattr(gate, "bias", None))
 
 
 # transformers' softmax top-k routers (a weight, softmax in fp32, top-k, renormalized when ``norm_topk_prob``;

@@ -22,6 +22,7 @@ from .attention import T4_CAPABILITY, AttentionPath, choose_attention
 from .checkpoint import QUANT_CONFIG_KEY, QuantConfig, config_from_dict
 from .experts import _ALIGN
 from .families import MoEArchitecture, from_transformers
+from .oss_experts import sink_attention
 from .quant import DEFAULT_EXPERT_SPECS, dequantize_peak_bytes
 
 GB = 10**9
@@ -103,13 +104,14 @@ class ModelSizes:
         ``checkpoint.expected_trunk_tensors`` lists (``tests/test_family_layout.py``).
         """
         a = config if isinstance(config, MoEArchitecture) else from_transformers(config)
+        quant = quant.fitted(a)  # the expert scale group the writer would use (64 for gpt-oss-20b at 3/4 bits)
         attn_shapes = a.attention_shapes.values()
         mlp_shapes = [*a.shared_expert_shapes.values()] + ([*a.dense_mlp_shapes.values()] if a.dense_layers else [])
         attn = sum(quant.attention.nbytes(shape) for shape in attn_shapes)
         mlp = len(a.moe_layers) * sum(quant.attention.nbytes(sh) for sh in a.shared_expert_shapes.values())
         mlp += len(a.dense_layers) * sum(quant.attention.nbytes(sh) for sh in a.dense_mlp_shapes.values())
         fp16 = a.embedding_params + a.num_layers * (a.norm_params + a.attention_small_params)
-        fp16 += len(a.moe_layers) * a.router_params
+        fp16 += len(a.moe_layers) * (a.router_params + a.expert_bias_params)  # gpt-oss's expert biases: trunk
         stored_lm_head = not a.tie_embeddings or a.family == "mixtral"  # Mixtral's trunk stores it even when tied
         if a.tie_embeddings and a.family == "mixtral":
             fp16 += a.vocab * a.hidden
@@ -129,8 +131,9 @@ class ModelSizes:
             intermediate=max(a.expert_intermediate, a.shared_intermediate, a.dense_intermediate),
             vocab=a.vocab,
             heads=a.heads,
-            kv_heads=a.kv_heads,
-            head_dim=a.head_dim,
+            # MLA (DeepSeek-V2): transformers caches one latent of kv_lora + rope per token and layer, as 1 x half
+            kv_heads=1 if a.mla else a.kv_heads,
+            head_dim=(a.mla[1] + a.mla[2] + 1) // 2 if a.mla else a.head_dim,
             attention_bits=quant.attention.nbits,
             expert_bits=quant.experts.nbits,
             expert_bytes=sum(expert),
@@ -579,6 +582,8 @@ def plan_memory(
     s = ModelSizes.of(config, quant)
     dev = _device(device).type
     attention = attention or _default_attention(dev, budget)
+    if (config if isinstance(config, MoEArchitecture) else from_transformers(config)).attn_sinks:
+        attention = sink_attention(attention)  # gpt-oss runs eager attention: its scores counted like math's
     if context < 1:
         raise ValueError(f"context must be at least 1 token, got {context}")
     if dev == "cuda" and budget.vram is None:
@@ -876,7 +881,11 @@ def model_for_cli(model: str, expert_bits: int) -> tuple[MixtralConfig | MoEArch
         raise UsageError(f"--model {model}: {err}") from err
     except Exception as err:  # transformers (strict dataclass validation) rejected the config's fields
         raise UsageError(f"--model {model}: config.json is not a valid {cfg.get('model_type')} config ({err})") from err
-    quant = QuantConfig.from_config_dict(cfg) if QUANT_CONFIG_KEY in cfg else QuantConfig.for_bits(4, expert_bits)
+    quant = (
+        QuantConfig.from_config_dict(cfg)
+        if QUANT_CONFIG_KEY in cfg
+        else QuantConfig.for_bits(4, expert_bits).fitted(arch)
+    )
     try:
         ModelSizes.of(arch, quant)
     except ValueError as err:  # a shape the bit width's group sizes do not divide

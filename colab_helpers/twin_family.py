@@ -123,6 +123,8 @@ _CONFIG_FIELDS = {
     "qwen2_moe": ("Qwen2MoeConfig", "num_experts", "moe_intermediate_size"),
     "qwen3_moe": ("Qwen3MoeConfig", "num_experts", "moe_intermediate_size"),
     "phimoe": ("PhimoeConfig", "num_local_experts", "intermediate_size"),
+    "gpt_oss": ("GptOssConfig", "num_local_experts", "intermediate_size"),
+    "deepseek_v2": ("DeepseekV2Config", "n_routed_experts", "moe_intermediate_size"),
 }
 
 
@@ -165,7 +167,7 @@ class FamilyTwin:
         )
         if a.family in ("olmoe", "qwen2_moe", "qwen3_moe"):
             fields["norm_topk_prob"] = a.norm_topk_prob
-        if a.family in ("olmoe", "phimoe"):
+        if a.family in ("olmoe", "phimoe", "gpt_oss"):
             fields["attention_bias"] = a.qkv_bias
         if a.family == "olmoe":  # its q/k norms are sized by hidden / heads, whatever head_dim says
             fields["head_dim"] = NARROW_HIDDEN // a.heads
@@ -178,6 +180,20 @@ class FamilyTwin:
             fields["shared_expert_intermediate_size"] = shared
         if a.family == "phimoe":
             fields.update(lm_head_bias=a.lm_head_bias, router_jitter_noise=a.router_jitter)
+        if a.family == "deepseek_v2":  # latent attention at narrow widths whose every projection fits 4-bit groups
+            del fields["head_dim"]
+            fields.update(
+                num_key_value_heads=a.heads,
+                q_lora_rank=(_round_to(a.mla[0] / w, resident) if a.mla[0] else None),
+                kv_lora_rank=112,  # kv_a: 112 + 16 rows; kv_b: heads x 64 rows of 112
+                qk_nope_head_dim=32,
+                qk_rope_head_dim=16,
+                v_head_dim=32,
+                n_shared_experts=max(1, round(a.shared_intermediate / a.expert_intermediate)),
+                first_k_dense_replace=len(a.dense_layers),
+                moe_intermediate_size=_round_to(a.expert_intermediate / w, resident),  # the shared MLP fits too
+                intermediate_size=_round_to(max(a.dense_intermediate, 1) / w, resident),
+            )
         config = getattr(transformers, cls)(**fields)
         narrow = from_transformers(config)
         for key in ("family", "moe_layers", "num_experts", "top_k", "heads", "kv_heads", "router", "norm_bias"):
@@ -237,7 +253,8 @@ class FamilyTwin:
                 ratios[t.untyped_storage().data_ptr()] = full_bytes / narrow
 
         for name, module in model.named_modules():
-            if isinstance(module, QuantLinear):
+            if isinstance(module, QuantLinear):  # OffloadedMoE holds any family's shared MLP as ``shared_expert``
+                name = name.replace(".mlp.shared_expert.", f".mlp.{a.shared_name}.")
                 put(module.buffers(), q.attention.nbytes(full_shapes[f"{name}.weight"]))
         for name, p in model.named_parameters():
             if name in full_shapes:

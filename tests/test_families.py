@@ -49,6 +49,28 @@ TINY = {
         "PhimoeForCausalLM",
         dict(num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, vocab_size=100),
     ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            kv_lora_rank=32,
+            q_lora_rank=None,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            vocab_size=100,
+        ),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, head_dim=24, sliding_window=8, vocab_size=100),
+    ),
 }
 FAMILIES = [f for f, (cfg, _, _) in TINY.items() if hasattr(transformers, cfg)]
 
@@ -60,15 +82,17 @@ def tiny(family: str):
 
 
 def _role(name: str) -> str:
+    if ".mlp.experts." in name and name.endswith("_bias"):  # gpt-oss: kept in the trunk
+        return "expert_bias"
     if ".mlp.experts." in name:
         return "experts"
-    if ".mlp.shared_expert." in name:
+    if ".mlp.shared_expert." in name or ".mlp.shared_experts." in name:
         return "shared"
     if ".mlp.gate." in name or ".mlp.router." in name or ".mlp.shared_expert_gate." in name:
         return "router"
     if ".mlp." in name:
         return "dense_mlp"
-    if ".self_attn." in name and name.endswith("_proj.weight"):
+    if ".self_attn." in name and name.endswith(("_proj.weight", "_with_mqa.weight")):
         return "attention"
     if ".self_attn." in name:
         return "attention_small"
@@ -91,6 +115,7 @@ def test_architecture_matches_the_instantiated_model(family):
     assert counts.get("experts", 0) == moe * arch.num_experts * arch.expert_params
     assert counts.get("shared", 0) == moe * arch.shared_params
     assert counts.get("router", 0) == moe * arch.router_params
+    assert counts.get("expert_bias", 0) == moe * arch.expert_bias_params
     assert counts.get("dense_mlp", 0) == dense * arch.dense_mlp_params
     assert counts["attention"] == arch.num_layers * arch.attention_params
     assert counts.get("attention_small", 0) == arch.num_layers * arch.attention_small_params
@@ -104,7 +129,7 @@ def test_architecture_matches_the_instantiated_model(family):
     for name, shape in arch.fused_expert_shapes.items():
         assert tuple(getattr(block.experts, name).shape) == shape
     assert hasattr(block, arch.router_param)
-    trunk = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".mlp.experts." not in k}
+    trunk = {k: tuple(v.shape) for k, v in model.state_dict().items() if _role(k) != "experts"}
     assert trunk == arch.trunk_shapes  # every non-expert tensor, named and shaped as transformers 5 holds it
     assert getattr(block, "top_k", arch.top_k) == arch.top_k
 
@@ -120,11 +145,22 @@ def test_layer_rules_and_family_specifics():
     assert not from_transformers(tiny("olmoe")[0]).norm_topk_prob
     phi = from_transformers(tiny("phimoe")[0])
     assert phi.router == "sparsemixer" and phi.router_param == "router" and phi.norm_bias
+    oss = from_transformers(tiny("gpt_oss")[0])
+    assert oss.router_bias and oss.expert_bias and oss.attn_sinks and oss.qkv_bias and oss.o_bias
+    assert oss.expert_layout == "interleaved" and oss.norm_topk_prob and oss.router_param == "router"
+    ds = from_transformers(tiny("deepseek_v2")[0])
+    assert ds.moe_layers == (1, 2, 3) and ds.dense_layers == (0,) and ds.shared_intermediate == 48
+    assert ds.attention_shapes["kv_a_proj_with_mqa"] == (32 + 8, 64) and ds.attention_shapes["kv_b_proj"] == (
+        4 * 28,
+        32,
+    )
+    assert ds.attention_norms == {"kv_a_layernorm": 32} and not ds.norm_topk_prob
 
 
 def test_detect_family_by_model_type_or_architectures():
     assert detect_family({"model_type": "olmoe"}).MODEL_CLASS == "OlmoeForCausalLM"
     assert detect_family({"architectures": ["PhiMoEForCausalLM"]}).MODEL_CLASS == "PhimoeForCausalLM"
+    assert detect_family({"model_type": "gpt_oss"}).MODEL_CLASS == "GptOssForCausalLM"
 
 
 @pytest.mark.parametrize("config", [{"model_type": "llama"}, {"architectures": ["GPT2LMHeadModel"]}, {}])
@@ -143,6 +179,9 @@ CARD = {
     "Qwen--Qwen1.5-MoE-A2.7B": (14.3, 2.7),
     "Qwen--Qwen2-57B-A14B": (57.4, 14.2),
     "microsoft--Phi-3.5-MoE-instruct": (41.9, 6.6),
+    # the card's 3.6 B active leaves out the 0.58 B embedding table, counted here (data/configs/README.md)
+    "openai--gpt-oss-20b": (20.9, 3.6 + 0.58),
+    "deepseek-ai--DeepSeek-V2-Lite-Chat": (15.7, 2.4 + 0.21),  # the card's 2.4 B active: embedding table left out
 }
 
 

@@ -151,12 +151,12 @@ def test_an_unsupported_family_is_refused_with_the_supported_list(saved, tmp_pat
     path = tmp_path / "ck"
     shutil.copytree(saved("mixtral")[1], path)
     config = json.loads((path / CONFIG_FILE).read_text())
-    config["model_type"], config["architectures"] = "deepseek_v2", ["DeepseekV2ForCausalLM"]
+    config["model_type"], config["architectures"] = "granitemoe", ["GraniteMoeForCausalLM"]
     (path / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(UnsupportedFamilyError) as err:
         Checkpoint.open(path)
     assert isinstance(err.value, CheckpointError)  # the loaders' and the CLI's one error type
-    assert str(err.value).startswith("config.json: model family 'deepseek_v2' is not supported; supported:")
+    assert str(err.value).startswith("config.json: model family 'granitemoe' is not supported; supported:")
     for family in FAMILIES:
         assert f"({family})" in str(err.value)
 

@@ -80,7 +80,7 @@ def test_plan_model_offline_for_every_shipped_config(repo, capsys, monkeypatch):
         + sum(
             plan["experts_on_device"]
             if isinstance(plan["experts_on_device"], list)
-            else [plan["experts_on_device"]] * arch.num_layers
+            else [plan["experts_on_device"]] * len(arch.moe_layers)
         )
         == arch.total_experts
     )
@@ -315,7 +315,7 @@ def test_cpu_plan_counts_the_dense_copies_a_loaded_model_holds(family, tied, tmp
     assert rows["fp32 copies of embed/lm_head/norms/router"] == fp32
     assert rows["fp32 attention weights (dense_on_cpu)"] == held["attention"]
     assert rows.get("fp32 shared-expert/dense-layer MLPs (dense_on_cpu)", 0) == held["mlp"]
-    assert (held["mlp"] > 0) == (family in ("qwen2_moe", "qwen3_moe"))
+    assert (held["mlp"] > 0) == (family in ("qwen2_moe", "qwen3_moe", "deepseek_v2"))
     assert rows[f"fp32 experts in {plan.slots} slots (dense_on_cpu)"] == plan.slots * expert
     off = plan_for_checkpoint(tmp_path, "cpu", experts_on_device=2, budget=Budget.given(None, 64), dense_on_cpu=False)
     assert not any("dense_on_cpu" in r.item for r in off.rows)

@@ -165,7 +165,8 @@ def _family_config(family: str, **overrides):
     from colab_helpers.random_moe import small_config
 
     # Qwen's tiny variants have dense layers on purpose; these overrides make every layer MoE
-    all_moe = {"qwen2_moe": dict(mlp_only_layers=[]), "qwen3_moe": dict(decoder_sparse_step=1)}.get(family, {})
+    all_moe = {"qwen2_moe": dict(mlp_only_layers=[]), "qwen3_moe": dict(decoder_sparse_step=1)}
+    all_moe = {**all_moe, "deepseek_v2": dict(first_k_dense_replace=0)}.get(family, {})
     return small_config(family, **{**all_moe, **overrides})
 
 

@@ -163,7 +163,15 @@ def _full_bytes_per_token(arch, quant) -> float:
     return arch.num_layers * s.attention_layer_bytes + s.resident_mlp_bytes + 2 * arch.vocab * arch.hidden + experts
 
 
-@pytest.mark.parametrize("repo", ["allenai/OLMoE-1B-7B-0924", "microsoft/Phi-3.5-MoE-instruct", "qwen2-small"])
+@pytest.mark.parametrize(
+    "repo",
+    [
+        "allenai/OLMoE-1B-7B-0924",
+        "microsoft/Phi-3.5-MoE-instruct",
+        "qwen2-small",
+        "openai/gpt-oss-20b",
+    ],  # not DeepSeek-V2: its latent attention re-expands K/V through kv_b_proj over the context every step
+)
 def test_recorded_bytes_are_the_full_size_models(repo, tmp_path):
     """With every expert resident, a token reads the model's full-size weights: within 5% (1-2% measured;
     activations, norms, routers and the KV cache are the rest)."""
@@ -214,6 +222,11 @@ def test_shared_experts_and_dense_layers_are_the_familys_own_modules(tmp_path):
         ("allenai/OLMoE-1B-7B-0924", ["self_attn.q_norm", "self_attn.k_norm"]),
         ("Qwen/Qwen3-30B-A3B", ["self_attn.q_norm", "self_attn.k_norm"]),
         ("microsoft/Phi-3.5-MoE-instruct", ["self_attn.q_proj.bias", "self_attn.o_proj.bias", "input_layernorm.bias"]),
+        (
+            "openai/gpt-oss-20b",
+            ["self_attn.sinks", "self_attn.o_proj.bias", "mlp.router.bias", "mlp.experts.down_proj_bias"],
+        ),
+        ("deepseek-ai/DeepSeek-V2-Lite-Chat", ["self_attn.kv_a_proj_with_mqa", "self_attn.kv_a_layernorm"]),
     ],
 )
 def test_the_narrow_engine_is_the_familys_own_class_with_its_extras(repo, extras):

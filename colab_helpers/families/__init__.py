@@ -15,7 +15,15 @@ from types import ModuleType
 
 from .base import MoEArchitecture
 
-FAMILY_MODULES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "phimoe")  # model_type == module name
+FAMILY_MODULES = (
+    "mixtral",
+    "olmoe",
+    "qwen2_moe",
+    "qwen3_moe",
+    "phimoe",
+    "gpt_oss",
+    "deepseek_v2",
+)  # model_type == module name
 
 
 class UnsupportedFamilyError(ValueError):

@@ -10,6 +10,7 @@ each class (``tests/test_families.py``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 Shape = tuple[int, int]
@@ -47,6 +48,14 @@ class MoEArchitecture:
     norm_bias: bool = False  # LayerNorm with bias (Phi-3.5-MoE) instead of RMSNorm
     lm_head_bias: bool = False
     router_param: str = "gate"  # the router's parameter name inside the MoE block ("gate" or "router")
+    router_bias: bool = False  # the router has a bias [E] (gpt-oss)
+    expert_bias: bool = False  # experts have biases: ``experts.gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]
+    expert_layout: str = "gate_rows"  # fused experts: [E, 2I, H] gate rows first; "interleaved": gpt-oss's [E, H, 2I]
+    attn_sinks: bool = False  # one learned sink logit per attention head (gpt-oss's ``self_attn.sinks``)
+    shared_name: str = "shared_expert"  # the shared expert's module ("shared_experts": DeepSeek-V2)
+    # multi-head latent attention (DeepSeek-V2): (q_lora_rank (0: plain q_proj), kv_lora_rank, rope dim, v dim);
+    # head_dim is then the q/k head (nope + rope); () for standard attention
+    mla: tuple[int, ...] = ()
 
     # ---- shapes ----------------------------------------------------------------------------------
 
@@ -60,12 +69,20 @@ class MoEArchitecture:
     def fused_expert_shapes(self) -> dict[str, tuple[int, int, int]]:
         """The transformers 5 parameters of one MoE block: ``experts.gate_up_proj`` (gate rows first), ``down_proj``."""
         h, i, e = self.hidden, self.expert_intermediate, self.num_experts
+        if self.expert_layout == "interleaved":  # gpt-oss: transposed, gate/up columns alternating
+            return {"gate_up_proj": (e, h, 2 * i), "down_proj": (e, i, h)}
         return {"gate_up_proj": (e, 2 * i, h), "down_proj": (e, h, i)}
 
     @property
     def shared_expert_shapes(self) -> dict[str, Shape]:
         h, i = self.hidden, self.shared_intermediate
         return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)} if i else {}
+
+    @property
+    def expert_bias_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One MoE layer's expert biases (gpt-oss; kept in the trunk, transformers' names and shapes)."""
+        e, i, h = self.num_experts, self.expert_intermediate, self.hidden
+        return {"gate_up_proj_bias": (e, 2 * i), "down_proj_bias": (e, h)} if self.expert_bias else {}
 
     @property
     def dense_mlp_shapes(self) -> dict[str, Shape]:
@@ -75,7 +92,23 @@ class MoEArchitecture:
     @property
     def attention_shapes(self) -> dict[str, Shape]:
         q, kv, h = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden
+        if self.mla:  # DeepSeek-V2's latent attention
+            q_lora, kv_lora, rope, v = self.mla
+            out = {"q_a_proj": (q_lora, h), "q_b_proj": (q, q_lora)} if q_lora else {"q_proj": (q, h)}
+            nope = self.head_dim - rope
+            out["kv_a_proj_with_mqa"] = (kv_lora + rope, h)
+            out["kv_b_proj"] = (self.heads * (nope + v), kv_lora)
+            out["o_proj"] = (h, self.heads * v)
+            return out
         return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+
+    @property
+    def attention_norms(self) -> dict[str, int]:
+        """MLA's RMSNorms inside attention, by module name: elements of each weight (fp16 in the trunk)."""
+        if not self.mla:
+            return {}
+        q_lora, kv_lora = self.mla[:2]
+        return {"q_a_layernorm": q_lora, "kv_a_layernorm": kv_lora} if q_lora else {"kv_a_layernorm": kv_lora}
 
     @property
     def dense_layers(self) -> tuple[int, ...]:
@@ -107,11 +140,17 @@ class MoEArchitecture:
                 out[f"{p}self_attn.q_norm.weight"] = (self.q_norm,)
             if self.k_norm:
                 out[f"{p}self_attn.k_norm.weight"] = (self.k_norm,)
+            if self.attn_sinks:
+                out[f"{p}self_attn.sinks"] = (self.heads,)
+            out.update({f"{p}self_attn.{m}.weight": (n,) for m, n in self.attention_norms.items()})
             if layer not in self.moe_layers:
                 out.update({f"{p}mlp.{m}.weight": shape for m, shape in self.dense_mlp_shapes.items()})
                 continue
             out[f"{p}mlp.{self.router_param}.weight"] = (self.num_experts, h)
-            out.update({f"{p}mlp.shared_expert.{m}.weight": s for m, s in self.shared_expert_shapes.items()})
+            if self.router_bias:
+                out[f"{p}mlp.{self.router_param}.bias"] = (self.num_experts,)
+            out.update({f"{p}mlp.experts.{m}": s for m, s in self.expert_bias_shapes.items()})
+            out.update({f"{p}mlp.{self.shared_name}.{m}.weight": s for m, s in self.shared_expert_shapes.items()})
             if self.shared_expert_gate:
                 out[f"{p}mlp.shared_expert_gate.weight"] = (1, h)
         return out
@@ -131,7 +170,8 @@ class MoEArchitecture:
     def attention_small_params(self) -> int:
         """One layer's attention biases and q/k norms (kept in fp16)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return (q + 2 * kv) * self.qkv_bias + self.hidden * self.o_bias + self.q_norm + self.k_norm
+        small = (q + 2 * kv) * self.qkv_bias + self.hidden * self.o_bias + self.q_norm + self.k_norm
+        return small + self.heads * self.attn_sinks + sum(self.attention_norms.values())
 
     @property
     def shared_params(self) -> int:
@@ -144,8 +184,13 @@ class MoEArchitecture:
 
     @property
     def router_params(self) -> int:
-        """One MoE layer's router plus the shared-expert gate."""
-        return self.num_experts * self.hidden + self.hidden * self.shared_expert_gate
+        """One MoE layer's router (and its bias) plus the shared-expert gate."""
+        return self.num_experts * (self.hidden + self.router_bias) + self.hidden * self.shared_expert_gate
+
+    @property
+    def expert_bias_params(self) -> int:
+        """One MoE layer's expert biases (gpt-oss), stored in the trunk."""
+        return sum(math.prod(s) for s in self.expert_bias_shapes.values())
 
     @property
     def norm_params(self) -> int:
@@ -166,7 +211,7 @@ class MoEArchitecture:
     def total_params(self) -> int:
         """Every parameter of the transformers model (tied embeddings counted once)."""
         per_layer = self.attention_params + self.attention_small_params + self.norm_params
-        moe = self.num_experts * self.expert_params + self.router_params + self.shared_params
+        moe = self.num_experts * self.expert_params + self.router_params + self.shared_params + self.expert_bias_params
         return (
             self.num_layers * per_layer
             + len(self.moe_layers) * moe

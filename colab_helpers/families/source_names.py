@@ -38,7 +38,7 @@ class SourceKey:
     """What one source tensor is: a trunk tensor (under its transformers 5 name), one matrix of one expert,
     or one fused matrix holding every expert of a layer."""
 
-    kind: str  # "trunk", "expert" or "fused"
+    kind: str  # "trunk", "expert", "fused", or (gpt-oss) "mxfp4_blocks" / "mxfp4_scales"
     name: str  # trunk: transformers 5 name; expert: w1/w2/w3; fused: "gate_up" or "w2"
     layer: int = -1
     expert: int = -1
@@ -49,6 +49,8 @@ class UnexpectedTensorError(ValueError):
 
 
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# gpt-oss as openai publishes it: each fused expert matrix as MXFP4 blocks and scales (``mxfp4.py``)
+_MXFP4 = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)_(blocks|scales)$")
 
 
 class SourceNames:
@@ -85,6 +87,8 @@ class SourceNames:
                 return SourceKey("expert", mats[m[3]], int(m[1]), int(m[2]))
         if m := _FUSED.match(key):
             return SourceKey("fused", "gate_up" if m[2] == "gate_up_proj" else "w2", int(m[1]))
+        if self.arch.expert_layout == "interleaved" and (m := _MXFP4.match(key)):
+            return SourceKey(f"mxfp4_{m[3]}", "gate_up" if m[2] == "gate_up_proj" else "w2", int(m[1]))
         name = self.model_name(key)
         if name in self.trunk:
             return SourceKey("trunk", name)
