@@ -74,49 +74,56 @@ class TwinRun:
 
 TRACE = "mixtral-8x7b-instruct-routing.npz"  # the recorded real routing (not shipped; read from its own folder)
 _TWIN = "python -m colab_helpers twin --json --tokens 96 --warmup 32 --trace TRACE.npz"
-TWIN_DATE = "2026-12-07, this CPU machine (no GPU), main at e4dfa03"
+TWIN_DATE = "2026-12-07, this CPU machine (no GPU), main after issue 19 (prefetch auto)"
 """When the twin rows were produced. Plan: ``plan --vram-gb 15 --ram-gb 12.7`` (6 experts per layer in 15
-layers, 5 in 17, 2 spare slots), ``lfu_decay``, the trace's four sequences back to back."""
+layers, 5 in 17, 2 spare slots), ``lfu_decay``, the trace's four sequences back to back. Loads are host->device
+bytes per token in expert units (a guess copied in chunks counts its chunks)."""
 
-TWIN_PREFETCH = TwinRun(
-    "prefetch on, every guess copied, recall 0.8", 8.91, 0.936, 18.29, 4.10, 14.72, 95.9, 112.2, _TWIN
-)
-TWIN_PREFETCH_R09 = TwinRun(
-    "prefetch on, every guess copied, recall 0.9", 10.03, 0.965, 15.70, 2.26, 13.68, 83.5, 99.7, _TWIN + " --recall 0.9"
-)
-TWIN_ORACLE = TwinRun(
-    "prefetch on, every guess right (recall 1.0)", 11.43, 0.994, 12.92, 0.41, 12.51, 69.7, 87.5, _TWIN + " --recall 1.0"
-)
 TWIN_NO_PREFETCH = TwinRun("prefetch off", 10.70, 0.798, 12.92, 12.92, 0.0, 69.7, 93.5, _TWIN + " --no-prefetch")
-TWIN_AUTO: TwinRun | None = None
-"""Gated, preemptible prefetch ("auto"): copies only into free or spare slots, only for guesses the next router
-is confident of, dropped or cut short when a demand copy arrives. Not yet measured in the twin: None until it is."""
+TWIN_AUTO = TwinRun("prefetch auto (default), recall 0.8", 11.005, 0.798, 13.44, 11.77, 1.68, 72.6, 90.9, _TWIN)
+"""Gated, preemptible prefetch ("auto", the engine's default): a guess is copied only into a free spare slot, in
+chunks paced one per layer step, and dropped when a demand copy comes; nothing resident is evicted for it."""
+TWIN_AUTO_R05 = TwinRun(
+    "prefetch auto, recall 0.5", 10.77, 0.798, 14.20, 12.22, 1.98, 76.7, 92.8, _TWIN + " --recall 0.5"
+)
+TWIN_AUTO_R10 = TwinRun(
+    "prefetch auto, every guess right (recall 1.0)", 11.19, 0.798, 12.92, 11.46, 1.45, 69.7, 89.4,
+    _TWIN + " --recall 1.0",
+)  # fmt: skip
+TWIN_EVICT = TwinRun(
+    "guesses that evict (old default), recall 0.8", 8.91, 0.936, 17.76, 3.04, 14.72, 95.9, 112.2,
+    _TWIN + " --prefetch-mode evict",
+)  # fmt: skip
+"""Every guess copied at once, evicting what the policy picks: the default before issue 19. On a saturated bus a
+wrong guess is a whole 5.4 ms copy that also evicts an expert needed later, so it is slower than no prefetch."""
+TWIN_EVICT_R10 = TwinRun(
+    "guesses that evict, every guess right (recall 1.0)", 11.43, 0.994, 12.92, 0.41, 12.51, 69.7, 87.5,
+    _TWIN + " --prefetch-mode evict --recall 1.0",
+)  # fmt: skip
 
-PROJECTED = TWIN_PREFETCH
+PROJECTED = TWIN_AUTO
 """THE projected speed the README and docs headline: the engine's default configuration today."""
 PAPER_T4_TOK_S = 2.09
 """Measured by the paper (arXiv 2312.17238, Table 2) on a T4, with its prefetch: the only GPU measurement quoted."""
 
 
 def twin_rows() -> tuple[TwinRun, ...]:
-    return tuple(r for r in (TWIN_NO_PREFETCH, TWIN_PREFETCH, TWIN_PREFETCH_R09, TWIN_ORACLE, TWIN_AUTO) if r)
+    return (TWIN_NO_PREFETCH, TWIN_AUTO, TWIN_AUTO_R05, TWIN_AUTO_R10, TWIN_EVICT, TWIN_EVICT_R10)
 
 
 def twin_table() -> str:
     """The twin's rows as text, with the PCIe bound each row's loads allow, the command and the date."""
     lines = [
-        f"{'configuration':<46}{'tok/s':>7}{'loads/token':>13}{'demand':>8}{'guessed':>9}"
+        f"{'configuration':<52}{'tok/s':>7}{'loads/token':>13}{'demand':>8}{'guessed':>9}"
         f"{'H2D busy':>10}{'token':>8}{'PCIe bound':>12}"
     ]
     for r in twin_rows():
         lines.append(
-            f"{r.configuration:<46}{r.tok_s:>7.2f}{r.loads_per_token:>13.1f}{r.demand_misses_per_token:>8.1f}"
+            f"{r.configuration:<52}{r.tok_s:>7.2f}{r.loads_per_token:>13.1f}{r.demand_misses_per_token:>8.1f}"
             f"{r.speculative_per_token:>9.1f}{r.h2d_busy_ms:>8.1f}ms{r.total_ms:>6.1f}ms"
             f"{pcie_bound_tok_s(r.loads_per_token):>10.1f}/s"
         )
-    if TWIN_AUTO is None:
-        lines.append(f"{'gated prefetch (auto)':<46}{'not measured yet':>21}")
-    lines.append(f"projected, not measured: {_TWIN} [--no-prefetch | --recall R] ({TWIN_DATE})")
+    lines.append(f"projected, not measured: {_TWIN} [--no-prefetch | --recall R | --prefetch-mode evict] ({TWIN_DATE})")
     return "\n".join(lines)
 
 
