@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from colab_helpers.generation import chat_prompt_ids
+from colab_helpers.conversation.generation import chat_prompt_ids
 from colab_helpers.model import dequantized_reference, load_model, load_tokenizer
-from colab_helpers.moe import PrefetchConfig
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.runtime.moe import PrefetchConfig
+from colab_helpers.weights.tiny import tiny_model_path
 
 
 def decode_tokens_per_s(model, ids: torch.Tensor, tokens: int) -> float:

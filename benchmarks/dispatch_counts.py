@@ -1,9 +1,9 @@
 """Host syncs and kernel launches per MoE layer per decode token, counted on a CPU as the CUDA path issues them.
 
-Uses ``colab_helpers.dispatch_count`` (a ``TorchDispatchMode`` plus patches; fused Triton kernels count as
+Uses ``colab_helpers.sim.dispatch_count`` (a ``TorchDispatchMode`` plus patches; fused Triton kernels count as
 their launches). Two models: the embedded tiny model and a random Mixtral-shaped model (synthetic weights,
 8 experts, top-2, smaller widths). Half of each layer's experts are cached, prefetch on and off. With
-``--families`` also the tiny random model of every supported family (``colab_helpers.random_moe``, saved with
+``--families`` also the tiny random model of every supported family (``colab_helpers.sim.random_moe``, saved with
 ``save_checkpoint`` and loaded with ``load_model``).
 
 ``--prefill-layer N`` instead counts one prefill chunk of N tokens through one full-size Mixtral-8x7B decoder
@@ -21,12 +21,12 @@ import json
 import torch
 from transformers import MixtralConfig
 
-from colab_helpers.checkpoint import QuantConfig
-from colab_helpers.dispatch_count import count_decode
 from colab_helpers.model import OffloadConfig, assemble_model, load_model
-from colab_helpers.moe import PrefetchConfig
-from colab_helpers.synthetic import random_experts, random_trunk
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.runtime.moe import PrefetchConfig
+from colab_helpers.sim.dispatch_count import count_decode
+from colab_helpers.sim.synthetic import random_experts, random_trunk
+from colab_helpers.weights.checkpoint import QuantConfig
+from colab_helpers.weights.tiny import tiny_model_path
 
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
 
@@ -51,8 +51,8 @@ def saved_families() -> dict[str, str]:
     """``{family: checkpoint folder}``: each family's tiny random model written once, in a temporary folder."""
     import tempfile
 
-    from colab_helpers.checkpoint import save_checkpoint
-    from colab_helpers.random_moe import families, random_model
+    from colab_helpers.sim.random_moe import families, random_model
+    from colab_helpers.weights.checkpoint import save_checkpoint
 
     root = tempfile.mkdtemp(prefix="dispatch_counts_")
     out = {}
@@ -68,8 +68,8 @@ def _loader(path: str):
 
 def prefill_layer(tokens: int) -> dict:
     """One ``tokens``-token prefill chunk through one full-size Mixtral layer: syncs and launches, as on CUDA."""
-    from colab_helpers.dispatch_count import count_prefill
-    from colab_helpers.synthetic import mixtral_8x7b_config
+    from colab_helpers.sim.dispatch_count import count_prefill
+    from colab_helpers.sim.synthetic import mixtral_8x7b_config
 
     mcfg = mixtral_8x7b_config()
     mcfg.num_hidden_layers, mcfg.vocab_size = 1, 256

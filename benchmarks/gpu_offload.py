@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from colab_helpers.checkpoint import QuantConfig, expert_shapes
-from colab_helpers.experts import ExpertLayout
-from colab_helpers.kernels import expert_mlp
 from colab_helpers.model import OffloadConfig, assemble_model
-from colab_helpers.moe import PrefetchConfig
-from colab_helpers.synthetic import ScriptedRouter, mixtral_8x7b_config, random_experts, random_trunk, smoke_config
+from colab_helpers.runtime.experts import ExpertLayout
+from colab_helpers.runtime.kernels import expert_mlp
+from colab_helpers.runtime.moe import PrefetchConfig
+from colab_helpers.sim.synthetic import ScriptedRouter, mixtral_8x7b_config, random_experts, random_trunk, smoke_config
+from colab_helpers.weights.checkpoint import QuantConfig, expert_shapes
 
 T4_VRAM_BUDGET_GB = 15.0  # what torch.cuda.mem_get_info reports free on a fresh Colab T4 (≈15.1 GB)
 COLAB_RAM_GB = 12.7  # a free Colab session's host RAM
@@ -111,7 +111,7 @@ def _sync() -> None:
 
 
 def _t4_attention():
-    from colab_helpers.t4_emulation import t4_attention
+    from colab_helpers.sim.t4_emulation import t4_attention
 
     return t4_attention()
 
@@ -167,7 +167,7 @@ def why_it_does_not_fit(config, quant: QuantConfig, settings: BenchSettings, k) 
     """None when the memory planner says ``k`` experts per layer fit this GPU (under the cap), else its reasons."""
     if not _cuda(settings):
         return None
-    from colab_helpers.planner import Budget, measure_budget
+    from colab_helpers.planning.planner import Budget, measure_budget
 
     here = measure_budget(settings.device)
     vram = here.vram
@@ -182,7 +182,7 @@ def why_it_does_not_fit(config, quant: QuantConfig, settings: BenchSettings, k) 
 
 def plan_reasons(config, quant: QuantConfig, budget, settings: BenchSettings, k) -> str | None:
     """The planner's verdict on ``k`` experts per layer for this benchmark's short context: None = fits."""
-    from colab_helpers.planner import plan_memory
+    from colab_helpers.planning.planner import plan_memory
 
     context = settings.prompt_tokens + settings.new_tokens + 8
     plan = plan_memory(config, quant, budget, "cuda", context=context, experts_on_device=k, suggest=False)
@@ -191,7 +191,7 @@ def plan_reasons(config, quant: QuantConfig, budget, settings: BenchSettings, k)
 
 def planned_experts(config, quant: QuantConfig, budget) -> int | list[int]:
     """The planner's experts per layer for a 4096-token chat within ``budget`` (see ``t4_budget``)."""
-    from colab_helpers.planner import plan_memory
+    from colab_helpers.planning.planner import plan_memory
 
     k = plan_memory(config, quant, budget, "cuda", context=4096).experts_on_device
     return k if isinstance(k, int) else list(k)
@@ -199,7 +199,7 @@ def planned_experts(config, quant: QuantConfig, budget) -> int | list[int]:
 
 def t4_budget(settings: BenchSettings):
     """A free T4's budget: given (T4 emulation), or this GPU's measured one but no more than a T4 has."""
-    from colab_helpers.planner import Budget, measure_budget
+    from colab_helpers.planning.planner import Budget, measure_budget
 
     if settings.cap_vram_gb is not None:
         return Budget.given(settings.cap_vram_gb, settings.ram_budget_gb or COLAB_RAM_GB)
@@ -326,8 +326,8 @@ def kernel_bandwidth(config, quant, settings: BenchSettings, repeats: int = 20) 
     bytes than the L2 holds), as ``kernel_bench.py`` does, so Python launch overhead is not counted;
     eager launches only if graph capture fails (said in ``timing``). On the CPU: wall clock, eager.
     """
-    from colab_helpers.kernels import use_fused_kernel
-    from colab_helpers.quant import QuantizedWeight
+    from colab_helpers.runtime.kernels import use_fused_kernel
+    from colab_helpers.weights.quant import QuantizedWeight
 
     layout = ExpertLayout.for_model(config, quant)
     tensors = next(random_experts(config, quant, settings.device, distinct=1))[2]
@@ -402,7 +402,7 @@ def project_t4(results: dict[str, VariantResult]) -> list[tuple[str, float, floa
     Returns (variant, demand misses/token, prefetch loads/token, projected tok/s): prefetch loads
     overlap compute, demand misses stall (``Projection.pipelined``). Full-size runs only.
     """
-    from colab_helpers.trace import TimingModel
+    from colab_helpers.sim.trace import TimingModel
 
     timing = TimingModel()
     rows = []
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     quant = QuantConfig()
     emulation = None
     if settings.cap_vram_gb is not None:  # 15.0 GB minus what the runtime holds outside the allocator; no flash
-        from colab_helpers.t4_emulation import cap_like_t4
+        from colab_helpers.sim.t4_emulation import cap_like_t4
 
         emulation = cap_like_t4("cuda", int(settings.cap_vram_gb * 1e9))
     if _cuda(settings) and args.full_k is None:  # the cache a free T4 gets (on a bigger GPU: as if it were one)

@@ -16,8 +16,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from colab_helpers.content_hash import ContentHash
-from colab_helpers.transfer import _write_all
+from colab_helpers.weights.content_hash import ContentHash
+from colab_helpers.weights.transfer import _write_all
 
 MIB = 1 << 20
 PIECE = 64 * 1024

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from colab_helpers.policies import POLICIES, make_policy
+from colab_helpers.runtime.policies import POLICIES, make_policy
 
 GOAL_MS_PER_TOKEN = 2.0
 EXPERTS = 8

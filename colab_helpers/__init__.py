@@ -16,20 +16,20 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "model",
-    "load_tokenizer": "tokenizer",
+    "load_tokenizer": "weights.tokenizer",
     "close_model": "model",
     "OffloadConfig": "model",
-    "save_checkpoint": "checkpoint",
-    "Checkpoint": "checkpoint",
-    "CheckpointError": "checkpoint",
-    "PrefetchConfig": "moe",
-    "SamplingConfig": "generation",
-    "generate_stream": "generation",
-    "ChatSession": "session",
-    "tiny_model_path": "tiny",
-    "download": "hub",
-    "ChatUI": "chat",
-    "chat": "chat",
+    "save_checkpoint": "weights.checkpoint",
+    "Checkpoint": "weights.checkpoint",
+    "CheckpointError": "weights.checkpoint",
+    "PrefetchConfig": "runtime.moe",
+    "SamplingConfig": "conversation.generation",
+    "generate_stream": "conversation.generation",
+    "ChatSession": "conversation.session",
+    "tiny_model_path": "weights.tiny",
+    "download": "weights.hub",
+    "ChatUI": "conversation.chat",
+    "chat": "conversation.chat",
 }
 
 

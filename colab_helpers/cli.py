@@ -24,7 +24,7 @@ from .usage import (
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from .policies import POLICIES
+    from .runtime.policies import POLICIES
 
     p.add_argument(
         "--model",
@@ -60,11 +60,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace, chat: bool):
     """The model and tokenizer the arguments name; with ``chat`` the tokenizer must format a chat (checked
     before the experts load, so a base model's missing template costs nothing)."""
-    from .checkpoint import Checkpoint
-    from .hub import resolve_model
     from .model import load_model, load_tokenizer
-    from .moe import PrefetchConfig
-    from .tokenizer import NoChatTemplateError, require_chat_template
+    from .runtime.moe import PrefetchConfig
+    from .weights.checkpoint import Checkpoint
+    from .weights.hub import resolve_model
+    from .weights.tokenizer import NoChatTemplateError, require_chat_template
 
     device = require_device(args.device)  # before any download: a wrong --device costs nothing
     path, what = resolve_model(args.model)
@@ -94,13 +94,13 @@ def _planned_experts(path, device) -> int | list[int]:
     """On CUDA ask the planner (``MemoryPlanError`` when nothing fits); elsewhere a small cache (offloading runs)."""
     if device.type != "cuda":
         return 2
-    from .planner import check_fits, plan_for_checkpoint
+    from .planning.planner import check_fits, plan_for_checkpoint
 
     return check_fits(plan_for_checkpoint(path, device=device)).experts_on_device
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import (
+    from .conversation.generation import (
         PromptTooLongError,
         SamplingConfig,
         chat_prompt_ids,
@@ -142,8 +142,8 @@ def _quiet_transformers():
 def cmd_chat(args: argparse.Namespace) -> int:
     """Terminal chat. Leaving always says so: Ctrl-C at the prompt asks before quitting, and the goodbye line
     says how many turns are forgotten (nothing is saved); ``/clear`` confirms what it forgot."""
-    from .generation import SamplingConfig
-    from .session import ChatSession
+    from .conversation.generation import SamplingConfig
+    from .conversation.session import ChatSession
 
     model, tok = _load(args, chat=True)
     session = ChatSession(model, tok, SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed))
@@ -210,9 +210,9 @@ def user_message(err: BaseException) -> str | None:
     ``CheckpointError`` (names the file and key), ``DownloadError`` (says what to do, never the token),
     ``MemoryPlanError`` (the plan's reasons) and ``FileNotFoundError`` (a path given that is not there).
     """
-    from .checkpoint import CheckpointError
-    from .hub import DownloadError
-    from .planner import MemoryPlanError
+    from .planning.planner import MemoryPlanError
+    from .weights.checkpoint import CheckpointError
+    from .weights.hub import DownloadError
 
     if isinstance(err, MemoryPlanError):
         plan = getattr(err, "plan", None)
@@ -234,19 +234,19 @@ def _one_line(err: BaseException) -> str:
 
 def _run(argv: list[str]) -> int:
     if argv and argv[0] == "plan":
-        from .plan_cli import cli_main
+        from .planning.plan_cli import cli_main
 
         return cli_main(argv[1:])
     if argv and argv[0] == "convert":
-        from .convert import cli_main as convert_main
+        from .weights.convert import cli_main as convert_main
 
         return convert_main(argv[1:])
     if argv and argv[0] == "replay":
-        from .trace import cli_main
+        from .sim.trace import cli_main
 
         return cli_main(argv[1:])
     if argv and argv[0] == "twin":
-        from .twin_cli import cli_main
+        from .sim.twin_cli import cli_main
 
         return cli_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -271,7 +271,7 @@ def build_parser() -> ArgumentParser:
     )
     sub.add_parser("replay", help="replay a routing trace through eviction policies (see replay --help)")
     sub.add_parser("twin", help="T4 twin: calibrate on the paper (--paper) or project ours, any family (--model)")
-    from .record import add_record_parser
+    from .sim.record import add_record_parser
 
     add_record_parser(sub, _add_model_args, _load)
     return parser

@@ -19,15 +19,15 @@ import torch
 import transformers
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from .attention import AttentionPath, choose_attention, install_attention, register
-from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, arch_of, quantized_trunk_shapes
-from .experts import ExpertCache, ExpertLayout, experts_per_layer
-from .linear import QuantLinear
-from .moe import OffloadedMoE, PrefetchConfig
-from .oss_experts import BiasedSwigluMoE, sink_attention
-from .placement import ExpertCacheGroup, LayerPlacement, place_layers, split_refusal
-from .quant import QuantizedWeight
-from .tokenizer import load_tokenizer  # noqa: F401  (re-exported: model.load_tokenizer)
+from .runtime.attention import AttentionPath, choose_attention, install_attention, register
+from .runtime.experts import ExpertCache, ExpertLayout, experts_per_layer
+from .runtime.linear import QuantLinear
+from .runtime.moe import OffloadedMoE, PrefetchConfig
+from .runtime.oss_experts import BiasedSwigluMoE, sink_attention
+from .runtime.placement import ExpertCacheGroup, LayerPlacement, place_layers, split_refusal
+from .weights.checkpoint import SUFFIXES, Checkpoint, QuantConfig, arch_of, quantized_trunk_shapes
+from .weights.quant import QuantizedWeight
+from .weights.tokenizer import load_tokenizer  # noqa: F401  (re-exported: model.load_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def load_model(
 ) -> MixtralForCausalLM:
     """Load a checkpoint in the offloading layout as its family's stock transformers causal LM.
 
-    ``path`` is a local directory (see ``colab_helpers.hub.download`` for the hub). ``experts_on_device``
+    ``path`` is a local directory (see ``colab_helpers.weights.hub.download`` for the hub). ``experts_on_device``
     is an int, one int per MoE layer, or ``"auto"`` (default): the memory planner's choice — on CUDA as
     many experts as the free VRAM holds after the trunk, KV cache and margins; on CPU 2 per layer (a
     small cache, so a CPU run exercises offloading; the memory is the same host RAM either way).
@@ -95,7 +95,7 @@ def load_model(
     elif (cfg.check_memory or _is_auto(cfg.experts_on_device)) and cfg.placement is None:
         from dataclasses import replace
 
-        from .planner import check_fits, measure_budget, plan_memory
+        from .planning.planner import check_fits, measure_budget, plan_memory
 
         plan = plan_memory(
             ckpt.config,
@@ -123,8 +123,8 @@ def _every_gpu(ckpt: Checkpoint, cfg: OffloadConfig):
     """Plan whole layers per visible GPU (``multigpu.plan_gpus``) and the config that loads that plan."""
     from dataclasses import replace
 
-    from .multigpu import plan_gpus
-    from .planner import MemoryPlanError, measure_budget
+    from .planning.multigpu import plan_gpus
+    from .planning.planner import MemoryPlanError, measure_budget
 
     n = torch.cuda.device_count()
     vram = [torch.cuda.mem_get_info(i)[0] for i in range(n)]
@@ -268,7 +268,7 @@ def assemble_model(
     model.expert_cache = cache
     model.offload_config = cfg
     install_attention(model, attention)
-    from . import kernels
+    from .runtime import kernels
 
     quantized = [m.weight_q for m in model.modules() if isinstance(m, QuantLinear)]
     kernels.warm_up(quantized, [cache.layout.weights(cache.device_buf[0])], dtype, dev, cfg.progress)

@@ -582,12 +582,12 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
     import psutil
     import torch
 
-    from colab_helpers.checkpoint import QuantConfig
-    from colab_helpers.generation import _kv_cache_kwarg
-    from colab_helpers.generation import prefill as prefill_in_chunks
-    from colab_helpers.kv_cache import new_kv_cache
-    from colab_helpers.planner import Budget, Margins, measure_budget, plan_memory
-    from colab_helpers.synthetic import mixtral_8x7b_config, smoke_config
+    from colab_helpers.conversation.generation import _kv_cache_kwarg
+    from colab_helpers.conversation.generation import prefill as prefill_in_chunks
+    from colab_helpers.planning.planner import Budget, Margins, measure_budget, plan_memory
+    from colab_helpers.runtime.kv_cache import new_kv_cache
+    from colab_helpers.sim.synthetic import mixtral_8x7b_config, smoke_config
+    from colab_helpers.weights.checkpoint import QuantConfig
 
     proc = psutil.Process()
     cuda = torch.cuda.is_available() and not ctx.smoke
@@ -613,7 +613,7 @@ def step_memory_margins(ctx: Context, data: dict, save: Callable[[], None]) -> N
         record("cuda_context", total - free0 - torch.cuda.memory_reserved(), None, note)
         record("cuda_context_host", proc.memory_info().rss - rss0, planned("cuda_host_rss"), "RSS growth at CUDA init")
         if ctx.emulate_t4:  # 15.0 GB minus what the runtime holds outside the allocator; T4 attention, no flash
-            from colab_helpers.t4_emulation import cap_like_t4
+            from colab_helpers.sim.t4_emulation import cap_like_t4
 
             cap = cap_like_t4("cuda", int(T4_VRAM_GB * GB))
             data["emulation"] = (
@@ -697,8 +697,8 @@ def _rows_vram(plan, *prefixes: str) -> int:
 def _random_model(config, quant, device: str, k, t4_attention: bool = False):
     """A full-size (or smoke-size) Mixtral-shaped model with random weights, as the offload benchmark builds it."""
     from colab_helpers.model import OffloadConfig, assemble_model
-    from colab_helpers.synthetic import random_experts, random_trunk
-    from colab_helpers.t4_emulation import t4_attention as t4_path
+    from colab_helpers.sim.synthetic import random_experts, random_trunk
+    from colab_helpers.sim.t4_emulation import t4_attention as t4_path
 
     cfg = OffloadConfig(
         device=device, experts_on_device=k, progress=False, attention=t4_path() if t4_attention else None
@@ -737,8 +737,8 @@ def step_host_cost(ctx: Context, data: dict, save: Callable[[], None]) -> None:
     from this machine's CPU (a faster server CPU still makes them optimistic)."""
     import torch
 
-    from colab_helpers import kernels
-    from colab_helpers.quant import DEMO_EXPERT_SPEC, quantize
+    from colab_helpers.runtime import kernels
+    from colab_helpers.weights.quant import DEMO_EXPERT_SPEC, quantize
 
     data["cpus"] = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     cuda = torch.cuda.is_available() and not ctx.smoke

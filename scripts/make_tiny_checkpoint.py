@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, MixtralForCausalLM
 
-from colab_helpers.checkpoint import save_checkpoint
-from colab_helpers.generation import chat_prompt_ids
+from colab_helpers.conversation.generation import chat_prompt_ids
 from colab_helpers.model import load_model
-from colab_helpers.tiny import TINY_MODEL_DIR
+from colab_helpers.weights.checkpoint import save_checkpoint
+from colab_helpers.weights.tiny import TINY_MODEL_DIR
 
 QUESTIONS = ("What is the capital of France?", "What is 12 + 7?", "Recite the Zen of Python.")
 

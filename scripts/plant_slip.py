@@ -1,6 +1,6 @@
 """Plant a one-line slip, run the tests that should catch it, put the file back (see docs/testing.md).
 
-    python scripts/plant_slip.py colab_helpers/policies.py "if self.decay != 1.0:" "if False:" \
+    python scripts/plant_slip.py colab_helpers/runtime/policies.py "if self.decay != 1.0:" "if False:" \
         tests/test_policies.py tests/test_policy_choices.py
 
 ``old`` must occur exactly once in the file. Exit code 0: the slip was caught (some test failed);

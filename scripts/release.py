@@ -6,7 +6,7 @@ rewrites every notebook's Open-in-Colab badge (``.../github/OWNER/NAME/blob/REF/
 Open-in-Kaggle badges of the notebooks that suit Kaggle's two T4s (``KAGGLE_NOTEBOOKS``; Kaggle opens
 ``https://kaggle.com/kernels/welcome?src=<the notebook's GitHub URL>``), every install cell (``REPO_URL``,
 ``REF``), the README's badges and its sentence naming them, and with ``--demo-revision`` the pinned hub
-commit ``colab_helpers.hub.DEMO_REVISION``. Files are edited as text (notebooks keep their exact JSON
+commit ``colab_helpers.weights.hub.DEMO_REVISION``. Files are edited as text (notebooks keep their exact JSON
 layout), and running it twice changes nothing the second time.
 ``stamps(root)`` lists what is stamped where; ``tests/test_release.py`` checks that they all agree.
 """
@@ -70,7 +70,7 @@ def stamps(root: Path = ROOT) -> Iterator[Stamp]:
             yield Stamp(name, "install", repo, ref)
         for m in README_NAMES.finditer(text):
             yield Stamp(name, "readme", m["repo"], m["ref"])
-    hub = root / "colab_helpers" / "hub.py"
+    hub = root / "colab_helpers" / "weights" / "hub.py"
     m = DEMO_REVISION.search(hub.read_text())
     yield Stamp(str(hub.relative_to(root)), "demo_revision", None, m["rev"] if m else None)
 
@@ -89,7 +89,7 @@ def stamp(root: Path, repo: str, ref: str, demo_revision: str | None = None) -> 
             path.write_text(new)
             changed.append(str(path.relative_to(root)))
     if demo_revision is not None:
-        hub = root / "colab_helpers" / "hub.py"
+        hub = root / "colab_helpers" / "weights" / "hub.py"
         text = hub.read_text()
         new = DEMO_REVISION.sub(lambda m: f"{m[1]}{demo_revision}{m[3]}", text, count=1)
         if new != text:

@@ -42,7 +42,7 @@ from torch.nn.functional import cross_entropy
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerBase
 
 # Chat template of mistralai/Mixtral-8x7B-Instruct-v0.1 (tokenizer_config.json as originally released).
-from colab_helpers.tokenizer import MIXTRAL_INSTRUCT_TEMPLATE as MIXTRAL_CHAT_TEMPLATE
+from colab_helpers.weights.tokenizer import MIXTRAL_INSTRUCT_TEMPLATE as MIXTRAL_CHAT_TEMPLATE
 
 Doc = tuple[str, list[tuple[int, int]]]  # rendered text, character spans that are trained on
 Docs = list[tuple[list[int], list[bool]]]  # tokenized documents: token ids, trained-on flags

@@ -12,8 +12,8 @@ import torch
 from hypothesis import settings
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from colab_helpers.checkpoint import save_checkpoint
-from colab_helpers.random_mixtral import random_mixtral, small_config
+from colab_helpers.sim.random_mixtral import random_mixtral, small_config
+from colab_helpers.weights.checkpoint import save_checkpoint
 
 # Hypothesis: in CI (``CI`` set) every run draws the same examples, so a red run reproduces exactly;
 # locally examples vary (more bugs found) and a failure prints the blob to replay it with @reproduce_failure.

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from colab_helpers.attention import (
+from colab_helpers.conversation.generation import SamplingConfig, generate_stream
+from colab_helpers.model import load_model
+from colab_helpers.runtime.attention import (
     NO_GQA,
     PREFILL_CHUNK,
     T4_CAPABILITY,
@@ -18,8 +20,6 @@ from colab_helpers.attention import (
     install_attention,
     sdpa_backend,
 )
-from colab_helpers.generation import SamplingConfig, generate_stream
-from colab_helpers.model import load_model
 
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
 STOCK = choose_attention("cpu")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from colab_helpers.quant import DEFAULT_EXPERT_SPECS
+from colab_helpers.weights.quant import DEFAULT_EXPERT_SPECS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,9 +79,9 @@ def _benchmark(name: str):
 
 def test_gpu_offload_skips_what_cannot_fit_a_t4_and_plans_the_t4_cache() -> None:
     """The all-resident variant needs ~18 GB: on a 15 GB GPU (or the T4 emulation) it is skipped, with the reason."""
-    from colab_helpers.checkpoint import QuantConfig
-    from colab_helpers.planner import Budget
-    from colab_helpers.synthetic import mixtral_8x7b_config
+    from colab_helpers.planning.planner import Budget
+    from colab_helpers.sim.synthetic import mixtral_8x7b_config
+    from colab_helpers.weights.checkpoint import QuantConfig
 
     bench = _benchmark("gpu_offload")
     config, quant = mixtral_8x7b_config(), QuantConfig()
@@ -103,8 +103,8 @@ def test_kernel_bench_cpu_smoke_writes_its_rows(tmp_path: Path) -> None:
 
 def test_gpu_offload_variant_with_per_layer_experts_runs_on_cpu() -> None:
     """The planner gives one k per layer (6 in some layers, 5 in others on a T4); a variant takes that list."""
-    from colab_helpers.checkpoint import QuantConfig
-    from colab_helpers.synthetic import smoke_config
+    from colab_helpers.sim.synthetic import smoke_config
+    from colab_helpers.weights.checkpoint import QuantConfig
 
     bench = _benchmark("gpu_offload")
     settings = bench.BenchSettings("cpu", None, 3, 8, [5, 4, 5, 4], 1, "lfu_decay", None, None, 2)

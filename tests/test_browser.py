@@ -331,7 +331,7 @@ def _chat_flow(nb: Notebook) -> None:
     nb.wait(STREAMING)
     _check_mode(nb)
     cell = nb.run_code(
-        "from colab_helpers.generation import SamplingConfig, chat_prompt_ids, generate_stream\n"
+        "from colab_helpers.conversation.generation import SamplingConfig, chat_prompt_ids, generate_stream\n"
         "busy_reply = chat('What is 2 + 3?', session)\n"
         "side = generate_stream(model, tokenizer, chat_prompt_ids(tokenizer, 'What is the capital of France?'),"
         " SamplingConfig(max_new_tokens=24))\n"

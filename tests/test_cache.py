@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from colab_helpers.checkpoint import QuantConfig, expected_expert_tensors
-from colab_helpers.experts import ExpertCache, ExpertLayout, deferred_interrupts
-from colab_helpers.policies import POLICIES
+from colab_helpers.runtime.experts import ExpertCache, ExpertLayout, deferred_interrupts
+from colab_helpers.runtime.policies import POLICIES
+from colab_helpers.weights.checkpoint import QuantConfig, expected_expert_tensors
 from tests.conftest import tiny_config
 
 LAYERS, EXPERTS = 3, 8

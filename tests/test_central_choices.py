@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colab_helpers.checkpoint import QuantConfig
-from colab_helpers.generation import SamplingConfig, generate_stream
+from colab_helpers.conversation.generation import SamplingConfig, generate_stream
 from colab_helpers.model import load_model
-from colab_helpers.planner import Budget, plan_memory, stock_config
-from colab_helpers.quant import DEFAULT_EXPERT_SPECS, quantize
+from colab_helpers.planning.planner import Budget, plan_memory, stock_config
+from colab_helpers.weights.checkpoint import QuantConfig
+from colab_helpers.weights.quant import DEFAULT_EXPERT_SPECS, quantize
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def broken_copy(make_checkpoint, tmp_path):
     """A private copy of a valid 2-bit checkpoint and the file of expert 0.3 in it."""
     import shutil
 
-    from colab_helpers.checkpoint import shard_name
+    from colab_helpers.weights.checkpoint import shard_name
 
     dst = tmp_path / "ckpt"
     shutil.copytree(make_checkpoint(2), dst)
@@ -102,7 +102,7 @@ def broken_copy(make_checkpoint, tmp_path):
 
 def test_a_shard_longer_than_its_header_promises_is_refused(broken_copy) -> None:
     """Bytes after the promised data (a half-overwritten or concatenated file) are as corrupt as missing ones."""
-    from colab_helpers.checkpoint import CheckpointError
+    from colab_helpers.weights.checkpoint import CheckpointError
 
     path, f = broken_copy
     size = f.stat().st_size
@@ -116,7 +116,7 @@ def test_an_expert_file_with_a_tensor_too_many_is_refused(broken_copy) -> None:
     """Expert files hold exactly their 21 tensors: an extra one means a different layout, not a bonus."""
     from safetensors.torch import load_file, save_file
 
-    from colab_helpers.checkpoint import CheckpointError
+    from colab_helpers.weights.checkpoint import CheckpointError
 
     path, f = broken_copy
     tensors = load_file(f)
@@ -131,7 +131,7 @@ def test_attention_scratch_by_hand() -> None:
     8 KV heads, head dim 128, fp16), 4096 tokens: K/V expanded to 32 heads = 2 x 4096 x 32 x 128 x 2 B; the mask
     of a 1024-token chunk after the first costs 1 + 2 x 2 B per entry (the bool mask and torch's fp16 copies,
     as attention.py counts them), a whole-prompt prefill's only the bool one."""
-    from colab_helpers.attention import T4_CAPABILITY, choose_attention
+    from colab_helpers.runtime.attention import T4_CAPABILITY, choose_attention
 
     expanded = 2 * 4096 * 32 * 128 * 2
     chunked = choose_attention("cpu", capability=T4_CAPABILITY, prefill_chunk=1024)
@@ -143,7 +143,7 @@ def test_attention_scratch_by_hand() -> None:
 def test_the_system_prompt_prefixes_the_first_message_only() -> None:
     """Mixtral's template has no system role: the system prompt leads the conversation's first user message,
     where it stays as turns are added (not the latest message, which would move it every turn)."""
-    from colab_helpers.session import ChatSession, ChatTurn
+    from colab_helpers.conversation.session import ChatSession, ChatTurn
 
     chat = ChatSession(None, None, max_context=256, system_prompt="Be brief.")
     assert chat.messages("hi") == [{"role": "user", "content": "Be brief.\n\nhi"}]

@@ -23,12 +23,12 @@ import torch
 
 pytest.importorskip("ipywidgets")
 
-from colab_helpers import chat as chat_module  # noqa: E402
-from colab_helpers.chat import STOP_WORDS, ChatUI, chat, max_new_tokens_cap, render_transcript  # noqa: E402
-from colab_helpers.generation import SamplingConfig  # noqa: E402
+from colab_helpers.conversation import chat as chat_module  # noqa: E402
+from colab_helpers.conversation.chat import STOP_WORDS, ChatUI, chat, max_new_tokens_cap, render_transcript  # noqa: E402
+from colab_helpers.conversation.generation import SamplingConfig  # noqa: E402
+from colab_helpers.conversation.session import ChatSession  # noqa: E402
 from colab_helpers.model import load_model, load_tokenizer  # noqa: E402
-from colab_helpers.session import ChatSession  # noqa: E402
-from colab_helpers.tiny import tiny_model_path  # noqa: E402
+from colab_helpers.weights.tiny import tiny_model_path  # noqa: E402
 
 GREEDY = SamplingConfig(max_new_tokens=24)
 IPYWIDGETS_7_API = {"Button", "FloatSlider", "HBox", "HTML", "IntSlider", "Layout", "Textarea", "VBox"}
@@ -179,7 +179,7 @@ def test_clear_forgets_the_conversation_and_keeps_the_sliders(session) -> None:
 
 
 def test_sliders_reach_the_sampling_config(session, monkeypatch) -> None:
-    import colab_helpers.session as session_module
+    import colab_helpers.conversation.session as session_module
 
     ui = ChatUI(session)
     ui.max_new_tokens.value = 3
@@ -328,7 +328,7 @@ def test_no_stale_status_after_an_error(session, monkeypatch) -> None:
     def broken(*args, **kwargs):
         raise KeyError(5)
 
-    monkeypatch.setattr("colab_helpers.session.generate_stream", broken)
+    monkeypatch.setattr("colab_helpers.conversation.session.generate_stream", broken)
     ui.prompt.value = "What is 2 + 3?"
     ui.send_button.click()  # the callback swallows it; the status line says what happened
     assert "KeyError" in ui.status and "generating" not in ui.status_line and "#c01c28" in ui.status_html.value
@@ -397,7 +397,7 @@ def test_chat_module_uses_only_the_ipywidgets_api_shared_by_7_7_and_8() -> None:
 
 
 def test_importing_the_chat_module_does_not_import_ipywidgets() -> None:
-    code = "import sys, colab_helpers.chat; print('ipywidgets' in sys.modules)"
+    code = "import sys, colab_helpers.conversation.chat; print('ipywidgets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -408,11 +408,11 @@ IPYWIDGETS7_SCRIPT = textwrap.dedent(
     import torch
     import ipywidgets
     assert ipywidgets.__version__.startswith("7."), ipywidgets.__version__
-    from colab_helpers.chat import ChatUI
-    from colab_helpers.generation import SamplingConfig
+    from colab_helpers.conversation.chat import ChatUI
+    from colab_helpers.conversation.generation import SamplingConfig
     from colab_helpers.model import load_model, load_tokenizer
-    from colab_helpers.session import ChatSession
-    from colab_helpers.tiny import tiny_model_path
+    from colab_helpers.conversation.session import ChatSession
+    from colab_helpers.weights.tiny import tiny_model_path
 
     torch.set_num_threads(1)
     path = tiny_model_path()

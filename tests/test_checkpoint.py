@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from colab_helpers.checkpoint import INDEX_FILE, Checkpoint, CheckpointError, shard_name
 from colab_helpers.model import load_model
+from colab_helpers.weights.checkpoint import INDEX_FILE, Checkpoint, CheckpointError, shard_name
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from colab_helpers.checkpoint import QuantConfig
 from colab_helpers.cli import main, user_message
-from colab_helpers.planner import Budget, MemoryPlanError, check_fits, plan_memory, stock_config
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.planning.planner import Budget, MemoryPlanError, check_fits, plan_memory, stock_config
+from colab_helpers.weights.checkpoint import QuantConfig
+from colab_helpers.weights.tiny import tiny_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(tiny_model_path())
@@ -162,9 +162,9 @@ def qwen3_checkpoint(tmp_path_factory) -> Path:
     """A tiny Qwen3-MoE in the offloading layout with the embedded model's tokenizer files, minus its template."""
     import shutil
 
-    from colab_helpers.checkpoint import save_checkpoint
-    from colab_helpers.random_moe import random_model, small_config
-    from colab_helpers.tokenizer import load_tokenizer
+    from colab_helpers.sim.random_moe import random_model, small_config
+    from colab_helpers.weights.checkpoint import save_checkpoint
+    from colab_helpers.weights.tokenizer import load_tokenizer
 
     vocab = len(load_tokenizer(TINY))
     out = save_checkpoint(

@@ -8,7 +8,7 @@ import pytest
 
 from colab_helpers import cli
 from colab_helpers.model import load_model, load_tokenizer
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.weights.tiny import tiny_model_path
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from colab_helpers import cli, plan_cli, trace, twin_cli
-from colab_helpers import convert as cv
-from colab_helpers.random_mixtral import random_mixtral, save_hub_format, small_config
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers import cli
+from colab_helpers.planning import plan_cli
+from colab_helpers.sim import trace, twin_cli
+from colab_helpers.sim.random_mixtral import random_mixtral, save_hub_format, small_config
+from colab_helpers.weights import convert as cv
+from colab_helpers.weights.tiny import tiny_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +188,7 @@ def _parsers():
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     for name in ("generate", "chat", "record"):
         yield name, sub.choices[name]
-    from colab_helpers import convert
+    from colab_helpers.weights import convert
 
     yield "plan", plan_cli._parser()
     yield "convert", convert._parser()

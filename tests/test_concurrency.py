@@ -15,10 +15,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from colab_helpers.generation import SamplingConfig, chat_prompt_ids, generate_stream
+from colab_helpers.conversation.generation import SamplingConfig, chat_prompt_ids, generate_stream
+from colab_helpers.conversation.session import ChatSession, SessionBusy
 from colab_helpers.model import load_model, load_tokenizer
-from colab_helpers.session import ChatSession, SessionBusy
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.weights.tiny import tiny_model_path
 
 PROMPTS = [
     "What is the capital of France?",
@@ -181,7 +181,7 @@ def test_watchers_hear_the_end_of_a_failed_answer(model, tokenizer, monkeypatch)
     def broken(*args, **kwargs):
         raise KeyError(3)
 
-    monkeypatch.setattr("colab_helpers.session.generate_stream", broken)
+    monkeypatch.setattr("colab_helpers.conversation.session.generate_stream", broken)
     with pytest.raises(KeyError):
         session.send(PROMPTS[0])
     assert [e for e, _ in events] == ["start", "end"] and isinstance(events[-1][1], KeyError)

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from colab_helpers import convert as cv
-from colab_helpers.checkpoint import Checkpoint, expert_shapes, save_checkpoint
-from colab_helpers.experts import ExpertLayout
-from colab_helpers.families import from_transformers
-from colab_helpers.families.source_names import source_names
 from colab_helpers.model import dequantized_reference, load_model
-from colab_helpers.random_mixtral import random_mixtral, save_hub_format, small_config
+from colab_helpers.runtime.experts import ExpertLayout
+from colab_helpers.sim.random_mixtral import random_mixtral, save_hub_format, small_config
+from colab_helpers.weights import convert as cv
+from colab_helpers.weights.checkpoint import Checkpoint, expert_shapes, save_checkpoint
+from colab_helpers.weights.families import from_transformers
+from colab_helpers.weights.families.source_names import source_names
 
 PROMPT = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7]])
 
@@ -314,8 +314,8 @@ _RSS_SCRIPT = textwrap.dedent(
     import json, re, sys
     import torch
     from colab_helpers import convert as cv
-    from colab_helpers.checkpoint import quantize_matrix
-    from colab_helpers.quant import DEFAULT_EXPERT_SPECS
+    from colab_helpers.weights.checkpoint import quantize_matrix
+    from colab_helpers.weights.quant import DEFAULT_EXPERT_SPECS
     def status(field):  # VmHWM is this process's own peak (ru_maxrss would carry pytest's over exec)
         return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read())[1]) * 1024
     quantize_matrix(torch.randn(128, 256), DEFAULT_EXPERT_SPECS[3])  # warm-up: hqq imported, kernels ready
@@ -353,7 +353,7 @@ def test_peak_rss_is_one_source_shard_plus_fixed_overhead(tmp_path) -> None:
 def test_converted_checkpoint_is_accepted_like_the_demo_repo(tmp_path) -> None:
     """The planner CLI, the notebooks' model chooser and the generate CLI take the output folder as it is."""
     from colab_helpers.notebook import choose_model
-    from colab_helpers.random_mixtral import save_example_source
+    from colab_helpers.sim.random_mixtral import save_example_source
 
     src = save_example_source(tmp_path / "src")  # the embedded model as bf16 hub shards, with its tokenizer
     out = cv.convert(src, tmp_path / "out", expert_bits=3, optimize=False, progress=False, log=print)

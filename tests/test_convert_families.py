@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from colab_helpers import convert as cv
-from colab_helpers.checkpoint import Checkpoint, save_checkpoint, trunk_entries
-from colab_helpers.families import adapters, from_transformers
-from colab_helpers.families.source_names import source_names
 from colab_helpers.model import dequantized_reference, load_model
-from colab_helpers.random_mixtral import save_hub_format
-from colab_helpers.random_moe import families, random_model, small_config
+from colab_helpers.sim.random_mixtral import save_hub_format
+from colab_helpers.sim.random_moe import families, random_model, small_config
+from colab_helpers.weights import convert as cv
+from colab_helpers.weights.checkpoint import Checkpoint, save_checkpoint, trunk_entries
+from colab_helpers.weights.families import adapters, from_transformers
+from colab_helpers.weights.families.source_names import source_names
 
 # every tiny family variant (shared expert, dense layers, biases, sparsemixer ...) and one with tied embeddings
 CASES = {f: (f, {}) for f in families()} | {"qwen3_moe-tied": ("qwen3_moe", {"tie_word_embeddings": True})}
@@ -239,7 +239,7 @@ def test_interrupted_conversion_of_a_family_with_dense_layers_resumes_byte_ident
     assert files_of(tmp_path / "resumed") == whole
 
 
-SHIPPED = sorted((Path(cv.__file__).parent / "data" / "configs").glob("*.json"))
+SHIPPED = sorted((Path(cv.__file__).parents[1] / "data" / "configs").glob("*.json"))
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=[p.stem for p in SHIPPED])

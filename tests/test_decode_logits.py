@@ -13,13 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colab_helpers.attention import T4_CAPABILITY, choose_attention
-from colab_helpers.checkpoint import save_checkpoint
-from colab_helpers.generation import SamplingConfig, generate_stream
+from colab_helpers.conversation.generation import SamplingConfig, generate_stream
+from colab_helpers.conversation.session import ChatSession
 from colab_helpers.model import dequantized_reference, load_model
-from colab_helpers.moe import PrefetchConfig
-from colab_helpers.random_moe import families, random_model
-from colab_helpers.session import ChatSession
+from colab_helpers.runtime.attention import T4_CAPABILITY, choose_attention
+from colab_helpers.runtime.moe import PrefetchConfig
+from colab_helpers.sim.random_moe import families, random_model
+from colab_helpers.weights.checkpoint import save_checkpoint
 
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
 NEW = 8
@@ -197,7 +197,7 @@ def test_fp16_decode_routing_is_the_routers_own_bit_for_bit(family) -> None:
     """In fp16 (the GPU's dtype) the fused decode routing returns the router module's own experts and
     weights exactly: softmax in fp32, renormalized where the family says (a fp16 softmax or a skipped
     renormalization is invisible in fp32 CPU logits but not here)."""
-    from colab_helpers.moe import OffloadedMoE
+    from colab_helpers.runtime.moe import OffloadedMoE
 
     name, path, _ = family
     model = load_model(

@@ -12,12 +12,12 @@ import json
 import pytest
 import torch
 
-from colab_helpers.checkpoint import QuantConfig, quantized_trunk_shapes, save_checkpoint
-from colab_helpers.families import architecture
-from colab_helpers.families.configs import shipped
 from colab_helpers.model import dequantized_reference, load_model
-from colab_helpers.planner import ModelSizes
-from colab_helpers.random_moe import random_model, small_config
+from colab_helpers.planning.planner import ModelSizes
+from colab_helpers.sim.random_moe import random_model, small_config
+from colab_helpers.weights.checkpoint import QuantConfig, quantized_trunk_shapes, save_checkpoint
+from colab_helpers.weights.families import architecture
+from colab_helpers.weights.families.configs import shipped
 
 pytestmark = pytest.mark.skipif(not hasattr(__import__("transformers"), "DeepseekV2Config"), reason="no DeepSeek-V2")
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])

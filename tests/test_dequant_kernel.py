@@ -10,8 +10,8 @@ import traceback
 import pytest
 import torch
 
-from colab_helpers import kernels
-from colab_helpers.quant import DEMO_ATTENTION_SPEC, DEMO_EXPERT_SPEC
+from colab_helpers.runtime import kernels
+from colab_helpers.weights.quant import DEMO_ATTENTION_SPEC, DEMO_EXPERT_SPEC
 from tests.test_kernels import DEVICE, SPECS, TINY_SHAPES, interpreter_results, on_device, random_weight
 
 pytestmark = pytest.mark.gpu_kernels  # gpu_check runs these on CUDA too

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from colab_helpers.dispatch_count import count_decode, count_ops, count_prefill
 from colab_helpers.model import load_model
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.sim.dispatch_count import count_decode, count_ops, count_prefill
+from colab_helpers.weights.tiny import tiny_model_path
 
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7]])
 

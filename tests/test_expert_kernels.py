@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from colab_helpers import kernels
-from colab_helpers.kernels import GemvConfig
-from colab_helpers.quant import DEFAULT_EXPERT_SPECS, DEMO_EXPERT_SPEC, QuantizedWeight, QuantSpec
+from colab_helpers.runtime import kernels
+from colab_helpers.runtime.kernels import GemvConfig
+from colab_helpers.weights.quant import DEFAULT_EXPERT_SPECS, DEMO_EXPERT_SPEC, QuantizedWeight, QuantSpec
 from tests.test_kernels import DEVICE, interpreter_results, on_device, random_weight
 
 pytestmark = pytest.mark.gpu_kernels  # gpu_check runs these on CUDA too

@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers
 
-from colab_helpers import families
-from colab_helpers.families import UnsupportedFamilyError, architecture, detect_family, from_transformers
+from colab_helpers.weights import families
+from colab_helpers.weights.families import UnsupportedFamilyError, architecture, detect_family, from_transformers
 
-CONFIG_DIR = Path(families.__file__).parent.parent / "data" / "configs"
+CONFIG_DIR = Path(families.__file__).parents[2] / "data" / "configs"
 COMMON = dict(hidden_size=64, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 TINY = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, vocab_size=99)),

@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colab_helpers.checkpoint import (
+from colab_helpers.planning.planner import ModelSizes, _tensor_bytes
+from colab_helpers.sim.random_moe import families, random_model, small_config
+from colab_helpers.weights.checkpoint import (
     CONFIG_FILE,
     INDEX_FILE,
     Checkpoint,
@@ -23,9 +25,7 @@ from colab_helpers.checkpoint import (
     trunk_entries,
     trunk_file,
 )
-from colab_helpers.families import UnsupportedFamilyError
-from colab_helpers.planner import ModelSizes, _tensor_bytes
-from colab_helpers.random_moe import families, random_model, small_config
+from colab_helpers.weights.families import UnsupportedFamilyError
 
 FAMILIES = families()
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colab_helpers.checkpoint import Checkpoint, save_checkpoint
-from colab_helpers.copysim import simulate_copies
-from colab_helpers.dispatch_count import count_decode
-from colab_helpers.families import from_transformers
-from colab_helpers.linear import QuantLinear
 from colab_helpers.model import dequantized_reference, load_model
-from colab_helpers.moe import OffloadedMoE, PrefetchConfig
-from colab_helpers.random_moe import families, random_model, small_config
-from colab_helpers.trace import RoutingRecorder
+from colab_helpers.runtime.linear import QuantLinear
+from colab_helpers.runtime.moe import OffloadedMoE, PrefetchConfig
+from colab_helpers.sim.copysim import simulate_copies
+from colab_helpers.sim.dispatch_count import count_decode
+from colab_helpers.sim.random_moe import families, random_model, small_config
+from colab_helpers.sim.trace import RoutingRecorder
+from colab_helpers.weights.checkpoint import Checkpoint, save_checkpoint
+from colab_helpers.weights.families import from_transformers
 
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
 NEW = 12
@@ -83,7 +83,7 @@ def test_the_cache_holds_moe_layers_only_and_dense_layers_keep_their_mlp(family_
 
 def test_layers_split_across_devices(family_pair) -> None:
     """Whole layers per device (CPU stand-ins for GPUs): the same tokens; dense layers refuse a split for now."""
-    from colab_helpers.placement import LayerPlacement
+    from colab_helpers.runtime.placement import LayerPlacement
 
     family, path, _, ref_greedy = family_pair
     arch = Checkpoint.open(path, verify=False).arch

@@ -8,13 +8,13 @@ import gc
 import pytest
 import torch
 
-from colab_helpers import kernels, pinning
-from colab_helpers.experts import ExpertCache, ExpertLayout
-from colab_helpers.generation import PromptTooLongError, SamplingConfig, chat_prompt_ids, generate_stream
+from colab_helpers.conversation.generation import PromptTooLongError, SamplingConfig, chat_prompt_ids, generate_stream
+from colab_helpers.conversation.session import ChatSession
 from colab_helpers.model import close_model, load_model, load_tokenizer
-from colab_helpers.quant import DEMO_EXPERT_SPEC, QuantizedWeight, dequantized_linear
-from colab_helpers.session import ChatSession
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.runtime import kernels, pinning
+from colab_helpers.runtime.experts import ExpertCache, ExpertLayout
+from colab_helpers.weights.quant import DEMO_EXPERT_SPEC, QuantizedWeight, dequantized_linear
+from colab_helpers.weights.tiny import tiny_model_path
 
 # ---- the fused kernel: OOM is memory, not a broken kernel ------------------------------------------
 
@@ -185,7 +185,7 @@ def test_unpinning_waits_for_the_copies_of_the_caches_own_device(monkeypatch) ->
     assert order == [("sync", torch.device("cuda:1")), ("unregister", base)] and fake.registered == {}
     seen = {}
     monkeypatch.setattr(pinning, "pinned_host_buffer", lambda rows, nbytes, **kw: seen.update(kw))
-    from colab_helpers.experts import host_buffer
+    from colab_helpers.runtime.experts import host_buffer
 
     host_buffer(2, 64, pin=True, device=torch.device("cuda:1"))  # what ExpertCache passes: its own device
     assert seen == {"device": torch.device("cuda:1")}
@@ -235,7 +235,7 @@ def test_clear_last_error_without_a_cuda_runtime_is_harmless() -> None:
 def test_close_synchronizes_before_freeing_pinned_and_device_buffers(tiny) -> None:
     from transformers import MixtralConfig
 
-    from colab_helpers.checkpoint import QuantConfig
+    from colab_helpers.weights.checkpoint import QuantConfig
 
     cfg = MixtralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_local_experts=4)
     layout = ExpertLayout.for_model(cfg, QuantConfig())

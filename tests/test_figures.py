@@ -1,4 +1,5 @@
-"""One set of figures: ``colab_helpers.figures`` is the single source, and the README, docs and notebooks agree with it.
+"""One set of figures: ``colab_helpers.sim.figures`` is the single source, and the README, docs and notebooks agree with
+it.
 
 The checkpoint size is re-derived from the format; the twin rows are checked for internal consistency (tok/s is
 1 / ms per token, never above the PCIe bound of their own loads); every checkpoint size that a README, doc or
@@ -14,8 +15,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from colab_helpers import figures
-from colab_helpers.timing import TimingModel
+from colab_helpers.sim import figures
+from colab_helpers.sim.timing import TimingModel
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -115,7 +116,7 @@ def test_readme_and_benchmarks_quote_the_projected_speed(doc: str) -> None:
     for run in (figures.PROJECTED, figures.TWIN_NO_PREFETCH):
         assert _quotes_number(text, figures.tok_s_spellings(run)), (
             f"{doc} does not quote the projection {run.configuration!r} = {figures.tok_s_spellings(run)} "
-            f"of colab_helpers/figures.py: update one or the other (with the command and date)"
+            f"of colab_helpers/sim/figures.py: update one or the other (with the command and date)"
         )
 
 
@@ -123,7 +124,7 @@ def test_readme_and_benchmarks_quote_the_projected_speed(doc: str) -> None:
 def test_notebooks_print_speeds_from_figures_instead_of_typing_them(path: Path) -> None:
     for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
         typed = SPEED_IN_CELL.findall(cell.source)
-        assert not typed, f"{path.name} cell {i} types {typed}: print colab_helpers.figures instead"
+        assert not typed, f"{path.name} cell {i} types {typed}: print colab_helpers.sim.figures instead"
 
 
 def test_remeasure_reruns_each_rows_command_on_the_trace_and_flags_what_moved() -> None:

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from test_quant import _hqq_dequantize
 from transformers import MixtralConfig
 
-import colab_helpers.quant as quant
-from colab_helpers.checkpoint import QuantConfig, expert_tensors, trunk_tensors, write_shard
-from colab_helpers.quant import DEMO_EXPERT_SPEC, SUFFIXES, QuantizedWeight
+import colab_helpers.weights.quant as quant
+from colab_helpers.weights.checkpoint import QuantConfig, expert_tensors, trunk_tensors, write_shard
+from colab_helpers.weights.quant import DEMO_EXPERT_SPEC, SUFFIXES, QuantizedWeight
 
 EXPERT_FILE_BYTES = 66_406_180  # each of model-00002..00257-of-00257.safetensors
 EXPERT_PAYLOAD = 66_404_364

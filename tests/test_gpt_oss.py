@@ -13,15 +13,15 @@ import pytest
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from colab_helpers import convert as cv
-from colab_helpers.checkpoint import Checkpoint, QuantConfig, save_checkpoint
-from colab_helpers.families import from_transformers
-from colab_helpers.families.source_names import source_names
 from colab_helpers.model import dequantized_reference, load_model
-from colab_helpers.moe import PrefetchConfig
-from colab_helpers.mxfp4 import dequantize, random_blocks
-from colab_helpers.oss_experts import BiasedSwigluMoE, clamped_swiglu
-from colab_helpers.random_moe import random_model, save_mxfp4_source, small_config
+from colab_helpers.runtime.moe import PrefetchConfig
+from colab_helpers.runtime.oss_experts import BiasedSwigluMoE, clamped_swiglu
+from colab_helpers.sim.random_moe import random_model, save_mxfp4_source, small_config
+from colab_helpers.weights import convert as cv
+from colab_helpers.weights.checkpoint import Checkpoint, QuantConfig, save_checkpoint
+from colab_helpers.weights.families import from_transformers
+from colab_helpers.weights.families.source_names import source_names
+from colab_helpers.weights.mxfp4 import dequantize, random_blocks
 
 pytestmark = pytest.mark.skipif(not hasattr(__import__("transformers"), "GptOssConfig"), reason="no gpt-oss")
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
@@ -149,8 +149,8 @@ def test_chunked_prefill_over_sliding_window_layers_matches_the_whole_prompt(tmp
     sinks, the next-token logits after a 12-token prompt are plain transformers' on the whole prompt."""
     from transformers import DynamicCache
 
-    from colab_helpers.attention import AttentionPath
-    from colab_helpers.generation import _kv_cache_kwarg, prefill
+    from colab_helpers.conversation.generation import _kv_cache_kwarg, prefill
+    from colab_helpers.runtime.attention import AttentionPath
 
     save_checkpoint(random_model("gpt_oss"), tmp_path, optimize=False, progress=False)
     ref = dequantized_reference(tmp_path)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from colab_helpers.model import dequantized_reference, load_model
-from colab_helpers.moe import PrefetchConfig
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.runtime.moe import PrefetchConfig
+from colab_helpers.weights.tiny import tiny_model_path
 
 pytestmark = pytest.mark.requires_cuda
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
@@ -45,8 +45,8 @@ def test_host_store_is_page_locked_without_power_of_two_rounding(make_checkpoint
 
 
 def test_embedded_model_fp16_greedy_text_is_sane() -> None:
+    from colab_helpers.conversation.session import ChatSession
     from colab_helpers.model import load_tokenizer
-    from colab_helpers.session import ChatSession
 
     path = tiny_model_path()
     tok = load_tokenizer(path)

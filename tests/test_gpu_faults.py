@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from colab_helpers import kernels, pinning
-from colab_helpers.attention import T4_CAPABILITY, choose_attention, install_attention
-from colab_helpers.generation import SamplingConfig, generate_stream
+from colab_helpers.conversation.generation import SamplingConfig, generate_stream
 from colab_helpers.model import close_model, load_model, load_tokenizer
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.runtime import kernels, pinning
+from colab_helpers.runtime.attention import T4_CAPABILITY, choose_attention, install_attention
+from colab_helpers.weights.tiny import tiny_model_path
 
 pytestmark = pytest.mark.requires_cuda
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])

@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colab_helpers.checkpoint import Checkpoint
-from colab_helpers.experts import ExpertLayout
-from colab_helpers.generation import chat_prompt_ids
+from colab_helpers.conversation.generation import chat_prompt_ids
 from colab_helpers.model import OffloadConfig, assemble_model, dequantized_reference, load_model, load_tokenizer
-from colab_helpers.moe import PrefetchConfig
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.runtime.experts import ExpertLayout
+from colab_helpers.runtime.moe import PrefetchConfig
+from colab_helpers.weights.checkpoint import Checkpoint
+from colab_helpers.weights.tiny import tiny_model_path
 
 pytestmark = pytest.mark.requires_cuda
 
@@ -105,7 +105,7 @@ def test_delayed_copies_one_expert_per_layer_with_prefetch(delayed_copies) -> No
 
 def test_the_delay_exposes_a_missing_wait(delayed_copies, monkeypatch) -> None:
     """Negative control: with compute no longer waiting for its copies, the delayed copies change the answer."""
-    from colab_helpers.experts import CopyEngine
+    from colab_helpers.runtime.experts import CopyEngine
 
     if not hasattr(CopyEngine, "compute_waits"):
         pytest.skip("CopyEngine.compute_waits is gone: update this control to the new copy schedule")
@@ -144,9 +144,9 @@ def test_fp16_logits_are_close_to_the_fp32_reference() -> None:
 
 def test_prefill_of_4096_tokens_stays_within_the_planned_vram() -> None:
     """A full-width random Mixtral (2 layers, 2 experts per layer): measured peak VRAM of a 4096-token prefill."""
-    from colab_helpers.checkpoint import QuantConfig
-    from colab_helpers.planner import Budget, plan_memory
-    from colab_helpers.synthetic import mixtral_8x7b_config, random_experts, random_trunk
+    from colab_helpers.planning.planner import Budget, plan_memory
+    from colab_helpers.sim.synthetic import mixtral_8x7b_config, random_experts, random_trunk
+    from colab_helpers.weights.checkpoint import QuantConfig
 
     config, quant, context = mixtral_8x7b_config(), QuantConfig(), 4096
     config.num_hidden_layers = 2  # full width; depth only repeats the same per-layer memory
@@ -167,7 +167,7 @@ def test_prefill_of_4096_tokens_stays_within_the_planned_vram() -> None:
     # the KV cache (generation.prefill), then 1 new token fills the planned 4096-token context
     from types import SimpleNamespace
 
-    from colab_helpers.generation import SamplingConfig, generate_stream
+    from colab_helpers.conversation.generation import SamplingConfig, generate_stream
 
     no_text = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: "")
     result = generate_stream(model, no_text, ids, SamplingConfig(max_new_tokens=1))

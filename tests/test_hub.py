@@ -25,11 +25,12 @@ import torch
 from fake_hub import FakeHub
 
 import colab_helpers
-from colab_helpers import cli, hub
-from colab_helpers.hub import DEMO_REPO, DownloadError, download, resolve_model
-from colab_helpers.hub_layout import RECORD
-from colab_helpers.tiny import TINY_MODEL_DIR
-from colab_helpers.transfer import NetConfig, retrying
+from colab_helpers import cli
+from colab_helpers.weights import hub
+from colab_helpers.weights.hub import DEMO_REPO, DownloadError, download, resolve_model
+from colab_helpers.weights.hub_layout import RECORD
+from colab_helpers.weights.tiny import TINY_MODEL_DIR
+from colab_helpers.weights.transfer import NetConfig, retrying
 
 REPO = "fake/tiny-mixtral"
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz0123456789"
@@ -123,7 +124,7 @@ def test_the_chat_template_file_is_fetched_and_loads(fake):
 
 
 def test_a_mixtral_repo_without_a_chat_template_gets_mixtral_instructs(fake):
-    from colab_helpers.tokenizer import load_tokenizer
+    from colab_helpers.weights.tokenizer import load_tokenizer
 
     files = {p.name: p.read_bytes() for p in TINY_MODEL_DIR.iterdir() if p.name != "chat_template.jinja"}
     fake.add_repo("fake/no-template", files=files)
@@ -135,7 +136,7 @@ def test_a_mixtral_repo_without_a_chat_template_gets_mixtral_instructs(fake):
 
 
 def test_a_repo_without_a_chat_template_is_a_clear_error(fake, monkeypatch):
-    from colab_helpers import tokenizer
+    from colab_helpers.weights import tokenizer
 
     monkeypatch.setattr(tokenizer, "_model_type", lambda path: "not-mixtral")  # no fallback template for it
     files = {p.name: p.read_bytes() for p in TINY_MODEL_DIR.iterdir() if p.name != "chat_template.jinja"}
@@ -448,7 +449,7 @@ def test_resolve_local_folder(tmp_path, calls):
 
 
 def test_resolve_none_without_gpu_is_the_tiny_model(monkeypatch, tmp_path, calls):
-    import colab_helpers.tiny as tiny
+    import colab_helpers.weights.tiny as tiny
 
     monkeypatch.setattr(tiny, "tiny_model_path", lambda: tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -464,7 +465,7 @@ def test_resolve_none_with_gpu_downloads_the_demo(monkeypatch, calls):
 
 
 def test_resolve_tiny_forced_even_with_gpu(monkeypatch, tmp_path, calls):
-    import colab_helpers.tiny as tiny
+    import colab_helpers.weights.tiny as tiny
 
     monkeypatch.setattr(tiny, "tiny_model_path", lambda: tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -652,7 +653,7 @@ def test_retry_after_is_honoured(fake, capsys, where):
 def test_retry_after_is_capped_and_read_as_seconds_or_a_date():
     from email.utils import formatdate
 
-    from colab_helpers.transfer import retry_after_s
+    from colab_helpers.weights.transfer import retry_after_s
 
     net = NetConfig(first_wait_s=1, max_wait_s=30)
     assert net.wait_s(1, 10) == 10 and net.wait_s(1, 600) == 30 and net.wait_s(3, None) == 4
@@ -718,7 +719,7 @@ def test_interrupted_at_one_commit_and_resumed_after_main_moved(fake, tmp_path, 
 CHILD = """
 import sys
 from colab_helpers import hub
-from colab_helpers.transfer import NetConfig
+from colab_helpers.weights.transfer import NetConfig
 hub.check_chat_template = lambda path, what: None  # a transformers import (seconds); not what is tested here
 net = NetConfig(timeout_s=10, attempts=3, first_wait_s=0.01, max_wait_s=0.05)
 print(hub.download("{repo}", local_dir=sys.argv[1] or None, net=net))

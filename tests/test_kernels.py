@@ -22,9 +22,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from colab_helpers import kernels
-from colab_helpers.kernels import GemvConfig, default_config, quant_linear, triton_gemv
-from colab_helpers.quant import (
+from colab_helpers.runtime import kernels
+from colab_helpers.runtime.kernels import GemvConfig, default_config, quant_linear, triton_gemv
+from colab_helpers.weights.quant import (
     DEFAULT_ATTENTION_SPECS,
     DEFAULT_EXPERT_SPECS,
     DEMO_ATTENTION_SPEC,

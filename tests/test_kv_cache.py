@@ -11,11 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, MixtralForCausalLM
 from transformers.cache_utils import Cache
 
-from colab_helpers.generation import SamplingConfig, generate_stream, planned_context
-from colab_helpers.kv_cache import PreallocatedCache, PreallocatedLayer, new_kv_cache
+from colab_helpers.conversation.generation import SamplingConfig, generate_stream, planned_context
+from colab_helpers.conversation.session import ChatSession
 from colab_helpers.model import load_model
-from colab_helpers.session import ChatSession
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.runtime.kv_cache import PreallocatedCache, PreallocatedLayer, new_kv_cache
+from colab_helpers.weights.tiny import tiny_model_path
 
 KV = "cache" if "cache" in inspect.signature(MixtralForCausalLM.forward).parameters else "past_key_values"
 
@@ -96,7 +96,7 @@ def test_grows_past_its_capacity_and_crops() -> None:
 
 def test_generate_stream_chunked_prefill_and_chat_reuse_use_the_preallocated_cache() -> None:
     model = load_model(tiny_model_path(), experts_on_device=2, progress=False)
-    from colab_helpers.tokenizer import load_tokenizer
+    from colab_helpers.weights.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_model_path())
     ids = torch.randint(3, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(2))

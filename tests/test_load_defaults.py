@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 import colab_helpers.model as model_mod
-from colab_helpers import planner
-from colab_helpers.attention import choose_attention
-from colab_helpers.checkpoint import Checkpoint
-from colab_helpers.convert import model_card
+from colab_helpers.planning import planner
+from colab_helpers.runtime.attention import choose_attention
+from colab_helpers.weights.checkpoint import Checkpoint
+from colab_helpers.weights.convert import model_card
 
 
 def _captured_config(monkeypatch, path, device, **kwargs):

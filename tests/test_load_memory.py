@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import MixtralConfig
 
-from colab_helpers.checkpoint import (
+from colab_helpers.planning.planner import MB, Budget, Margins, ModelSizes, plan_for_checkpoint
+from colab_helpers.weights.checkpoint import (
     CONFIG_FILE,
     INDEX_FILE,
     QuantConfig,
@@ -28,7 +29,6 @@ from colab_helpers.checkpoint import (
     expert_prefix,
     shard_name,
 )
-from colab_helpers.planner import MB, Budget, Margins, ModelSizes, plan_for_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 K = 2  # experts per layer in "device" slots
@@ -76,7 +76,7 @@ CHILD = r"""
 import json, sys, threading, time
 import psutil
 from colab_helpers.model import load_model
-from colab_helpers.planner import plan_for_checkpoint
+from colab_helpers.planning.planner import plan_for_checkpoint
 
 path, k = sys.argv[1], int(sys.argv[2])
 # the plan as a loader makes it: this process's RSS measured now, not an assumed import cost;

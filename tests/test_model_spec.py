@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from colab_helpers import checkpoint as ck
-from colab_helpers import random_moe
-from colab_helpers.experts import ExpertLayout
-from colab_helpers.families import UnsupportedFamilyError, architecture
-from colab_helpers.families.configs import shipped
-from colab_helpers.model_spec import SLOT_ALIGN, ModelSpec, QuantConfig
-from colab_helpers.planner import STOCK_CONFIG_FILE, ModelSizes
+from colab_helpers.planning.planner import STOCK_CONFIG_FILE, ModelSizes
+from colab_helpers.runtime.experts import ExpertLayout
+from colab_helpers.sim import random_moe
+from colab_helpers.weights import checkpoint as ck
+from colab_helpers.weights.families import UnsupportedFamilyError, architecture
+from colab_helpers.weights.families.configs import shipped
+from colab_helpers.weights.model_spec import SLOT_ALIGN, ModelSpec, QuantConfig
 
 QUANTS = {bits: QuantConfig.for_bits(4, bits) for bits in (2, 3, 4)}
 TINY = {f: random_moe.small_config(f) for f in random_moe.families()}
@@ -91,7 +91,7 @@ def test_the_spec_is_resolved_once_and_read_only() -> None:
 
 def test_a_written_checkpoint_holds_exactly_what_the_spec_says(tmp_path: Path) -> None:
     """The tiny bundled checkpoint's own files: every header's tensors and the folder's spec agree."""
-    from colab_helpers.tiny import tiny_model_path
+    from colab_helpers.weights.tiny import tiny_model_path
 
     root = Path(tiny_model_path())
     spec = ModelSpec.read(root)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colab_helpers import experts
-from colab_helpers.copysim import CopyHazard, simulate_copies
 from colab_helpers.model import dequantized_reference, load_model
-from colab_helpers.moe import PrefetchConfig
-from colab_helpers.policies import POLICIES
+from colab_helpers.runtime import experts
+from colab_helpers.runtime.moe import PrefetchConfig
+from colab_helpers.runtime.policies import POLICIES
+from colab_helpers.sim.copysim import CopyHazard, simulate_copies
 
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
 
@@ -86,7 +86,7 @@ def test_sampling_is_reproducible_and_matches_the_reference(pair) -> None:
 
 @pytest.fixture(scope="module")
 def embedded_reference():
-    from colab_helpers.tiny import tiny_model_path
+    from colab_helpers.weights.tiny import tiny_model_path
 
     path = tiny_model_path()
     ref = dequantized_reference(path)

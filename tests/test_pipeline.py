@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from colab_helpers.copysim import simulate_copies
-from colab_helpers.dispatch_count import count_decode
-from colab_helpers.experts import DEMAND, SPECULATIVE, WRITE_BACK
 from colab_helpers.model import load_model
-from colab_helpers.moe import PrefetchConfig
-from colab_helpers.tiny import tiny_model_path
-from colab_helpers.trace import ReplayOptions, RoutingRecorder, replay_file
+from colab_helpers.runtime.experts import DEMAND, SPECULATIVE, WRITE_BACK
+from colab_helpers.runtime.moe import PrefetchConfig
+from colab_helpers.sim.copysim import simulate_copies
+from colab_helpers.sim.dispatch_count import count_decode
+from colab_helpers.sim.trace import ReplayOptions, RoutingRecorder, replay_file
+from colab_helpers.weights.tiny import tiny_model_path
 
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7]])
 LAUNCHES_BEFORE = 31.2  # per MoE layer per decode token before issue 9 (docs/benchmarks.md)

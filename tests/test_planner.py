@@ -8,17 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from colab_helpers import planner
-from colab_helpers.attention import NO_GQA, AttentionPath, choose_attention
-from colab_helpers.checkpoint import (
-    INDEX_FILE,
-    QUANT_CONFIG_KEY,
-    QuantConfig,
-    expected_expert_tensors,
-    expected_trunk_tensors,
-)
-from colab_helpers.plan_cli import cli_main
-from colab_helpers.planner import (
+from colab_helpers.planning import planner
+from colab_helpers.planning.plan_cli import cli_main
+from colab_helpers.planning.planner import (
     GB,
     Budget,
     Margins,
@@ -28,6 +20,14 @@ from colab_helpers.planner import (
     plan_for_checkpoint,
     plan_memory,
     stock_config,
+)
+from colab_helpers.runtime.attention import NO_GQA, AttentionPath, choose_attention
+from colab_helpers.weights.checkpoint import (
+    INDEX_FILE,
+    QUANT_CONFIG_KEY,
+    QuantConfig,
+    expected_expert_tensors,
+    expected_trunk_tensors,
 )
 
 T4 = Budget.given(15, 12.7)

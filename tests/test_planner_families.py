@@ -8,13 +8,13 @@ import pytest
 import transformers
 from huggingface_hub import constants
 
-from colab_helpers.checkpoint import QuantConfig, expected_expert_tensors, expected_trunk_tensors
 from colab_helpers.cli import main
-from colab_helpers.experts import ExpertLayout
-from colab_helpers.families import architecture, from_transformers
-from colab_helpers.families.configs import shipped
-from colab_helpers.plan_cli import cli_main
-from colab_helpers.planner import GB, Budget, ModelSizes, _tensor_bytes, plan_memory, stock_config
+from colab_helpers.planning.plan_cli import cli_main
+from colab_helpers.planning.planner import GB, Budget, ModelSizes, _tensor_bytes, plan_memory, stock_config
+from colab_helpers.runtime.experts import ExpertLayout
+from colab_helpers.weights.checkpoint import QuantConfig, expected_expert_tensors, expected_trunk_tensors
+from colab_helpers.weights.families import architecture, from_transformers
+from colab_helpers.weights.families.configs import shipped
 
 T4 = Budget.given(15, 12.7)
 QUANTS = [QuantConfig(), *(QuantConfig.for_bits(a, e) for a in (2, 3, 4) for e in (2, 3, 4))]
@@ -250,7 +250,7 @@ def test_an_unreachable_hub_is_one_line_without_the_librarys_retries(hub_env, ca
 @pytest.mark.parametrize("repo", sorted(shipped()))
 def test_upgrade_suggestions_quote_the_papers_mmlu_for_mixtral_only(repo):
     """The paper's MMLU figures were measured on Mixtral-8x7B: another family's upgrade says its bytes and fit."""
-    from colab_helpers.multigpu import plan_gpus, single_gpu_upgrades
+    from colab_helpers.planning.multigpu import plan_gpus, single_gpu_upgrades
 
     arch = architecture(json.loads(shipped()[repo].read_text()))
     quant = QuantConfig.for_bits(4, 2)
@@ -282,17 +282,17 @@ def _nbytes(t) -> int:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("family", __import__("colab_helpers.random_moe", fromlist=["x"]).families())
+@pytest.mark.parametrize("family", __import__("colab_helpers.sim.random_moe", fromlist=["x"]).families())
 def test_cpu_plan_counts_the_dense_copies_a_loaded_model_holds(family, tied, tmp_path):
     """dense_on_cpu: the plan's fp32 rows equal what a loaded tiny model holds after a forward (every QuantLinear
     dequantized: attention, shared experts, dense-layer MLPs; every fp32 parameter; one slot's expert)."""
     import torch
 
-    from colab_helpers.checkpoint import save_checkpoint
-    from colab_helpers.linear import QuantLinear
     from colab_helpers.model import close_model, load_model
-    from colab_helpers.planner import plan_for_checkpoint
-    from colab_helpers.random_moe import random_model, small_config
+    from colab_helpers.planning.planner import plan_for_checkpoint
+    from colab_helpers.runtime.linear import QuantLinear
+    from colab_helpers.sim.random_moe import random_model, small_config
+    from colab_helpers.weights.checkpoint import save_checkpoint
 
     save_checkpoint(random_model(small_config(family, tie_word_embeddings=tied)), tmp_path, progress=False)
     model = load_model(tmp_path, device="cpu", experts_on_device=2, progress=False)

@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
-from colab_helpers.checkpoint import QuantConfig
-from colab_helpers.generation import SamplingConfig, generate_stream
+from colab_helpers.conversation.generation import SamplingConfig, generate_stream
 from colab_helpers.model import OffloadConfig, dequantized_reference, load_model
-from colab_helpers.multigpu import plan_gpus
-from colab_helpers.placement import ExpertCacheGroup, LayerPlacement
-from colab_helpers.planner import GB, Budget, ModelSizes, plan_memory, stock_config
+from colab_helpers.planning.multigpu import plan_gpus
+from colab_helpers.planning.planner import GB, Budget, ModelSizes, plan_memory, stock_config
+from colab_helpers.runtime.placement import ExpertCacheGroup, LayerPlacement
+from colab_helpers.weights.checkpoint import QuantConfig
 
 PROMPT = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7]])
 
@@ -65,7 +65,7 @@ def test_uneven_gpus_get_layers_by_their_size() -> None:
 
 
 def test_l4_fits_every_2bit_expert_and_suggests_3bit() -> None:
-    from colab_helpers.multigpu import single_gpu_upgrades
+    from colab_helpers.planning.multigpu import single_gpu_upgrades
 
     plan = plan_memory(stock_config(), quant(2), Budget.given(24, 50), "cuda")
     assert plan.fits and plan.experts_on_device == 8
@@ -148,7 +148,7 @@ def _tokenizer_stub():
 def test_every_gpu_path_plans_one_range_per_visible_gpu(make_checkpoint, monkeypatch) -> None:
     """``load_model(device="cuda")`` with two visible GPUs: the config it builds (no GPU here to load onto)."""
     from colab_helpers import model as model_mod
-    from colab_helpers.checkpoint import Checkpoint
+    from colab_helpers.weights.checkpoint import Checkpoint
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (15 * GB, 15 * GB))
@@ -162,7 +162,7 @@ def test_every_gpu_path_plans_one_range_per_visible_gpu(make_checkpoint, monkeyp
 
 
 def _family_config(family: str, **overrides):
-    from colab_helpers.random_moe import small_config
+    from colab_helpers.sim.random_moe import small_config
 
     # Qwen's tiny variants have dense layers on purpose; these overrides make every layer MoE
     all_moe = {"qwen2_moe": dict(mlp_only_layers=[]), "qwen3_moe": dict(decoder_sparse_step=1)}
@@ -171,7 +171,7 @@ def _family_config(family: str, **overrides):
 
 
 def _families() -> list[str]:
-    from colab_helpers.random_moe import families
+    from colab_helpers.sim.random_moe import families
 
     return families()
 
@@ -180,8 +180,8 @@ def _families() -> list[str]:
 def test_each_gpus_trunk_share_is_the_bytes_of_its_layers(family) -> None:
     """A GPU's trunk row = the checkpoint's trunk tensors of its layers, + the embeddings on the first GPU,
     + lm_head, its bias and the final norm on the last (read from the layout, not from the planner)."""
-    from colab_helpers.checkpoint import expected_trunk_tensors
-    from colab_helpers.planner import _tensor_bytes
+    from colab_helpers.planning.planner import _tensor_bytes
+    from colab_helpers.weights.checkpoint import expected_trunk_tensors
 
     config = _family_config(family, num_hidden_layers=5)
     q = quant(2)
@@ -215,9 +215,9 @@ def test_cli_plans_other_families_on_two_gpus(repo) -> None:
     ],
 )
 def test_a_split_is_refused_alike_by_the_plan_the_cli_and_the_loader(family, overrides, why, tmp_path, capsys):
-    from colab_helpers.checkpoint import save_checkpoint
     from colab_helpers.cli import main
-    from colab_helpers.random_moe import random_model
+    from colab_helpers.sim.random_moe import random_model
+    from colab_helpers.weights.checkpoint import save_checkpoint
 
     config = _family_config(family, **overrides)
     with pytest.raises(ValueError, match=why):
@@ -234,9 +234,9 @@ def test_a_split_is_refused_alike_by_the_plan_the_cli_and_the_loader(family, ove
 @pytest.mark.parametrize("family", _families())
 def test_every_all_moe_family_splits_across_devices_and_matches_the_reference(family, tmp_path) -> None:
     """The placement the plan hands ``load_model``, on identical CPU devices: same logits as one device."""
-    from colab_helpers.checkpoint import save_checkpoint
     from colab_helpers.model import close_model
-    from colab_helpers.random_moe import random_model
+    from colab_helpers.sim.random_moe import random_model
+    from colab_helpers.weights.checkpoint import save_checkpoint
 
     config = _family_config(family, num_hidden_layers=4)
     save_checkpoint(random_model(config), tmp_path, progress=False)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from colab_helpers.policies import (
+from colab_helpers.runtime.policies import (
     POLICIES,
     EvictionPolicy,
     LFUDecayPolicy,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from colab_helpers.policies import POLICIES, EvictionPolicy, make_policy
+from colab_helpers.runtime.policies import POLICIES, EvictionPolicy, make_policy
 
 EXPERTS = 8
 

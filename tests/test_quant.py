@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colab_helpers.checkpoint import QuantConfig, attention_shapes, expected_trunk_tensors, expert_shapes
-from colab_helpers.linear import QuantLinear
-from colab_helpers.quant import (
+from colab_helpers.runtime.linear import QuantLinear
+from colab_helpers.weights.checkpoint import QuantConfig, attention_shapes, expected_trunk_tensors, expert_shapes
+from colab_helpers.weights.quant import (
     DEFAULT_EXPERT_SPECS,
     DEMO_ATTENTION_SPEC,
     DEMO_EXPERT_SPEC,
@@ -93,7 +93,7 @@ def test_dequantize_is_bit_exact_with_hqq(spec: QuantSpec, optimize: bool) -> No
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.nbits}b_g{s.group_size}")
 def test_blockwise_dequantize_is_bit_exact_with_hqq(spec: QuantSpec, monkeypatch) -> None:
     """Many blocks and a partial last one: still hqq's bytes, in every output dtype."""
-    from colab_helpers import quant
+    from colab_helpers.weights import quant
 
     torch.manual_seed(10 + spec.nbits)
     qw = quantize(torch.randn(512, 256) * 0.02, spec, optimize=False)
@@ -127,7 +127,7 @@ def test_dequantize_peak_memory_is_what_the_planner_counts(spec: QuantSpec, shap
     Before the blockwise rewrite one 14336 x 4096 matrix peaked at 499 MB (fp32 temporaries of the
     whole grid); now it is the 117 MB result plus a bounded block.
     """
-    from colab_helpers.memtrack import peak_bytes
+    from colab_helpers.planning.memtrack import peak_bytes
 
     qw = _random_weight(spec, shape)
     for dtype in (torch.float16, torch.float32):

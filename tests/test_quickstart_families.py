@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from colab_helpers import ChatSession, SamplingConfig, load_model, load_tokenizer, save_checkpoint
-from colab_helpers.chat import ChatUI, chat
-from colab_helpers.families import from_transformers
+from colab_helpers.conversation.chat import ChatUI, chat
 from colab_helpers.notebook import choose_model, plan_for
-from colab_helpers.planner import check_fits
-from colab_helpers.random_moe import families, random_model, small_config
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.planning.planner import check_fits
+from colab_helpers.sim.random_moe import families, random_model, small_config
 from colab_helpers.walkthroughs.setup import prefetch_config
+from colab_helpers.weights.families import from_transformers
+from colab_helpers.weights.tiny import tiny_model_path
 
 
 @pytest.mark.parametrize("family", families())

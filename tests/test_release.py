@@ -55,8 +55,8 @@ def test_every_badge_install_cell_and_readme_link_agree() -> None:
 def _copy(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     shutil.copytree(ROOT / "notebooks", root / "notebooks")
-    (root / "colab_helpers").mkdir()
-    shutil.copy(ROOT / "colab_helpers" / "hub.py", root / "colab_helpers" / "hub.py")
+    (root / "colab_helpers" / "weights").mkdir(parents=True)
+    shutil.copy(ROOT / "colab_helpers" / "weights" / "hub.py", root / "colab_helpers" / "weights" / "hub.py")
     shutil.copy(ROOT / "README.md", root / "README.md")
     return root
 
@@ -75,7 +75,7 @@ def test_release_restamps_everything_once_and_is_idempotent(tmp_path: Path) -> N
         nbformat.validate(nbformat.read(path, as_version=4))
         badge = next(s for s in release.stamps(root) if s.kind == "badge" and s.file.endswith(path.name))
         assert badge.ref == "v9.8.7" and badge.repo == "someone/mixtral-on-t4"
-    assert f'DEMO_REVISION = "{commit}"' in (root / "colab_helpers" / "hub.py").read_text()
+    assert f'DEMO_REVISION = "{commit}"' in (root / "colab_helpers" / "weights" / "hub.py").read_text()
     again = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "nothing to change" in again.stdout
 

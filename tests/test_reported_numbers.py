@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from colab_helpers.chat import stats_line
-from colab_helpers.generation import GenerationStats, SamplingConfig, generate_stream
+from colab_helpers.conversation.chat import stats_line
+from colab_helpers.conversation.generation import GenerationStats, SamplingConfig, generate_stream
 from colab_helpers.model import load_model
-from colab_helpers.moe import OffloadedMoE, PrefetchConfig
+from colab_helpers.runtime.moe import OffloadedMoE, PrefetchConfig
 from tests.test_cache import LAYOUT, build
 
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
@@ -203,7 +203,7 @@ def test_replay_json_hit_rates_by_hand(tmp_path, capsys) -> None:
 
     import numpy as np
 
-    from colab_helpers.trace import cli_main
+    from colab_helpers.sim.trace import cli_main
 
     steps = np.array([[[0, 1]], [[0, 2]], [[1, 0]], [[2, 1]]], dtype=np.int8)  # [T, L=1, k=2]
     path = tmp_path / "hand.npz"
@@ -221,10 +221,10 @@ def test_replay_json_hit_rates_by_hand(tmp_path, capsys) -> None:
 
 def test_widget_status_says_how_many_old_turns_were_forgotten_and_the_answers_stats() -> None:
     pytest.importorskip("ipywidgets")
-    from colab_helpers.chat import ChatUI
+    from colab_helpers.conversation.chat import ChatUI
+    from colab_helpers.conversation.session import ChatSession
     from colab_helpers.model import load_tokenizer
-    from colab_helpers.session import ChatSession
-    from colab_helpers.tiny import tiny_model_path
+    from colab_helpers.weights.tiny import tiny_model_path
 
     path = tiny_model_path()
     model = load_model(path, experts_on_device=2, progress=False)
@@ -245,7 +245,7 @@ def test_replay_prefetch_precision_and_recall_by_hand() -> None:
     2 used per step, so precision 1/3 and recall 1/2 (with top-n = top-k the two would be equal)."""
     import numpy as np
 
-    from colab_helpers.trace import ReplayOptions, replay
+    from colab_helpers.sim.trace import ReplayOptions, replay
 
     experts = np.array([[[0, 1], [2, 3]]] * 2, dtype=np.int8)  # [T=2, L=2, k=2]
     guesses = np.full((2, 2, 1, 3), -1, dtype=np.int8)  # [T, L, d=1, n=3]

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from colab_helpers.generation import SamplingConfig, chat_prompt_ids, generate_stream
+from colab_helpers.conversation.generation import SamplingConfig, chat_prompt_ids, generate_stream
+from colab_helpers.conversation.session import ChatSession
 from colab_helpers.model import load_model, load_tokenizer
-from colab_helpers.session import ChatSession
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.weights.tiny import tiny_model_path
 
 GREEDY = SamplingConfig(max_new_tokens=24)
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
-from colab_helpers.checkpoint import save_checkpoint
-from colab_helpers.dispatch_count import count_decode
 from colab_helpers.model import load_model
-from colab_helpers.moe import OffloadedMoE, PrefetchConfig
-from colab_helpers.random_moe import random_model
-from colab_helpers.sparsemixer import sparsemixer_eval
+from colab_helpers.runtime.moe import OffloadedMoE, PrefetchConfig
+from colab_helpers.runtime.sparsemixer import sparsemixer_eval
+from colab_helpers.sim.dispatch_count import count_decode
+from colab_helpers.sim.random_moe import random_model
+from colab_helpers.weights.checkpoint import save_checkpoint
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -13,11 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from colab_helpers.checkpoint import save_checkpoint
 from colab_helpers.model import load_model
-from colab_helpers.moe import PrefetchConfig
-from colab_helpers.policies import POLICIES
-from colab_helpers.trace import (
+from colab_helpers.runtime.moe import PrefetchConfig
+from colab_helpers.runtime.policies import POLICIES
+from colab_helpers.sim.trace import (
     ReplayOptions,
     RoutingRecorder,
     TimingModel,
@@ -27,6 +26,7 @@ from colab_helpers.trace import (
     replay_file,
 )
 from colab_helpers.usage import UsageError
+from colab_helpers.weights.checkpoint import save_checkpoint
 
 ALL = [*sorted(POLICIES), "belady"]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from colab_helpers import twin, twin_cli, twin_project
-from colab_helpers.twin import EXPERT_BYTES, T4, Op, Schedule, simulate
+from colab_helpers.sim import twin, twin_cli, twin_project
+from colab_helpers.sim.twin import EXPERT_BYTES, T4, Op, Schedule, simulate
 
 HW = twin.replace(T4, eager_launch_s=1e-6, fused_launch_s=1e-6, copy_launch_s=1e-6, sync_s=1e-6, kernel_floor_s=1e-6)
 
@@ -112,7 +112,7 @@ def _routing(tokens: int = 12, layers: int = 4) -> np.ndarray:
 
 
 def test_recorded_schedule_is_deterministic_and_matches_the_cache():
-    from colab_helpers.twin_record import EngineRun, record_engine
+    from colab_helpers.sim.twin_record import EngineRun, record_engine
 
     run = EngineRun((3, 2, 3, 2), decode_tokens=3, warmup_tokens=1, prompt_tokens=4)
     a, b = record_engine(run, _routing()), record_engine(run, _routing())

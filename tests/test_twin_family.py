@@ -9,20 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from colab_helpers import twin_cli
-from colab_helpers.checkpoint import QuantConfig
-from colab_helpers.families import architecture
-from colab_helpers.families import from_transformers as architecture_of
-from colab_helpers.families.configs import load_config
-from colab_helpers.planner import ModelSizes
-from colab_helpers.twin_family import (
+from colab_helpers.planning.planner import ModelSizes
+from colab_helpers.sim import twin_cli
+from colab_helpers.sim.twin_family import (
     STICKINESS,
     FamilyTwin,
     repeat_fraction,
     synthetic_routing,
     trace_mismatch,
 )
-from colab_helpers.twin_record import EngineRun, build_narrow_engine, record_engine
+from colab_helpers.sim.twin_record import EngineRun, build_narrow_engine, record_engine
+from colab_helpers.weights.checkpoint import QuantConfig
+from colab_helpers.weights.families import architecture
+from colab_helpers.weights.families import from_transformers as architecture_of
+from colab_helpers.weights.families.configs import load_config
 
 TRACE = Path(os.environ.get("COLAB_HELPERS_TRACE") or "/work/shared/traces/mixtral-8x7b-instruct-routing.npz")
 Q2 = QuantConfig.for_bits(4, 2)
@@ -188,8 +188,8 @@ def test_recorded_bytes_are_the_full_size_models(repo, tmp_path):
 
 
 def test_shared_experts_and_dense_layers_are_the_familys_own_modules(tmp_path):
-    from colab_helpers.linear import QuantLinear
-    from colab_helpers.moe import OffloadedMoE
+    from colab_helpers.runtime.linear import QuantLinear
+    from colab_helpers.runtime.moe import OffloadedMoE
 
     arch = architecture(load_config(str(_small_qwen2_moe(tmp_path)))[0])
     assert arch.moe_layers == (0, 2) and arch.dense_layers == (1,) and arch.shared_intermediate == 1024
@@ -258,8 +258,8 @@ def _readme_family_rows() -> dict[str, list[str]]:
 
 def test_readme_families_table_agrees_with_the_planner_and_labels_its_projections():
     """The 2-bit plan cell of each shipped family is the planner's; a projection is labelled with its routing."""
-    from colab_helpers.families.configs import shipped
-    from colab_helpers.planner import Budget, plan_memory
+    from colab_helpers.planning.planner import Budget, plan_memory
+    from colab_helpers.weights.families.configs import shipped
 
     rows = _readme_family_rows()
     assert set(rows) == set(shipped())

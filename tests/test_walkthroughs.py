@@ -128,8 +128,8 @@ def test_prefetch_effect_calls_a_gap_noise_when_nothing_was_copied_or_within_two
 
 
 def test_bits_breakdown_shows_where_three_bit_s_three_point_seven_five_come_from() -> None:
-    from colab_helpers.quant import DEFAULT_EXPERT_SPECS
     from colab_helpers.walkthroughs.quantization import bits_breakdown
+    from colab_helpers.weights.quant import DEFAULT_EXPERT_SPECS
 
     rows = {
         line.split()[0]: [float(v) for v in line.split()[2:]]
@@ -141,7 +141,7 @@ def test_bits_breakdown_shows_where_three_bit_s_three_point_seven_five_come_from
 
 
 def test_prefetch_config_none_keeps_the_engine_default() -> None:
-    from colab_helpers.moe import PrefetchConfig
+    from colab_helpers.runtime.moe import PrefetchConfig
     from colab_helpers.walkthroughs.setup import prefetch_config
 
     assert prefetch_config(None) == PrefetchConfig()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colab_helpers import kernels
-from colab_helpers.linear import QuantLinear
 from colab_helpers.model import load_model
-from colab_helpers.moe import OffloadedMoE
-from colab_helpers.tiny import tiny_model_path
+from colab_helpers.runtime import kernels
+from colab_helpers.runtime.linear import QuantLinear
+from colab_helpers.runtime.moe import OffloadedMoE
+from colab_helpers.weights.tiny import tiny_model_path
 
 pytestmark = pytest.mark.gpu_kernels  # gpu_check runs these on CUDA too
 pytest.importorskip("triton")

@@ -17,11 +17,17 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-import colab_helpers.checkpoint as checkpoint
-import colab_helpers.quant as quant
-from colab_helpers.checkpoint import ATTENTION_PROJS, Checkpoint, attention_shapes, expert_shapes, save_checkpoint
+import colab_helpers.weights.checkpoint as checkpoint
+import colab_helpers.weights.quant as quant
 from colab_helpers.model import load_model
-from colab_helpers.quant import QuantizedWeight
+from colab_helpers.weights.checkpoint import (
+    ATTENTION_PROJS,
+    Checkpoint,
+    attention_shapes,
+    expert_shapes,
+    save_checkpoint,
+)
+from colab_helpers.weights.quant import QuantizedWeight
 
 # Relative Frobenius error of a dequantized random-normal matrix against its source, per bit width:
 # measured at most 0.33 / 0.19 / 0.09 (2 / 3 / 4 bits, min/max quantization, seed 0); ~20% headroom.

@@ -51,10 +51,10 @@ def _benchmark(
     import gc
     from dataclasses import replace
 
-    from ..generation import SamplingConfig
+    from ..conversation.generation import SamplingConfig
+    from ..conversation.session import ChatSession
     from ..model import load_model, load_tokenizer
-    from ..planner import MemoryPlanError
-    from ..session import ChatSession
+    from ..planning.planner import MemoryPlanError
 
     tok = load_tokenizer(path)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)

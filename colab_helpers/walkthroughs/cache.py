@@ -13,9 +13,9 @@ def record_routing(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     Returns the recorder (one sequence per prompt) and each answer's ``GenerationResult`` (its stats
     hold the live cache's hit rate and prefetch precision/recall).
     """
-    from ..generation import SamplingConfig
-    from ..session import ChatSession
-    from ..trace import RoutingRecorder
+    from ..conversation.generation import SamplingConfig
+    from ..conversation.session import ChatSession
+    from ..sim.trace import RoutingRecorder
 
     recorder = RoutingRecorder(model, name="prompt0")
     results = []
@@ -70,7 +70,7 @@ def hit_rate_sweep(
     trace, ks: Iterable[int], policies: Sequence[str] = ("lru", "lfu_decay", "lfu", "belady"), options=None
 ):
     """``{policy: [hit rate for each k]}`` replaying every sequence of ``trace`` (arrays or an .npz path)."""
-    from ..trace import replay_file
+    from ..sim.trace import replay_file
 
     ks = list(ks)
     return {p: [replay_file(trace, p, k, options).hit_rate for k in ks] for p in policies}
@@ -197,7 +197,7 @@ def t4_projection(choice, ks: Sequence[int], lfu_decay_rates: Sequence[float], t
     Mixtral's own routing when this run recorded it (a GPU with the real model) or when ``trace`` names a
     recorded trace; otherwise the tiny model's, labelled an illustration.
     """
-    from ..timing import TimingModel
+    from ..sim.timing import TimingModel
 
     if trace is not None:
         ks = list(range(2, 7))

@@ -26,9 +26,9 @@ class Component:
 
 def mixtral_components(config=None, quant=None) -> list[Component]:
     """Every parameter of Mixtral grouped by role, with its fp16 size and its size in the quantized checkpoint."""
-    from ..checkpoint import QuantConfig
-    from ..planner import ModelSizes
-    from ..synthetic import mixtral_8x7b_config
+    from ..planning.planner import ModelSizes
+    from ..sim.synthetic import mixtral_8x7b_config
+    from ..weights.checkpoint import QuantConfig
 
     config = config or mixtral_8x7b_config()
     quant = quant or QuantConfig()
@@ -110,7 +110,7 @@ def plot_plan(plan, ax=None, title: str | None = None):
 
 def sweep_experts_on_gpu(config, quant, budget, ks: Iterable[int], context: int = 4096) -> list:
     """One plan per experts-per-layer value (checked, not chosen): how VRAM and RAM trade as k grows."""
-    from ..planner import plan_memory
+    from ..planning.planner import plan_memory
 
     return [plan_memory(config, quant, budget, "cuda", context, k, suggest=False) for k in ks]
 

@@ -25,7 +25,7 @@ def quantization_errors(weight: torch.Tensor, specs: dict, optimize: Sequence[bo
     """Quantize ``weight`` with each spec (min-max and/or HQQ-optimized); relative errors and true bit cost."""
     import time
 
-    from ..quant import quantize
+    from ..weights.quant import quantize
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(inputs, weight.shape[1], generator=gen).to(weight.device, weight.dtype)

@@ -150,8 +150,8 @@ def choose_model(
     and says why, when there is no GPU, ``COLAB_HELPERS_TINY=1`` / ``force_tiny`` is set, or the download
     fails (no network, no disk space: the error is printed).
     """
-    from ..hub import DEMO_REPO, DownloadError, download
-    from ..tiny import TINY_ENV, tiny_forced, tiny_model_path
+    from ..weights.hub import DEMO_REPO, DownloadError, download
+    from ..weights.tiny import TINY_ENV, tiny_forced, tiny_model_path
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -184,7 +184,7 @@ def prefetch_config(setting: bool | None = None):
     what a layer asks for; True turns prefetch on with the engine's default settings otherwise."""
     from dataclasses import replace
 
-    from ..moe import PrefetchConfig
+    from ..runtime.moe import PrefetchConfig
 
     default = PrefetchConfig()
     return default if setting is None else replace(default, enabled=bool(setting))
@@ -192,8 +192,8 @@ def prefetch_config(setting: bool | None = None):
 
 def plan_for(choice: ModelChoice, context: int = 4096, experts_on_device: int | None = None):
     """The memory plan for ``choice`` on this machine; the context is capped to what the model supports."""
-    from ..checkpoint import Checkpoint
-    from ..planner import plan_for_checkpoint
+    from ..planning.planner import plan_for_checkpoint
+    from ..weights.checkpoint import Checkpoint
 
     max_pos = int(Checkpoint.open(choice.path, verify=False).config.max_position_embeddings)
     return plan_for_checkpoint(choice.path, choice.device, min(context, max_pos), experts_on_device)
