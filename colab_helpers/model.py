@@ -22,6 +22,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from .attention import AttentionPath, choose_attention, install_attention, register
 from .checkpoint import SUFFIXES, Checkpoint, QuantConfig, arch_of, quantized_trunk_shapes
 from .experts import ExpertCache, ExpertLayout, experts_per_layer
+from .host_embedding import HostEmbedding, host_embedding_refusal
 from .linear import QuantLinear
 from .moe import OffloadedMoE, PrefetchConfig
 from .placement import ExpertCacheGroup, LayerPlacement, place_layers, split_refusal
@@ -46,6 +47,7 @@ class OffloadConfig:
     progress: bool = True
     attention: AttentionPath | None = None  # default: chosen by the device's compute capability (attention.py)
     placement: LayerPlacement | None = None  # whole layers split across devices (several GPUs); None: all on device
+    embedding_on_host: bool | None = None  # table in host RAM, rows sent (host_embedding.py); None: the plan decides
 
     def attention_path(self) -> AttentionPath:
         return self.attention or choose_attention(resolve_device(self.device))
@@ -107,11 +109,14 @@ def load_model(
             dense_on_cpu=cfg.dense_on_cpu,
             suggest=False,
             attention=cfg.attention_path(),
+            embedding_on_host=cfg.embedding_on_host,
         )
         if cfg.check_memory:
             check_fits(plan)  # refuse before allocating anything, with the numbers
         if _is_auto(cfg.experts_on_device):
             cfg = replace(cfg, experts_on_device=plan.experts_on_device)
+        if cfg.embedding_on_host is None:
+            cfg = replace(cfg, embedding_on_host=plan.embedding_on_host)
     model = assemble_model(ckpt.config, ckpt.quant, ckpt.load_trunk(), ckpt.iter_experts(), cfg)
     model.checkpoint_path = str(path)
     model.memory_plan = plan
@@ -186,6 +191,8 @@ def assemble_model(
         raise ValueError(f"placement covers {placement.num_layers} layers, the model has {arch.num_layers}")
     if placement is not None and (why := split_refusal(arch)):
         raise ValueError(why)
+    if cfg.embedding_on_host and (why := host_embedding_refusal(arch)):
+        raise ValueError(f"embedding_on_host=True: {why}")
 
     def device_of(layer: int) -> torch.device:
         return dev if placement is None else placement.device(layer)
@@ -221,6 +228,10 @@ def assemble_model(
         # prefetch guesses stay on one device: the next router must see this layer's hidden state
         block.link([b for b in following if placement is None or placement.same_device(b.layer, r)])
 
+    if cfg.embedding_on_host:  # the table never visits the device: only looked-up rows are copied
+        table = trunk.pop("model.embed_tokens.weight").to("cpu", dtype)
+        model.model.embed_tokens = HostEmbedding(table, device_of(0))
+        del table
     # the rest of the trunk: embeddings, norms, biases, lm_head (names match the skeleton's)
     _, unexpected = model.load_state_dict({k: v.to(dev, dtype) for k, v in trunk.items()}, strict=False, assign=True)
     trunk.clear()  # the trunk shard's pages can go before the expert store is allocated
