@@ -259,11 +259,15 @@ def is_stock_mixtral(arch: MoEArchitecture, quant) -> bool:
     return same and quant == QuantConfig.for_bits(4, 2)
 
 
-def planned_experts(arch: MoEArchitecture, quant, vram_gb: float, ram_gb: float) -> tuple[int, ...]:
-    """Experts per MoE layer the planner puts on a GPU with this much free memory; ValueError if none fit."""
+def planned_experts(
+    arch: MoEArchitecture, quant, vram_gb: float, ram_gb: float, embedding_on_host: bool | None = None
+) -> tuple[int, ...]:
+    """Experts per MoE layer the planner puts on a GPU with this much free memory; ValueError if none fit.
+
+    ``embedding_on_host``: as ``plan_memory`` takes it (None: the planner decides; False: on the GPU)."""
     from .planner import Budget, plan_memory
 
-    plan = plan_memory(arch, quant, Budget.given(vram_gb, ram_gb), "cuda")
+    plan = plan_memory(arch, quant, Budget.given(vram_gb, ram_gb), "cuda", embedding_on_host=embedding_on_host)
     if not plan.fits:
         why = plan.reasons[0] if plan.reasons else "no fit"
         raise ValueError(f"{arch.name} does not fit {vram_gb:g} GB VRAM / {ram_gb:g} GB RAM ({why}): no projection")

@@ -118,3 +118,14 @@ def test_the_table_stays_on_the_gpu_when_ram_cannot_take_it() -> None:
 def test_cpu_plans_have_no_table_to_move() -> None:
     plan = plan_memory(stock_config(), QuantConfig.for_bits(4, 2), Budget.given(None, 64), "cpu")
     assert not plan.embedding_on_host and plan.embedding_note == ""
+
+
+def test_twin_plans_with_the_table_where_the_planner_puts_it() -> None:
+    """The twin's default plan is the real one (table in host RAM, 179 experts); ``--embedding-on-gpu`` the old 175."""
+    from colab_helpers.twin_cli import _parser
+    from colab_helpers.twin_project import planned, planned_experts
+
+    assert planned().embedding_on_host and sum(planned_experts()) == 179
+    gpu = planned(embedding_on_host=False)
+    assert not gpu.embedding_on_host and sum(planned_experts(embedding_on_host=False)) == 175
+    assert _parser().parse_args(["--embedding-on-gpu"]).embedding_on_gpu
