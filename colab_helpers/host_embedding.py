@@ -59,6 +59,10 @@ class HostEmbedding(nn.Module):
         out = rows.to(self.device, non_blocking=self.pinned)
         return out.view(*ids.shape, self.embedding_dim)
 
+    def release(self) -> None:
+        """Drop the table now (``model.close_model``): its pages are unpinned when the last reference goes."""
+        self.weight = self.weight.new_empty((0, self.embedding_dim))
+
     def _apply(self, fn, recurse: bool = True):
         """``model.to(...)`` moves every other module; the table stays in host RAM (built in the compute dtype)."""
         return self

@@ -285,6 +285,9 @@ def close_model(model: MixtralForCausalLM) -> None:
     device = cache.device if cache is not None else next(model.parameters()).device
     if cache is not None:
         cache.close()
+    for m in model.modules():
+        if isinstance(m, HostEmbedding):  # model.to leaves its table in host RAM
+            m.release()
     model.to("meta")
     if device.type == "cuda":
         torch.cuda.synchronize(device)

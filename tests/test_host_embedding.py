@@ -129,3 +129,27 @@ def test_twin_plans_with_the_table_where_the_planner_puts_it() -> None:
     gpu = planned(embedding_on_host=False)
     assert not gpu.embedding_on_host and sum(planned_experts(embedding_on_host=False)) == 175
     assert _parser().parse_args(["--embedding-on-gpu"]).embedding_on_gpu
+
+
+def test_close_model_drops_the_host_table() -> None:
+    from colab_helpers.model import close_model
+
+    model = load_model(tiny_model_path(), experts_on_device=2, embedding_on_host=True, progress=False)
+    emb = model.model.embed_tokens
+    assert emb.weight.numel() > 0
+    close_model(model)
+    assert emb.weight.numel() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pinned_table_rows_reach_the_gpu_intact_across_back_to_back_lookups() -> None:
+    """Each lookup's pinned staging buffer must outlive its non_blocking copy (the caching host allocator's
+    recorded event): many lookups in a row, read only at the end, all equal ``F.embedding``."""
+    table = torch.randn(1000, 64, dtype=torch.float16)
+    emb = HostEmbedding(table, "cuda")
+    assert emb.pinned and emb.weight.is_pinned()
+    ids = [torch.randint(0, 1000, (1, 1), device="cuda") for _ in range(64)]
+    outs = [emb(i) for i in ids]
+    ref = table.cuda()
+    for i, out in zip(ids, outs, strict=True):
+        assert out.device.type == "cuda" and torch.equal(out, torch.nn.functional.embedding(i, ref))
