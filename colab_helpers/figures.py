@@ -73,10 +73,11 @@ class TwinRun:
 
 
 TRACE = "mixtral-8x7b-instruct-routing.npz"  # the recorded real routing (not shipped; read from its own folder)
-_TWIN = "python -m colab_helpers twin --json --tokens 96 --warmup 32 --trace TRACE.npz"
+_TWIN = "python -m colab_helpers twin --json --tokens 96 --warmup 32 --trace TRACE.npz --embedding-on-gpu"
 TWIN_DATE = "2026-12-07, this CPU machine (no GPU), main at e4dfa03"
 """When the twin rows were produced. Plan: ``plan --vram-gb 15 --ram-gb 12.7`` (6 experts per layer in 15
-layers, 5 in 17, 2 spare slots), ``lfu_decay``, the trace's four sequences back to back."""
+layers, 5 in 17, 2 spare slots: the embedding table on the GPU, hence ``--embedding-on-gpu`` since the planner
+moves it to host RAM), ``lfu_decay``, the trace's four sequences back to back."""
 
 TWIN_PREFETCH = TwinRun(
     "prefetch on, every guess copied, recall 0.8", 8.91, 0.936, 18.29, 4.10, 14.72, 95.9, 112.2, _TWIN

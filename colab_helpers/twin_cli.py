@@ -314,21 +314,23 @@ def _routing(args: argparse.Namespace, target: Target | None, names: list[str] |
 
 
 def _project(args: argparse.Namespace, target: Target | None, names: list[str] | None, hw: Hardware):
-    from .twin_family import planned_experts as family_plan
+    from .twin_family import planned as family_plan
 
     routing, label = _routing(args, target, names)
-    on_host = False  # a fixed K or another family: the embedding table on the GPU
+    on_host = False  # a fixed K (no plan): the embedding table on the GPU
     layers = NUM_LAYERS if target is None else len(target.arch.moe_layers)
     if args.experts_on_device:
         experts = NUM_EXPERTS if target is None else target.arch.num_experts
         if args.experts_on_device > experts:
             raise ValueError(f"--experts-on-device {args.experts_on_device}: the model has {experts} experts per layer")
         ks = (args.experts_on_device,) * layers
-    elif target is None or target.family is None:
-        plan = planned(args.vram_gb, args.ram_gb, False if args.embedding_on_gpu else None)
-        ks, on_host = tuple(plan.per_layer), plan.embedding_on_host  # the engine runs as planned
     else:
-        ks = family_plan(target.arch, target.quant, args.vram_gb, args.ram_gb, False if args.embedding_on_gpu else None)
+        where = False if args.embedding_on_gpu else None  # None: where the planner puts the table
+        if target is None or target.family is None:
+            plan = planned(args.vram_gb, args.ram_gb, where)
+        else:
+            plan = family_plan(target.arch, target.quant, args.vram_gb, args.ram_gb, where)
+        ks, on_host = tuple(plan.per_layer), plan.embedding_on_host  # the engine runs as planned
     family = None if target is None else target.family
     proj = project_ours(
         routing, ks, hw, args.recall, args.policy, not args.no_prefetch, args.tokens, args.warmup, family,
