@@ -125,6 +125,7 @@ def build_model(config, quant: QuantConfig, settings: BenchSettings, k, prefetch
         progress=False,
         dense_on_cpu=True,
         attention=_t4_attention() if settings.cap_vram_gb is not None else None,  # T4 emulation: its path
+        embedding_on_host=_cuda(settings),  # the planner's choice for Mixtral on a GPU: planned_experts counts it
     )
     trunk = random_trunk(config, quant, settings.device)
     return assemble_model(config, quant, trunk, random_experts(config, quant, settings.device), cfg)

@@ -21,6 +21,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from .runtime.attention import AttentionPath, choose_attention, install_attention, register
 from .runtime.experts import ExpertCache, ExpertLayout, experts_per_layer
+from .runtime.host_embedding import HostEmbedding, host_embedding_refusal
 from .runtime.linear import QuantLinear
 from .runtime.moe import OffloadedMoE, PrefetchConfig
 from .runtime.oss_experts import BiasedSwigluMoE, sink_attention
@@ -47,6 +48,7 @@ class OffloadConfig:
     progress: bool = True
     attention: AttentionPath | None = None  # default: chosen by the device's compute capability (attention.py)
     placement: LayerPlacement | None = None  # whole layers split across devices (several GPUs); None: all on device
+    embedding_on_host: bool | None = None  # table in host RAM, rows sent (host_embedding.py); None: the plan decides
 
     def attention_path(self) -> AttentionPath:
         return self.attention or choose_attention(resolve_device(self.device))
@@ -108,11 +110,14 @@ def load_model(
             dense_on_cpu=cfg.dense_on_cpu,
             suggest=False,
             attention=cfg.attention_path(),
+            embedding_on_host=cfg.embedding_on_host,
         )
         if cfg.check_memory:
             check_fits(plan)  # refuse before allocating anything, with the numbers
         if _is_auto(cfg.experts_on_device):
             cfg = replace(cfg, experts_on_device=plan.experts_on_device)
+        if cfg.embedding_on_host is None:
+            cfg = replace(cfg, embedding_on_host=plan.embedding_on_host)
     model = assemble_model(ckpt.config, ckpt.quant, ckpt.load_trunk(), ckpt.iter_experts(), cfg)
     model.checkpoint_path = str(path)
     model.memory_plan = plan
@@ -189,6 +194,8 @@ def assemble_model(
         raise ValueError(f"placement covers {placement.num_layers} layers, the model has {arch.num_layers}")
     if placement is not None and (why := split_refusal(arch)):
         raise ValueError(why)
+    if cfg.embedding_on_host and (why := host_embedding_refusal(arch)):
+        raise ValueError(f"embedding_on_host=True: {why}")
 
     def device_of(layer: int) -> torch.device:
         return dev if placement is None else placement.device(layer)
@@ -235,6 +242,10 @@ def assemble_model(
         # prefetch guesses stay on one device: the next router must see this layer's hidden state
         block.link([b for b in following if placement is None or placement.same_device(b.layer, r)])
 
+    if cfg.embedding_on_host:  # the table never visits the device: only looked-up rows are copied
+        table = trunk.pop("model.embed_tokens.weight").to("cpu", dtype)
+        model.model.embed_tokens = HostEmbedding(table, device_of(0))
+        del table
     # the rest of the trunk: embeddings, norms, biases, lm_head (names match the skeleton's)
     _, unexpected = model.load_state_dict({k: v.to(dev, dtype) for k, v in trunk.items()}, strict=False, assign=True)
     trunk.clear()  # the trunk shard's pages can go before the expert store is allocated
@@ -288,6 +299,9 @@ def close_model(model: MixtralForCausalLM) -> None:
     device = cache.device if cache is not None else next(model.parameters()).device
     if cache is not None:
         cache.close()
+    for m in model.modules():
+        if isinstance(m, HostEmbedding):  # model.to leaves its table in host RAM
+            m.release()
     model.to("meta")
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -20,6 +20,7 @@ from transformers import MixtralConfig
 
 from ..runtime.attention import T4_CAPABILITY, AttentionPath, choose_attention
 from ..runtime.experts import _ALIGN
+from ..runtime.host_embedding import host_embedding_refusal
 from ..runtime.oss_experts import sink_attention
 from ..weights.checkpoint import QUANT_CONFIG_KEY, QuantConfig, config_from_dict
 from ..weights.families import MoEArchitecture, from_transformers
@@ -44,6 +45,7 @@ SOURCES = {
     "attention": "counted: attention.AttentionPath.scratch_bytes",
     "reserve": "policy: VRAM never planned (>= 0.5 GB; docs/memory_plan.md)",
     "pow2": "torch CachingHostAllocator: PowerOf2Ceil",
+    "embedding": "exact: vocab x hidden fp16, page-locked (cudaHostRegister, no rounding)",
 }
 
 
@@ -95,6 +97,7 @@ class ModelSizes:
     resident_mlp_params: int = 0  # their weights' elements: what a CPU run's dense_on_cpu copies dequantize
     embed_bytes: int = 0  # fp16 embeddings (the first device's share of the trunk when layers are split)
     head_bytes: int = 0  # fp16 lm_head (unless tied and not stored), its bias and the final norm (the last device's)
+    embedding_refusal: str | None = None  # why the table must stay on the GPU (a tied lm_head), None if it may move
 
     @classmethod
     def of(cls, config: MixtralConfig | MoEArchitecture, quant: QuantConfig) -> ModelSizes:
@@ -152,6 +155,7 @@ class ModelSizes:
             resident_mlp_params=len(a.moe_layers) * a.shared_params + len(a.dense_layers) * a.dense_mlp_params,
             embed_bytes=2 * a.vocab * a.hidden,
             head_bytes=2 * head,
+            embedding_refusal=host_embedding_refusal(a),
         )
 
     @property
@@ -276,6 +280,8 @@ class MemoryPlan:
     chosen: bool = True  # False when the caller fixed experts_on_device and the plan only checks it
     dense_on_cpu: bool = True  # a CPU run keeps fp32 copies of resident weights (OffloadConfig.dense_on_cpu)
     attention: AttentionPath = field(default_factory=choose_attention)  # whose prefill scratch is counted
+    embedding_on_host: bool = False  # the fp16 embedding table in host RAM, rows sent per token (host_embedding.py)
+    embedding_note: str = ""  # why the table stays on the GPU when it could not move
 
     @property
     def fits(self) -> bool:
@@ -374,6 +380,8 @@ class MemoryPlan:
                 "prefill_chunk": self.attention.prefill_chunk,
             },
             "prefill_tokens": self.prefill_tokens,
+            "embedding_on_host": self.embedding_on_host,
+            "embedding_note": self.embedding_note,
             "rows": [
                 {"item": r.item, "vram_gb": round(r.vram / GB, 4), "ram_gb": round(r.ram / GB, 4), "source": r.source}
                 for r in self.rows
@@ -434,9 +442,15 @@ def _trunk_label(s: ModelSizes) -> str:
     return f"trunk: {s.attention_bits}-bit attention{mlps} + fp16 embed/lm_head/norms/router"
 
 
-def _cuda_fixed_rows(s: ModelSizes, context: int, m: Margins, attention: AttentionPath) -> list[Row]:
+def _cuda_fixed_rows(
+    s: ModelSizes, context: int, m: Margins, attention: AttentionPath, embedding_on_host: bool = False
+) -> list[Row]:
     """Everything on the GPU except the expert slots (whose number the plan chooses)."""
-    rows = [Row(_trunk_label(s), s.trunk_bytes, 0, SOURCES["exact"])]
+    if embedding_on_host:  # the table's bytes move to a RAM row (_cuda_rows)
+        label = _trunk_label(s).replace("fp16 embed/lm_head", "fp16 lm_head")
+        rows = [Row(label, s.trunk_bytes - s.embed_bytes, 0, SOURCES["exact"])]
+    else:
+        rows = [Row(_trunk_label(s), s.trunk_bytes, 0, SOURCES["exact"])]
     name, kv, src = _kv_row(s, context, 2)
     rows.append(Row(name, kv, 0, src))
     rows += [Row(f"prefill {name}", b, 0, src) for name, b, src in _transient_rows(s, context, 2, m, attention)]
@@ -459,11 +473,18 @@ def _process_rows(device: str, budget: Budget, m: Margins) -> list[Row]:
 
 
 def _cuda_rows(
-    s: ModelSizes, context: int, slots: int, host: int, budget: Budget, m: Margins, attention: AttentionPath
+    s: ModelSizes,
+    context: int,
+    slots: int,
+    host: int,
+    budget: Budget,
+    m: Margins,
+    attention: AttentionPath,
+    embedding_on_host: bool = False,
 ) -> list[Row]:
     pinned = host * s.slot_bytes
     alloc = _pinned_alloc(pinned, m.pinned_pow2)
-    rows = _cuda_fixed_rows(s, context, m, attention)
+    rows = _cuda_fixed_rows(s, context, m, attention, embedding_on_host)
     rows.insert(
         1, Row(f"expert slots: {slots} x {s.slot_bytes / MB:.2f} MB", slots * s.slot_bytes, 0, SOURCES["exact"])
     )
@@ -471,6 +492,9 @@ def _cuda_rows(
     rows.append(Row(f"pinned host experts: {host} x {s.slot_bytes / MB:.2f} MB", 0, pinned, SOURCES["exact"]))
     if alloc > pinned:
         rows.append(Row("pinned rounding up to a power of two", 0, alloc - pinned, SOURCES["pow2"]))
+    if embedding_on_host:
+        shape = f"{s.vocab} x {s.hidden}"
+        rows.append(Row(f"embedding table in pinned host RAM: {shape} fp16", 0, s.embed_bytes, SOURCES["embedding"]))
     rows += _load_rows(s)
     return rows
 
@@ -541,10 +565,16 @@ def _spread(placed: int, num_layers: int, num_experts: int) -> tuple[int, ...]:
 
 
 def _choose_cuda(
-    s: ModelSizes, context: int, budget: Budget, spare: int, m: Margins, attention: AttentionPath
+    s: ModelSizes,
+    context: int,
+    budget: Budget,
+    spare: int,
+    m: Margins,
+    attention: AttentionPath,
+    embedding_on_host: bool = False,
 ) -> tuple[tuple[int, ...], int]:
     """As many experts on the GPU as the free VRAM holds after everything else, the margins and the reserve."""
-    fixed = sum(r.vram for r in _cuda_fixed_rows(s, context, m, attention))
+    fixed = sum(r.vram for r in _cuda_fixed_rows(s, context, m, attention, embedding_on_host))
     n_slots = max(0, (budget.vram or 0) - fixed) // s.slot_bytes
     if n_slots >= s.total_experts:
         return (s.num_experts,) * s.expert_layers, 0
@@ -572,12 +602,51 @@ def plan_memory(
     suggest: bool = True,
     dense_on_cpu: bool = True,
     attention: AttentionPath | None = None,
+    embedding_on_host: bool | None = None,
 ) -> MemoryPlan:
     """Choose (or, when ``experts_on_device`` is given, check) where experts live; pure arithmetic.
 
     ``attention`` is the path whose prefill scratch is counted; default for a GPU: this GPU's when the
-    budget was measured here, else a T4's (compute capability 7.5).
+    budget was measured here, else a T4's (compute capability 7.5). ``embedding_on_host``: keep the fp16
+    embedding table in pinned host RAM and give its VRAM to expert slots (``host_embedding.py``); None (default)
+    decides: on a GPU, in host RAM when the plan then fits (RAM counts the table instead of VRAM), else on the GPU
+    with ``embedding_note`` saying why; a tied ``lm_head`` keeps it on the GPU. A CPU run has no choice to make.
     """
+    args = (config, quant, budget, device, context, experts_on_device, spare_slots, margins, suggest, dense_on_cpu)
+    dev = _device(device).type
+    refusal = ModelSizes.of(config, quant).embedding_refusal
+    if embedding_on_host and dev == "cuda" and refusal:
+        raise ValueError(f"embedding_on_host=True: {refusal}")
+    if embedding_on_host is not None or dev != "cuda":
+        return _plan(*args, attention, bool(embedding_on_host) and dev == "cuda")
+    if refusal:
+        return replace(_plan(*args, attention, False), embedding_note=refusal)
+    on_host = _plan(*args[:8], False, *args[9:], attention, True)
+    if on_host.fits:
+        return on_host
+    on_gpu = _plan(*args, attention, False)
+    if on_gpu.fits:  # less VRAM is planned on host, so only RAM can have refused the table
+        table = on_gpu.sizes.embed_bytes / GB
+        why = f"host RAM cannot also hold the {table:.3f} GB embedding table: it stays on the GPU"
+        return replace(on_gpu, embedding_note=why)
+    return on_gpu
+
+
+def _plan(
+    config: MixtralConfig,
+    quant: QuantConfig,
+    budget: Budget,
+    device: str | torch.device,
+    context: int,
+    experts_on_device: int | Sequence[int] | None,
+    spare_slots: int,
+    margins: Margins | None,
+    suggest: bool,
+    dense_on_cpu: bool,
+    attention: AttentionPath | None,
+    embedding_on_host: bool,
+) -> MemoryPlan:
+    """``plan_memory`` with the embedding table's place decided."""
     m = margins or Margins()
     s = ModelSizes.of(config, quant)
     dev = _device(device).type
@@ -591,14 +660,14 @@ def plan_memory(
     if experts_on_device is not None:
         ks = _normalize(experts_on_device, s)
     elif dev == "cuda":
-        ks, spare_slots = _choose_cuda(s, context, budget, spare_slots, m, attention)
+        ks, spare_slots = _choose_cuda(s, context, budget, spare_slots, m, attention, embedding_on_host)
     else:
         ks = _normalize(2, s)  # a CPU run: a small cache so offloading is exercised (memory is the same)
     host = s.total_experts - sum(ks)
     spare = spare_slots if host else 0
     slots = sum(ks) + spare
     if dev == "cuda":
-        rows = tuple(_cuda_rows(s, context, slots, host, budget, m, attention))
+        rows = tuple(_cuda_rows(s, context, slots, host, budget, m, attention, embedding_on_host))
     else:
         rows = tuple(_cpu_rows(s, context, slots, host, budget, m, attention, dense_on_cpu))
     plan = MemoryPlan(
@@ -613,6 +682,7 @@ def plan_memory(
         chosen=experts_on_device is None,
         dense_on_cpu=dense_on_cpu,
         attention=attention,
+        embedding_on_host=embedding_on_host,
     )
     reasons = _reasons(plan)
     if not reasons:
@@ -779,6 +849,8 @@ def _report_lines(plan: MemoryPlan) -> list[str]:
     lines += ["", *_arithmetic(plan), ""]
     if plan.fits:
         lines.append(f"FITS: {_placement(plan)}")
+        if cuda:
+            lines.append(f"  {_embedding_text(plan)}")
         lines += [f"  better: {x}" for x in plan.suggestions]  # a wider bit width that also fits
     else:
         lines.append("DOES NOT FIT:")
@@ -800,7 +872,7 @@ def _arithmetic(plan: MemoryPlan) -> list[str]:
             f"arithmetic: all {s.total_experts} experts and the trunk live in RAM on a CPU run; "
             f"{plan.device_experts} of them are 'device' slots"
         ]
-    fixed = sum(r.vram for r in _cuda_fixed_rows(s, plan.context, plan.margins, plan.attention))
+    fixed = sum(r.vram for r in _cuda_fixed_rows(s, plan.context, plan.margins, plan.attention, plan.embedding_on_host))
     room = (b.vram or 0) - fixed
     k, extra = divmod(plan.device_experts, s.expert_layers)
     split = f"{k} x {s.expert_layers}" + (f" + {extra} (one more in layers 0-{extra - 1})" if extra else "")
@@ -813,6 +885,13 @@ def _arithmetic(plan: MemoryPlan) -> list[str]:
         f"            host: {plan.host_experts} experts x {s.slot_bytes / MB:.2f} MB = "
         f"{plan.pinned_host_bytes / GB:.3f} GB pinned (allocated {plan.pinned_alloc_bytes / GB:.3f} GB)",
     ]
+
+
+def _embedding_text(plan: MemoryPlan) -> str:
+    table = f"{plan.sizes.embed_bytes / GB:.3f} GB"
+    if plan.embedding_on_host:
+        return f"embedding table in pinned host RAM ({table}; only each token's row is copied to the GPU)"
+    return f"embedding table on the GPU ({table})" + (f": {plan.embedding_note}" if plan.embedding_note else "")
 
 
 def _placement(plan: MemoryPlan) -> str:

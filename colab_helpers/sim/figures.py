@@ -74,10 +74,10 @@ class TwinRun:
 
 TRACE = "mixtral-8x7b-instruct-routing.npz"  # the recorded real routing (not shipped; read from its own folder)
 _TWIN = "python -m colab_helpers twin --json --tokens 96 --warmup 32 --trace TRACE.npz"
-TWIN_DATE = "2026-12-07, this CPU machine (no GPU), main after issue 19 (prefetch auto)"
-"""When the twin rows were produced. Plan: ``plan --vram-gb 15 --ram-gb 12.7`` (6 experts per layer in 15
-layers, 5 in 17, 2 spare slots), ``lfu_decay``, the trace's four sequences back to back. Loads are host->device
-bytes per token in expert units (a guess copied in chunks counts its chunks)."""
+TWIN_DATE = "2026-12-07, this CPU machine (no GPU), main after issue 19 (prefetch auto, embedding table in host RAM)"
+"""When the twin rows were produced. Plan: ``plan --vram-gb 15 --ram-gb 12.7`` (the embedding table in host RAM,
+179 experts on the GPU: 6 per layer in 19 layers, 5 in 13), ``lfu_decay``, the trace's four sequences back to
+back. Loads are host->device bytes per token in expert units (a guess copied in chunks counts its chunks)."""
 
 TWIN_NO_PREFETCH = TwinRun("prefetch off", 10.70, 0.798, 12.92, 12.92, 0.0, 69.7, 93.5, _TWIN + " --no-prefetch")
 TWIN_AUTO = TwinRun("prefetch auto (default), recall 0.8", 11.005, 0.798, 13.44, 11.77, 1.68, 72.6, 90.9, _TWIN)

@@ -25,7 +25,7 @@ from .twin import (
     paper_tok_s,
 )
 from .twin_family import TRACE_ENV, trace_path
-from .twin_project import FREE_T4, EngineProjection, compare_with_offload, planned_experts, project_ours
+from .twin_project import FREE_T4, EngineProjection, compare_with_offload, planned, project_ours
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=FREE_T4["ram_gb"],
         help="plan for this much host RAM, GB (default %(default)s, a free T4)",
+    )
+    p.add_argument(
+        "--embedding-on-gpu",
+        action="store_true",
+        help="plan with the embedding table on the GPU (default: where the planner puts it; on a free T4, host RAM)",
     )
     p.add_argument(
         "--experts-on-device",
@@ -309,24 +314,29 @@ def _routing(args: argparse.Namespace, target: Target | None, names: list[str] |
 
 
 def _project(args: argparse.Namespace, target: Target | None, names: list[str] | None, hw: Hardware):
-    from .twin_family import planned_experts as family_plan
+    from .twin_family import planned as family_plan
 
     routing, label = _routing(args, target, names)
+    on_host = False  # a fixed K (no plan): the embedding table on the GPU
     layers = NUM_LAYERS if target is None else len(target.arch.moe_layers)
     if args.experts_on_device:
         experts = NUM_EXPERTS if target is None else target.arch.num_experts
         if args.experts_on_device > experts:
             raise ValueError(f"--experts-on-device {args.experts_on_device}: the model has {experts} experts per layer")
         ks = (args.experts_on_device,) * layers
-    elif target is None or target.family is None:
-        ks = planned_experts(args.vram_gb, args.ram_gb)
     else:
-        ks = family_plan(target.arch, target.quant, args.vram_gb, args.ram_gb)
+        where = False if args.embedding_on_gpu else None  # None: where the planner puts the table
+        if target is None or target.family is None:
+            plan = planned(args.vram_gb, args.ram_gb, where)
+        else:
+            plan = family_plan(target.arch, target.quant, args.vram_gb, args.ram_gb, where)
+        ks, on_host = tuple(plan.per_layer), plan.embedding_on_host  # the engine runs as planned
     family = None if target is None else target.family
     proj = project_ours(
         routing, ks, hw, args.recall, args.policy, not args.no_prefetch, args.tokens, args.warmup, family,
-        _prefetch_config(args),
+        _prefetch_config(args), on_host,
     )  # fmt: skip
+    proj.notes["embedding"] = "host RAM (rows sent per token)" if on_host else "GPU"
     proj.notes["model"] = "Mixtral-8x7B (2-bit experts)" if target is None else target.name
     proj.notes["routing"] = label
     return proj

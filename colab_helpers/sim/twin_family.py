@@ -221,6 +221,7 @@ class FamilyTwin:
             dense_on_cpu=False,
             check_memory=False,
             progress=False,
+            embedding_on_host=run.embedding_on_host,
         )
         torch.manual_seed(run.seed)
         model = assemble_model(
@@ -276,12 +277,21 @@ def is_stock_mixtral(arch: MoEArchitecture, quant) -> bool:
     return same and quant == QuantConfig.for_bits(4, 2)
 
 
-def planned_experts(arch: MoEArchitecture, quant, vram_gb: float, ram_gb: float) -> tuple[int, ...]:
-    """Experts per MoE layer the planner puts on a GPU with this much free memory; ValueError if none fit."""
+def planned_experts(
+    arch: MoEArchitecture, quant, vram_gb: float, ram_gb: float, embedding_on_host: bool | None = None
+) -> tuple[int, ...]:
+    """Experts per MoE layer the planner puts on a GPU with this much free memory; ValueError if none fit.
+
+    ``embedding_on_host``: as ``plan_memory`` takes it (None: the planner decides; False: on the GPU)."""
+    return tuple(planned(arch, quant, vram_gb, ram_gb, embedding_on_host).per_layer)
+
+
+def planned(arch: MoEArchitecture, quant, vram_gb: float, ram_gb: float, embedding_on_host: bool | None = None):
+    """The planner's ``MemoryPlan`` for ``arch`` on a GPU with this much free memory; ValueError if none fit."""
     from ..planning.planner import Budget, plan_memory
 
-    plan = plan_memory(arch, quant, Budget.given(vram_gb, ram_gb), "cuda")
+    plan = plan_memory(arch, quant, Budget.given(vram_gb, ram_gb), "cuda", embedding_on_host=embedding_on_host)
     if not plan.fits:
         why = plan.reasons[0] if plan.reasons else "no fit"
         raise ValueError(f"{arch.name} does not fit {vram_gb:g} GB VRAM / {ram_gb:g} GB RAM ({why}): no projection")
-    return tuple(plan.per_layer)
+    return plan

@@ -17,15 +17,28 @@ from .twin_record import EngineRun, record_engine
 FREE_T4 = {"vram_gb": 15.0, "ram_gb": 12.7}  # what a fresh free Colab T4 reports (planner defaults)
 
 
-def planned_experts(vram_gb: float = FREE_T4["vram_gb"], ram_gb: float = FREE_T4["ram_gb"]) -> tuple[int, ...]:
+def planned_experts(
+    vram_gb: float = FREE_T4["vram_gb"], ram_gb: float = FREE_T4["ram_gb"], embedding_on_host: bool | None = None
+) -> tuple[int, ...]:
     """Experts per layer the planner puts on a GPU with this much free memory (2-bit Mixtral-8x7B)."""
+    return tuple(planned(vram_gb, ram_gb, embedding_on_host).per_layer)
+
+
+def planned(
+    vram_gb: float = FREE_T4["vram_gb"], ram_gb: float = FREE_T4["ram_gb"], embedding_on_host: bool | None = None
+):
+    """The planner's ``MemoryPlan`` for 2-bit Mixtral-8x7B on a GPU with this much free memory.
+
+    ``embedding_on_host``: as ``plan_memory`` takes it; None (default) is the planner's choice, which on a free
+    T4 puts the embedding table in host RAM (4 more expert slots); False is the plan with it on the GPU."""
     from ..planning.planner import Budget, plan_memory, stock_config
     from ..weights.checkpoint import QuantConfig
 
-    plan = plan_memory(stock_config(), QuantConfig.for_bits(4, 2), Budget.given(vram_gb, ram_gb), "cuda")
+    budget = Budget.given(vram_gb, ram_gb)
+    plan = plan_memory(stock_config(), QuantConfig.for_bits(4, 2), budget, "cuda", embedding_on_host=embedding_on_host)
     if not plan.fits:
         raise ValueError(f"the planner finds no fit for {vram_gb} GB VRAM / {ram_gb} GB RAM")
-    return tuple(plan.per_layer)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ def project_ours(
     warmup: int = 32,
     family=None,
     prefetch_config=None,
+    embedding_on_host: bool = False,
 ) -> EngineProjection:
     """Record our engine decoding ``routing`` [T, L, k] at ``experts_on_device`` and simulate it on ``hw``.
 
@@ -89,6 +103,7 @@ def project_ours(
         warmup_tokens=warmup,
         family=family,
         prefetch_config=prefetch_config,
+        embedding_on_host=embedding_on_host,
     )
     s = record_engine(run, routing)
     notes = dict(s.notes)

@@ -124,6 +124,12 @@ class ScheduleRecorder(TorchDispatchMode):
         self.weight_storages = {
             t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel() > 1
         }
+        from ..runtime.host_embedding import HostEmbedding
+
+        # a host-RAM embedding table (host_embedding.py): its gather reads the looked-up rows, on the host
+        self.host_tables = {
+            m.weight.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, HostEmbedding)
+        }
         self.schedule = Schedule()
         self.active = False  # recording (decode tokens only)
         self.paused = 0  # inside a fused call: its CPU fallback ops are not launches
@@ -182,6 +188,9 @@ class ScheduleRecorder(TorchDispatchMode):
         if name in _ALSO_SYNCING or not _is_launch(func):
             return out
         if name == "embedding":  # reads the looked-up rows only
+            nbytes = 2 * self._tensors_bytes(out)
+        elif name == "index_select" and args[0].untyped_storage().data_ptr() in self.host_tables:
+            # the host table's gather: host work of about one launch's cost, recorded as one small eager op
             nbytes = 2 * self._tensors_bytes(out)
         else:
             nbytes = self._tensors_bytes(args, kwargs, out)
@@ -347,6 +356,7 @@ class EngineRun:
     seed: int = 0
     family: object | None = None  # a ``twin_family.FamilyTwin`` (another model's narrow engine); None: Mixtral-8x7B
     prefetch_config: object | None = None  # a ``moe.PrefetchConfig`` (None: the default, on or off by ``prefetch``)
+    embedding_on_host: bool = False  # the embedding table in host RAM (host_embedding.py), as the plan may put it
 
     def prefetch_settings(self, **family_defaults):
         """The ``PrefetchConfig`` the engine runs with."""
@@ -377,6 +387,7 @@ def build_narrow_engine(run: EngineRun, routing: np.ndarray):
         dense_on_cpu=False,
         check_memory=False,
         progress=False,
+        embedding_on_host=run.embedding_on_host,
     )
     torch.manual_seed(run.seed)
     model = assemble_model(config, quant, random_trunk(config, quant), random_experts(config, quant), cfg)
