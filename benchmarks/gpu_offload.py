@@ -243,7 +243,7 @@ def run_variant(name, config, quant, settings, trace, k, prefetch, policy, note=
         tps,
         s["hit_rate"],
         s["misses"] / tokens,
-        s["prefetch_loads"] / tokens,
+        s["speculative_bytes"] / model.expert_cache.layout.nbytes / tokens,  # in expert units: chunks count
         s["h2d_bytes"] / tokens / 1e6,
         s["prefetch_precision"],
         s["prefetch_recall"],

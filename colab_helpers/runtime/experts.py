@@ -292,6 +292,7 @@ class CacheStats(RoutingCounters):
     h2d_bytes: list[int] = field(default_factory=list)
     d2h_bytes: list[int] = field(default_factory=list)
     wasted_bytes: list[int] = field(default_factory=list)  # prefetched bytes the layer did not use
+    speculative_bytes: list[int] = field(default_factory=list)  # host->device bytes copied for guesses (any mode)
     remaps: list[int] = field(default_factory=list)  # loads served by a freed slot still holding the expert
     staged: list[int] = field(default_factory=list)  # speculative loads into a free slot that started copying
     staged_used: list[int] = field(default_factory=list)  # ... that their layer then used
@@ -302,6 +303,7 @@ class CacheStats(RoutingCounters):
         "h2d_bytes",
         "d2h_bytes",
         "wasted_bytes",
+        "speculative_bytes",
         "remaps",
         "staged",
         "staged_used",
@@ -319,6 +321,7 @@ class CacheStats(RoutingCounters):
             "prefetch_precision": self.precision,
             "prefetch_recall": self.recall,
             "prefetch_wasted_bytes": sum(self.wasted_bytes),
+            "speculative_bytes": sum(self.speculative_bytes),
             "remaps": sum(self.remaps),
             "staged": sum(self.staged),
             "staged_used": sum(self.staged_used),
@@ -591,6 +594,8 @@ class ExpertCache:
         self._slot_ready[slot] = st.event
         st.issued += 1
         self.stats.h2d_bytes[st.layer] += b - a
+        if kind == SPECULATIVE:  # the rest of a used guess goes out as demand
+            self.stats.speculative_bytes[st.layer] += b - a
         if st.complete:
             self.stats.prefetch_loads[st.layer] += 1
 
@@ -731,6 +736,8 @@ class ExpertCache:
                 )
                 self._slot_ready[slot] = read_host = ready
                 self.stats.h2d_bytes[layer] += nbytes
+                if kind == SPECULATIVE:
+                    self.stats.speculative_bytes[layer] += nbytes
             drained = eng.copy(
                 self.host_buf[host],
                 self._slot_bufs[old],
