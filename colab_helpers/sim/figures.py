@@ -79,25 +79,25 @@ TWIN_DATE = "2026-12-07, this CPU machine (no GPU), main after issue 19 (prefetc
 179 experts on the GPU: 6 per layer in 19 layers, 5 in 13), ``lfu_decay``, the trace's four sequences back to
 back. Loads are host->device bytes per token in expert units (a guess copied in chunks counts its chunks)."""
 
-TWIN_NO_PREFETCH = TwinRun("prefetch off", 10.70, 0.798, 12.92, 12.92, 0.0, 69.7, 93.5, _TWIN + " --no-prefetch")
-TWIN_AUTO = TwinRun("prefetch auto (default), recall 0.8", 11.005, 0.798, 13.44, 11.77, 1.68, 72.6, 90.9, _TWIN)
+TWIN_NO_PREFETCH = TwinRun("prefetch off", 11.30, 0.813, 11.95, 11.95, 0.0, 64.5, 88.5, _TWIN + " --no-prefetch")
+TWIN_AUTO = TwinRun("prefetch auto (default), recall 0.8", 11.63, 0.813, 12.45, 10.88, 1.56, 67.2, 86.0, _TWIN)
 """Gated, preemptible prefetch ("auto", the engine's default): a guess is copied only into a free spare slot, in
 chunks paced one per layer step, and dropped when a demand copy comes; nothing resident is evicted for it."""
 TWIN_AUTO_R05 = TwinRun(
-    "prefetch auto, recall 0.5", 10.77, 0.798, 14.20, 12.22, 1.98, 76.7, 92.8, _TWIN + " --recall 0.5"
+    "prefetch auto, recall 0.5", 11.40, 0.813, 13.19, 11.30, 1.89, 71.2, 87.8, _TWIN + " --recall 0.5"
 )
 TWIN_AUTO_R10 = TwinRun(
-    "prefetch auto, every guess right (recall 1.0)", 11.19, 0.798, 12.92, 11.46, 1.45, 69.7, 89.4,
+    "prefetch auto, every guess right (recall 1.0)", 11.82, 0.813, 11.95, 10.59, 1.35, 64.5, 84.6,
     _TWIN + " --recall 1.0",
 )  # fmt: skip
 TWIN_EVICT = TwinRun(
-    "guesses that evict (old default), recall 0.8", 8.91, 0.936, 17.76, 3.04, 14.72, 95.9, 112.2,
+    "guesses that evict (old default), recall 0.8", 9.38, 0.939, 16.66, 2.90, 13.76, 89.9, 106.6,
     _TWIN + " --prefetch-mode evict",
 )  # fmt: skip
 """Every guess copied at once, evicting what the policy picks: the default before issue 19. On a saturated bus a
 wrong guess is a whole 5.4 ms copy that also evicts an expert needed later, so it is slower than no prefetch."""
 TWIN_EVICT_R10 = TwinRun(
-    "guesses that evict, every guess right (recall 1.0)", 11.43, 0.994, 12.92, 0.41, 12.51, 69.7, 87.5,
+    "guesses that evict, every guess right (recall 1.0)", 12.05, 0.994, 11.95, 0.41, 11.54, 64.5, 83.0,
     _TWIN + " --prefetch-mode evict --recall 1.0",
 )  # fmt: skip
 
