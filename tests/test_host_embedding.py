@@ -237,3 +237,36 @@ def test_generate_stream_and_chat_session_match_plain_transformers_with_the_host
     for q in questions:
         got, expected = chat.send(q), plain.send(q)
         assert got.token_ids == expected.token_ids and got.text == expected.text
+
+
+def test_host_ids_are_found_by_the_kv_cache_length_or_not_at_all() -> None:
+    """A forward embeds the tokens after what the cache holds: prompt slices, streamed tokens, both; a token
+    not streamed yet or a batch is not known on the host (the module then reads the device ids back)."""
+    from colab_helpers.runtime.host_embedding import HostIds, feeding_host_ids
+
+    class Held:
+        length = 0
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+    kv = Held()
+    fed = HostIds(torch.tensor([[5, 6, 7]]), kv)
+    assert fed.lookup(torch.Size([1, 3])).tolist() == [[5, 6, 7]]
+    kv.length = 2
+    assert fed.lookup(torch.Size([1, 1])).tolist() == [[7]] and fed.lookup(torch.Size([1, 2])) is None
+    fed.append([9, 4])
+    assert fed.lookup(torch.Size([1, 3])).tolist() == [[7, 9, 4]]
+    kv.length = 4
+    assert fed.lookup(torch.Size([1, 1])).tolist() == [[4]] and fed.lookup(torch.Size([2, 1])) is None
+    kv.length = 5
+    assert fed.lookup(torch.Size([1, 1])) is None
+    table = torch.randn(10, 4)
+    model = torch.nn.Module()
+    model.embed = HostEmbedding(table, "cpu")
+    model.get_input_embeddings = lambda: model.embed
+    kv.length = 3
+    with feeding_host_ids(model, fed) as lent:
+        assert lent and model.embed.feed is fed
+        assert torch.equal(model.embed(torch.tensor([[0]])), table[[9]].view(1, 1, 4))  # the fed id, not the arg
+    assert model.embed.feed is None and torch.equal(model.embed(torch.tensor([[0]])), table[[0]].view(1, 1, 4))
