@@ -234,7 +234,7 @@ def generate_stream(
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
-    host_ids = input_ids.cpu() if input_ids.device.type != "cpu" else input_ids  # once per answer, if at all
+    host_ids = input_ids  # as given (the tokenizer's: on the host); only a host embedding table reads it
     input_ids = input_ids.to(device)
     streamer = CallbackStreamer(tokenizer, on_text)
     stats = GenerationStats(prompt_tokens=int(input_ids.shape[-1]))

@@ -89,7 +89,7 @@ class HostIds:
     """
 
     def __init__(self, prompt: torch.Tensor, kv_cache) -> None:
-        self.prompt = prompt.reshape(-1)  # a host tensor: slices of it are views, not copies
+        self.prompt = prompt.reshape(-1)  # on the host, slices of it are views, not copies
         self.generated: list[int] = []
         self.kv_cache = kv_cache
 
@@ -108,6 +108,8 @@ class HostIds:
         end, held = start + shape[1], self.prompt.numel()
         if end > len(self):
             return None
+        if self.prompt.device.type != "cpu":  # a prompt given on the device: read once, by the first lookup
+            self.prompt = self.prompt.cpu()
         if end <= held:
             return self.prompt[start:end].view(1, -1)
         tail = torch.tensor(self.generated[max(start - held, 0) : end - held], dtype=self.prompt.dtype)
