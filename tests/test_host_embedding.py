@@ -153,3 +153,120 @@ def test_pinned_table_rows_reach_the_gpu_intact_across_back_to_back_lookups() ->
     ref = table.cuda()
     for i, out in zip(ids, outs, strict=True):
         assert out.device.type == "cuda" and torch.equal(out, torch.nn.functional.embedding(i, ref))
+
+
+# ---- our decode loop: the host ids it streams feed the table (no read-back) -------------------------------
+
+
+def _loaded(embedding_on_host: bool, prefill_chunk: int | None = None):
+    from dataclasses import replace
+
+    model = load_model(
+        tiny_model_path(), experts_on_device=4, dense_on_cpu=False, embedding_on_host=embedding_on_host, progress=False
+    )
+    if prefill_chunk is not None:
+        model.attention_path = replace(model.attention_path, prefill_chunk=prefill_chunk)
+    return model
+
+
+def _stream_syncs(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> tuple[int, list[int]]:
+    """Host syncs of one whole ``generate_stream`` call (counted as on CUDA), and its tokens."""
+    from colab_helpers.conversation.generation import SamplingConfig, generate_stream
+    from colab_helpers.sim.dispatch_count import count_ops
+
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
+    with count_ops(cuda_like=True) as c:
+        result = generate_stream(model, tokenizer, ids, sampling)
+    assert result.stats.stop_reason == "length"  # every token decoded: the counts cover new_tokens steps
+    return c.total.syncs, result.token_ids
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 4])
+def test_generate_stream_pays_no_sync_for_the_host_table(prefill_chunk) -> None:
+    """Through ``generate_stream`` (chunked prefill too) the host table costs no host sync: the whole call and
+    each decode token (the difference of a long and a short answer) count exactly what the table on the GPU
+    does, and the tokens are the same. ``model.generate`` keeps its one read-back per forward (above)."""
+    from colab_helpers.model import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path())
+    ids = PROMPT.clone()
+    ids[ids >= tokenizer.vocab_size] = 1
+    host, gpu = _loaded(True, prefill_chunk), _loaded(False, prefill_chunk)
+    eos = host.generation_config.eos_token_id
+    for m in (host, gpu):  # never stop early: the counts must cover every requested token
+        m.generation_config.eos_token_id = None
+    try:
+        counts = {}
+        for name, model in (("host", host), ("gpu", gpu)):
+            short, short_ids = _stream_syncs(model, tokenizer, ids, 3)
+            long, long_ids = _stream_syncs(model, tokenizer, ids, 9)
+            counts[name] = (short, long, long_ids)
+            assert long_ids[:3] == short_ids
+    finally:
+        host.generation_config.eos_token_id = gpu.generation_config.eos_token_id = eos
+    (hs, hl, h_ids), (gs, gl, g_ids) = counts["host"], counts["gpu"]
+    assert (hl - hs) / 6 == (gl - gs) / 6 > 0  # syncs per decode token: equal
+    assert hs == gs and hl == gl  # and the whole call, prefill included
+    assert h_ids == g_ids
+
+
+def test_generate_stream_and_chat_session_match_plain_transformers_with_the_host_table() -> None:
+    """Tokens and logits through ``generate_stream`` and a multi-turn ``ChatSession`` (KV cache reused, so
+    the second turn's prompt starts mid-cache) with the table in host RAM equal plain transformers (the
+    dequantized reference, table on its device) run the same way."""
+    from colab_helpers.conversation.generation import SamplingConfig, chat_prompt_ids, generate_stream
+    from colab_helpers.conversation.session import ChatSession
+    from colab_helpers.model import load_tokenizer
+
+    path = tiny_model_path()
+    ref = dequantized_reference(path)
+    model = load_model(path, experts_on_device=2, embedding_on_host=True, progress=False)
+    assert isinstance(model.model.embed_tokens, HostEmbedding)
+    tokenizer = load_tokenizer(path)
+    greedy = SamplingConfig(max_new_tokens=8)
+    ids = chat_prompt_ids(tokenizer, "What is the capital of France?")
+    result = generate_stream(model, tokenizer, ids, greedy)
+    want = ref.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[-1] :].tolist()
+    assert result.token_ids and result.token_ids == want[: len(result.token_ids)]
+    seq = torch.cat([ids, torch.tensor([result.token_ids])], dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(seq).logits, ref(seq).logits, rtol=1e-3, atol=1e-3)
+
+    questions = ("What is the capital of France?", "And of Italy?", "Thanks!")
+    chat, plain = ChatSession(model, tokenizer, greedy), ChatSession(ref, tokenizer, greedy)
+    for q in questions:
+        got, expected = chat.send(q), plain.send(q)
+        assert got.token_ids == expected.token_ids and got.text == expected.text
+
+
+def test_host_ids_are_found_by_the_kv_cache_length_or_not_at_all() -> None:
+    """A forward embeds the tokens after what the cache holds: prompt slices, streamed tokens, both; a token
+    not streamed yet or a batch is not known on the host (the module then reads the device ids back)."""
+    from colab_helpers.runtime.host_embedding import HostIds, feeding_host_ids
+
+    class Held:
+        length = 0
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+    kv = Held()
+    fed = HostIds(torch.tensor([[5, 6, 7]]), kv)
+    assert fed.lookup(torch.Size([1, 3])).tolist() == [[5, 6, 7]]
+    kv.length = 2
+    assert fed.lookup(torch.Size([1, 1])).tolist() == [[7]] and fed.lookup(torch.Size([1, 2])) is None
+    fed.append([9, 4])
+    assert fed.lookup(torch.Size([1, 3])).tolist() == [[7, 9, 4]]
+    kv.length = 4
+    assert fed.lookup(torch.Size([1, 1])).tolist() == [[4]] and fed.lookup(torch.Size([2, 1])) is None
+    kv.length = 5
+    assert fed.lookup(torch.Size([1, 1])) is None
+    table = torch.randn(10, 4)
+    model = torch.nn.Module()
+    model.embed = HostEmbedding(table, "cpu")
+    model.get_input_embeddings = lambda: model.embed
+    kv.length = 3
+    with feeding_host_ids(model, fed) as lent:
+        assert lent and model.embed.feed is fed
+        assert torch.equal(model.embed(torch.tensor([[0]])), table[[9]].view(1, 1, 4))  # the fed id, not the arg
+    assert model.embed.feed is None and torch.equal(model.embed(torch.tensor([[0]])), table[[0]].view(1, 1, 4))

@@ -16,6 +16,7 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from ..runtime.host_embedding import HostIds, feeding_host_ids
 from ..weights.tokenizer import require_chat_template
 
 
@@ -117,8 +118,11 @@ def chat_prompt_ids(tokenizer, message: str) -> torch.Tensor:
 class CallbackStreamer(BaseStreamer):
     """Decodes new tokens incrementally and hands text pieces to ``on_text`` (no threads)."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, skip_prompt: bool = True) -> None:
+    def __init__(
+        self, tokenizer, on_text: Callable[[str], None] | None, skip_prompt: bool = True, host_ids=None
+    ) -> None:
         self.tokenizer = tokenizer
+        self.host_ids = host_ids  # a ``HostIds`` the host embedding reads the next forward's id from
         self.on_text = on_text
         self.skip_prompt = skip_prompt
         self.token_ids: list[int] = []
@@ -131,7 +135,10 @@ class CallbackStreamer(BaseStreamer):
             return
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
-        self.token_ids.extend(value.reshape(-1).tolist())
+        new = value.reshape(-1).tolist()  # ``generate`` hands the streamer host tokens: no device read here
+        self.token_ids.extend(new)
+        if self.host_ids is not None:
+            self.host_ids.append(new)
         text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return
@@ -227,6 +234,7 @@ def generate_stream(
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     device = next(model.parameters()).device
+    host_ids = input_ids  # as given (the tokenizer's: on the host); only a host embedding table reads it
     input_ids = input_ids.to(device)
     streamer = CallbackStreamer(tokenizer, on_text)
     stats = GenerationStats(prompt_tokens=int(input_ids.shape[-1]))
@@ -239,20 +247,23 @@ def generate_stream(
             from ..runtime.kv_cache import new_kv_cache
 
             past_key_values = new_kv_cache(model, int(input_ids.shape[-1]) + sampling.max_new_tokens)
+        # a host-RAM embedding table gathers each forward's rows from these host ids: no read-back per token
+        streamer.host_ids = fed = HostIds(host_ids, past_key_values)
         cached = past_key_values.get_seq_length()
-        if chunk and input_ids.shape[-1] - 1 - cached > chunk:  # a long prompt: bounded activations
-            prefill(model, input_ids, past_key_values, chunk)
         kv = {_kv_cache_kwarg(model): past_key_values}
         if stop is not None:
             kv["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(stop)])
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            streamer=streamer,
-            return_dict_in_generate=True,
-            **kv,
-            **sampling.generate_kwargs(),
-        )
+        with feeding_host_ids(model, fed):
+            if chunk and input_ids.shape[-1] - 1 - cached > chunk:  # a long prompt: bounded activations
+                prefill(model, input_ids, past_key_values, chunk)
+            out = model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                streamer=streamer,
+                return_dict_in_generate=True,
+                **kv,
+                **sampling.generate_kwargs(),
+            )
         new_ids = out.sequences[0, input_ids.shape[-1] :].tolist()
         past_key_values = _output_cache(out, past_key_values)
         eos_ids = set(eos if isinstance(eos, list) else [eos])

@@ -10,7 +10,9 @@ real quantized layout, routing scripted from the real trace. While it decodes, t
   Triton GEMV the CUDA path takes for a few rows) is recorded as its launches;
 - every copy, at the engine's single copy seam (``CopyEngine.copy``): bytes, direction, stream, and the
   events it waits for; the compute stream's waits (``compute_waits``) and marks (``mark_compute``);
-- HF ``generate``'s own per-token ops and syncs, which a real run pays too.
+- HF ``generate``'s own per-token ops and syncs, which a real run pays too, decoding as
+  ``generate_stream`` does: a streamer takes each token on the host (one read per token, table on the GPU
+  or not) and a host-RAM embedding table gathers from those host ids, so it adds no read-back.
 
 Bytes are then scaled to full size: a weight (a model buffer/parameter) reads 256x its narrow bytes
 (both matrix dimensions are 16x), an expert buffer reads or moves ``EXPERT_BYTES / narrow expert bytes``,
@@ -399,6 +401,50 @@ def build_narrow_engine(run: EngineRun, routing: np.ndarray):
     return model
 
 
+class _HostIdsStreamer:
+    """``generate_stream``'s streamer, as far as the engine sees it: each token it gets (``generate`` reads it
+    back for the streamer, a sync recorded there) goes to the ``HostIds`` the host embedding reads."""
+
+    def __init__(self, fed, rec: ScheduleRecorder) -> None:
+        self.fed, self.rec, self.prompt_seen = fed, rec, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first sends the prompt
+            self.prompt_seen = True
+            return
+        self.rec.paused += 1  # the token is a host tensor here: reading it is free
+        try:
+            self.fed.append(value.reshape(-1).tolist())
+        finally:
+            self.rec.paused -= 1
+
+    def end(self) -> None:
+        pass
+
+
+def _decode_as_generate_stream(model, ids: torch.Tensor, n: int, rec: ScheduleRecorder) -> None:
+    """``n`` greedy tokens the way ``conversation.generation.generate_stream`` decodes them: a streamer
+    receives each token on the host, and a host-RAM embedding table gathers from those host ids (no
+    read-back). The KV cache is generate's default (a ``DynamicCache``), passed so the ids are found by its
+    length."""
+    from transformers import DynamicCache
+
+    from ..conversation.generation import _kv_cache_kwarg
+    from ..runtime.host_embedding import HostIds, feeding_host_ids
+
+    kv = DynamicCache(config=model.config)
+    fed = HostIds(ids, kv)
+    with feeding_host_ids(model, fed):
+        model.generate(
+            ids,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            streamer=_HostIdsStreamer(fed, rec),
+            **{_kv_cache_kwarg(model): kv},
+        )
+
+
 def record_engine(run: EngineRun, routing: np.ndarray) -> Schedule:
     """Decode ``run.decode_tokens`` tokens with the engine and return its recorded schedule."""
     model = build_narrow_engine(run, routing)
@@ -410,7 +456,7 @@ def record_engine(run: EngineRun, routing: np.ndarray) -> Schedule:
     n = run.warmup_tokens + run.decode_tokens + 1  # the first new token comes from the prefill forward
     # no_grad, not inference_mode: under inference_mode the mode sees ops before decomposition (to, sdpa)
     with torch.no_grad(), recording(model, skip_tokens=run.warmup_tokens) as rec:
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        _decode_as_generate_stream(model, ids, n, rec)
     s, w = rec.schedule, rec.window
     s.hit_rate = w["hits"] / max(w["hits"] + w["misses"], 1)
     per_token = 1 / max(s.tokens, 1)
