@@ -113,7 +113,7 @@ def test_converted_model_matches_reference_and_source(sources, tmp_path, bits: i
 
     source = random_mixtral().to(torch.bfloat16).float()
     spec = ckpt.quant.experts
-    layout = ExpertLayout.for_model(ckpt.config, ckpt.quant)
+    layout = ExpertLayout.of(ckpt.spec)
     buf = torch.empty(layout.nbytes, dtype=torch.uint8)
     inter = ckpt.config.intermediate_size
     for layer, e, tensors in ckpt.iter_experts():

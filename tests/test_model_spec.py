@@ -61,7 +61,7 @@ def test_spec_agrees_with_every_other_derivation(config, bits: int) -> None:
     # the planner's sizes and the cache's flat buffer
     sizes = ModelSizes.of(source, quant)
     assert spec.expert_bytes == sizes.expert_bytes
-    assert spec.expert_slot_bytes == sizes.slot_bytes == ExpertLayout.for_model(source, quant).nbytes
+    assert spec.expert_slot_bytes == sizes.slot_bytes == ExpertLayout.of(spec).nbytes
     assert spec.trunk_bytes == sizes.trunk_bytes
     assert spec.attention_layer_bytes == sizes.attention_layer_bytes
     assert spec.resident_mlp_bytes == sizes.resident_mlp_bytes
