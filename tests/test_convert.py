@@ -313,7 +313,7 @@ _RSS_SCRIPT = textwrap.dedent(
     r"""
     import json, re, sys
     import torch
-    from colab_helpers import convert as cv
+    from colab_helpers.weights import convert as cv
     from colab_helpers.weights.checkpoint import quantize_matrix
     from colab_helpers.weights.quant import DEFAULT_EXPERT_SPECS
     def status(field):  # VmHWM is this process's own peak (ru_maxrss would carry pytest's over exec)
