@@ -17,7 +17,6 @@ from colab_helpers.weights.checkpoint import (
     Checkpoint,
     CheckpointError,
     QuantConfig,
-    arch_of,
     expected_expert_tensors,
     expected_trunk_tensors,
     expert_file,
@@ -26,6 +25,7 @@ from colab_helpers.weights.checkpoint import (
     trunk_file,
 )
 from colab_helpers.weights.families import UnsupportedFamilyError
+from colab_helpers.weights.model_spec import ModelSpec
 
 FAMILIES = families()
 
@@ -53,7 +53,7 @@ def test_every_tensor_of_the_model_is_stored_once(family):
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight")
-    arch = arch_of(model.config)
+    arch = ModelSpec.of(model.config).arch
     names = [e.model_name for e in trunk_entries(model.config)]
     experts = [f"model.layers.{i}.mlp.experts.{n}" for i in arch.moe_layers for n in ("gate_up_proj", "down_proj")]
     assert sorted(names + experts) == sorted(sd)
@@ -64,9 +64,9 @@ def test_every_tensor_of_the_model_is_stored_once(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_saved_checkpoint_opens_as_its_family(saved, family):
     model, path = saved(family)
-    arch = arch_of(model.config)
+    arch = ModelSpec.of(model.config).arch
     ck = Checkpoint.open(path)
-    assert ck.family == family and arch_of(ck.config) == arch
+    assert ck.family == family and ck.arch == arch
     assert type(ck.config) is type(model.config)
     config = json.loads((path / CONFIG_FILE).read_text())
     assert config["model_type"] == family and config["architectures"] == [arch.model_class]

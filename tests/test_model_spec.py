@@ -20,7 +20,7 @@ from colab_helpers.sim import random_moe
 from colab_helpers.weights import checkpoint as ck
 from colab_helpers.weights.families import UnsupportedFamilyError, architecture
 from colab_helpers.weights.families.configs import shipped
-from colab_helpers.weights.model_spec import SLOT_ALIGN, ModelSpec, QuantConfig
+from colab_helpers.weights.model_spec import SLOT_ALIGN, ModelSpec, QuantConfig, arch_of
 
 QUANTS = {bits: QuantConfig.for_bits(4, bits) for bits in (2, 3, 4)}
 TINY = {f: random_moe.small_config(f) for f in random_moe.families()}
@@ -38,12 +38,12 @@ def _configs() -> list:
 @pytest.mark.parametrize("config", _configs())
 def test_spec_agrees_with_every_other_derivation(config, bits: int) -> None:
     source = config if not isinstance(config, dict) else ck.config_from_dict(config)
-    quant = QUANTS[bits].fitted(ck.arch_of(source))  # the settings save_checkpoint and the planner use
+    quant = QUANTS[bits].fitted(arch_of(source))  # the settings save_checkpoint and the planner use
     spec = ModelSpec.of(config, quant)
     arch = spec.arch
 
     # the family adapter and the checkpoint functions
-    assert arch == ck.arch_of(source)
+    assert arch == arch_of(source)
     assert dict(spec.expert_tensors) == ck.expected_expert_tensors(source, quant)
     assert dict(spec.trunk_tensors) == ck.expected_trunk_tensors(source, quant)
     as_tuples = lambda entries: [(e.name, e.shape, e.quantized) for e in entries]  # noqa: E731
@@ -84,7 +84,7 @@ def test_the_real_mixtral_checkpoint_is_the_demo_repos_bytes() -> None:
 
 def test_the_spec_is_resolved_once_and_read_only() -> None:
     a = ModelSpec.of(TINY["mixtral"], QUANTS[2])
-    assert ModelSpec.of(ck.arch_of(TINY["mixtral"]), QUANTS[2]) is a
+    assert ModelSpec.of(arch_of(TINY["mixtral"]), QUANTS[2]) is a
     with pytest.raises(TypeError):
         a.expert_tensors["w1.W_q"] = (torch.uint8, (1,))  # type: ignore[index]
 

@@ -21,12 +21,11 @@ import torch
 from transformers import MixtralConfig
 
 from .families import MoEArchitecture, UnsupportedFamilyError, detect_family, transformers_config
-from .model_spec import (  # noqa: F401  (QUANT_CONFIG_KEY, arch_of, to_transformers_name: re-exported)
+from .model_spec import (  # noqa: F401  (QUANT_CONFIG_KEY, to_transformers_name: re-exported)
     QUANT_CONFIG_KEY,
     ModelSpec,
     QuantConfig,
     TrunkEntry,
-    arch_of,
     to_transformers_name,
 )
 from .quant import SUFFIXES, QuantSpec
@@ -243,13 +242,13 @@ class Checkpoint:
 
     def verify(self) -> None:
         """Check every referenced file against the layout without reading tensor data."""
-        trunk_expected = expected_trunk_tensors(self.config, self.quant)
+        trunk_expected = self.spec.trunk_tensors
         by_file: dict[str, dict] = {}
         for key, file in self.trunk_files.items():
             by_file.setdefault(file, {})[key] = trunk_expected[key]
         for file, expected in by_file.items():
             check_tensors(self.root / file, read_header(self.root / file), expected, exact=False)
-        expert_expected = expected_expert_tensors(self.config, self.quant)
+        expert_expected = dict(self.spec.expert_tensors)
         for file in sorted(set(self.expert_files.values())):
             check_tensors(self.root / file, read_header(self.root / file), expert_expected, exact=True)
 
@@ -489,7 +488,7 @@ def write_layout_metadata(out: Path, cfg, quant: QuantConfig) -> None:
 
 def model_to_layout_names(sd: dict[str, torch.Tensor], cfg) -> Iterator[tuple[str, torch.Tensor]]:
     """A transformers 5 state dict's trunk tensors under the layout's names (``trunk_entries``); experts excluded."""
-    for entry in trunk_entries(cfg):
+    for entry in spec_of(cfg).trunk:
         yield entry.name, sd[entry.model_name]
 
 
