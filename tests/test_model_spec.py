@@ -44,10 +44,6 @@ def test_spec_agrees_with_every_other_derivation(config, bits: int) -> None:
 
     # the family adapter and the checkpoint functions
     assert arch == arch_of(source)
-    assert dict(spec.expert_tensors) == ck.expected_expert_tensors(source, quant)
-    assert dict(spec.trunk_tensors) == ck.expected_trunk_tensors(source, quant)
-    as_tuples = lambda entries: [(e.name, e.shape, e.quantized) for e in entries]  # noqa: E731
-    assert as_tuples(spec.trunk) == as_tuples(ck.trunk_entries(source))
     assert spec.quantized_trunk_shapes == ck.quantized_trunk_shapes(source)
     assert spec.expert_shapes == ck.expert_shapes(source) == arch.expert_shapes
     # every trunk tensor is one of the family's transformers state-dict tensors, with its shape

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from colab_helpers.runtime.linear import QuantLinear
-from colab_helpers.weights.checkpoint import QuantConfig, attention_shapes, expected_trunk_tensors, expert_shapes
+from colab_helpers.weights.checkpoint import QuantConfig, attention_shapes, expert_shapes
+from colab_helpers.weights.model_spec import ModelSpec
 from colab_helpers.weights.quant import (
     DEFAULT_EXPERT_SPECS,
     DEMO_ATTENTION_SPEC,
@@ -165,7 +166,7 @@ def test_real_mixtral_byte_sizes_match_the_format_doc() -> None:
     expert = sum(DEMO_EXPERT_SPEC.nbytes(s) for s in expert_shapes(cfg).values())
     attention = sum(DEMO_ATTENTION_SPEC.nbytes(s) for s in attention_shapes(cfg).values())
     trunk = 0
-    for dtype, shape in expected_trunk_tensors(cfg, quant).values():
+    for dtype, shape in dict(ModelSpec.of(cfg, quant).trunk_tensors).values():
         n = 1
         for s in shape:
             n *= s

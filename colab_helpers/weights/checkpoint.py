@@ -90,23 +90,6 @@ def expert_prefix(layer: int, expert: int, cfg=None) -> str:
     return f"model.layers.{layer}.{block}.experts.{expert}."
 
 
-def expected_expert_tensors(cfg, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
-    """Keys (relative to the expert), dtypes and shapes of one expert file's 21 tensors."""
-    return dict(spec_of(cfg, quant).expert_tensors)
-
-
-def trunk_entries(cfg) -> list[TrunkEntry]:
-    """Every non-expert tensor of a model of any supported family, as the trunk file stores it
-    (``model_spec``: which are quantized with the attention settings, which stay float16)."""
-    return list(spec_of(cfg).trunk)
-
-
-def expected_trunk_tensors(cfg, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
-    """Full names, dtypes and shapes of every tensor in the trunk file (``trunk_entries`` expanded: a
-    quantized matrix is its 7 tensors ``<name>.W_q`` ..., anything else one float16 tensor)."""
-    return dict(spec_of(cfg, quant).trunk_tensors)
-
-
 def quantized_trunk_shapes(cfg) -> dict[str, tuple[int, int]]:
     """``{transformers 5 name without .weight: (out, in)}`` of the trunk's quantized matrices."""
     return spec_of(cfg).quantized_trunk_shapes
@@ -487,12 +470,12 @@ def write_layout_metadata(out: Path, cfg, quant: QuantConfig) -> None:
 
 
 def model_to_layout_names(sd: dict[str, torch.Tensor], cfg) -> Iterator[tuple[str, torch.Tensor]]:
-    """A transformers 5 state dict's trunk tensors under the layout's names (``trunk_entries``); experts excluded."""
+    """A transformers 5 state dict's trunk tensors under the layout's names (``ModelSpec.trunk``); experts excluded."""
     for entry in spec_of(cfg).trunk:
         yield entry.name, sd[entry.model_name]
 
 
-# trunk matrices quantized with the attention settings (``trunk_entries``), by layout name
+# trunk matrices quantized with the attention settings (``ModelSpec.trunk``), by layout name
 QUANTIZED_TRUNK = re.compile(
     r"\.(self_attn\.([qkvo]|q_[ab]|kv_a|kv_b)_proj(_with_mqa)?|mlp\.(shared_experts?\.)?(gate|up|down)_proj)\.weight$"
 )  # kv_a_proj_with_mqa, kv_b_proj, q_a/q_b_proj: DeepSeek-V2's latent attention; shared_experts: its shared MLP
@@ -550,7 +533,7 @@ def save_checkpoint(
 
     Attention (and shared-expert / dense-layer MLPs) is quantized to ``attn_bits``, experts to
     ``expert_bits`` (HQQ's optimizer refines each group's zero when ``optimize``; on ``device`` when given);
-    embeddings, norms, biases, routers and ``lm_head`` stay float16 (``trunk_entries``). The same per-tensor
+    embeddings, norms, biases, routers and ``lm_head`` stay float16 (``ModelSpec.trunk``). The same per-tensor
     functions serve the streaming converter (``convert.py``), so a model saved here and the same model
     converted from its ``save_pretrained`` shards are byte-identical.
     """
