@@ -40,7 +40,7 @@ from colab_helpers.runtime.experts import ExpertLayout
 from colab_helpers.runtime.kernels import expert_mlp
 from colab_helpers.runtime.moe import PrefetchConfig
 from colab_helpers.sim.synthetic import ScriptedRouter, mixtral_8x7b_config, random_experts, random_trunk, smoke_config
-from colab_helpers.weights.checkpoint import QuantConfig, expert_shapes
+from colab_helpers.weights.checkpoint import QuantConfig
 from colab_helpers.weights.model_spec import ModelSpec
 
 T4_VRAM_BUDGET_GB = 15.0  # what torch.cuda.mem_get_info reports free on a fresh Colab T4 (≈15.1 GB)
@@ -362,7 +362,7 @@ def kernel_bandwidth(config, quant, settings: BenchSettings, repeats: int = 20) 
     gbs = layout.nbytes / seconds / 1e9
     name = torch.cuda.get_device_name() if _cuda(settings) else "cpu"
     peak = next((v for k, v in PEAK_GBS.items() if k in name), None)
-    shapes = expert_shapes(config)
+    shapes = ModelSpec.of(config).expert_shapes
     return {
         "expert_us": seconds * 1e6,
         "kernel_gbs": gbs,

@@ -44,8 +44,11 @@ def test_spec_agrees_with_every_other_derivation(config, bits: int) -> None:
 
     # the family adapter and the checkpoint functions
     assert arch == arch_of(source)
-    assert spec.quantized_trunk_shapes == ck.quantized_trunk_shapes(source)
-    assert spec.expert_shapes == ck.expert_shapes(source) == arch.expert_shapes
+    attention = {
+        f"model.layers.{i}.self_attn.{p}": s for i in range(arch.num_layers) for p, s in arch.attention_shapes.items()
+    }
+    assert spec.quantized_trunk_shapes.items() >= attention.items()  # attention is quantized, in every layer
+    assert spec.expert_shapes == arch.expert_shapes
     # every trunk tensor is one of the family's transformers state-dict tensors, with its shape
     # (Mixtral's layout stores lm_head even when tied; the others' lm_head is absent when tied)
     trunk = {e.model_name: e.shape for e in spec.trunk}

@@ -65,20 +65,6 @@ def spec_of(cfg, quant: QuantConfig | None = None) -> ModelSpec:
     return ModelSpec.of(cfg, quant)
 
 
-def head_dim(cfg) -> int:
-    return spec_of(cfg).arch.head_dim
-
-
-def attention_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """``{q_proj|k_proj|v_proj|o_proj: (out, in)}`` of one layer."""
-    return spec_of(cfg).arch.attention_shapes
-
-
-def expert_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """One routed expert's ``w1`` (gate), ``w2`` (down), ``w3`` (up), ``(out, in)`` each."""
-    return spec_of(cfg).expert_shapes
-
-
 def legacy_names(cfg) -> bool:
     """Mixtral keeps the public demo's old names (``block_sparse_moe``) in the trunk and the index."""
     return spec_of(cfg).legacy_names
@@ -88,11 +74,6 @@ def expert_prefix(layer: int, expert: int, cfg=None) -> str:
     """The index's name prefix of one expert (``layer`` is the decoder layer); ``cfg`` None means Mixtral."""
     block = "block_sparse_moe" if cfg is None or legacy_names(cfg) else "mlp"
     return f"model.layers.{layer}.{block}.experts.{expert}."
-
-
-def quantized_trunk_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """``{transformers 5 name without .weight: (out, in)}`` of the trunk's quantized matrices."""
-    return spec_of(cfg).quantized_trunk_shapes
 
 
 # --------------------------------------------------------------------------------------------------
