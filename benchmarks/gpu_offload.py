@@ -40,7 +40,8 @@ from colab_helpers.runtime.experts import ExpertLayout
 from colab_helpers.runtime.kernels import expert_mlp
 from colab_helpers.runtime.moe import PrefetchConfig
 from colab_helpers.sim.synthetic import ScriptedRouter, mixtral_8x7b_config, random_experts, random_trunk, smoke_config
-from colab_helpers.weights.checkpoint import QuantConfig, expert_shapes
+from colab_helpers.weights.checkpoint import QuantConfig
+from colab_helpers.weights.model_spec import ModelSpec
 
 T4_VRAM_BUDGET_GB = 15.0  # what torch.cuda.mem_get_info reports free on a fresh Colab T4 (≈15.1 GB)
 COLAB_RAM_GB = 12.7  # a free Colab session's host RAM
@@ -272,7 +273,7 @@ def naive_offload(
     """Whole-layer offloading (accelerate ``device_map`` style): every token copies all of a layer's
     experts in before using it, synchronously. Timed: the copies of ``naive_tokens`` tokens; compute
     per token taken from the all-resident run (``compute_from`` says which run when that was skipped)."""
-    layout = ExpertLayout.for_model(config, quant)
+    layout = ExpertLayout.of(ModelSpec.of(config, quant))
     pin = settings.device.startswith("cuda")
     host = torch.empty(config.num_local_experts, layout.nbytes, dtype=torch.uint8, pin_memory=pin)
     dev = torch.empty_like(host, device=settings.device)
@@ -330,7 +331,7 @@ def kernel_bandwidth(config, quant, settings: BenchSettings, repeats: int = 20) 
     from colab_helpers.runtime.kernels import use_fused_kernel
     from colab_helpers.weights.quant import QuantizedWeight
 
-    layout = ExpertLayout.for_model(config, quant)
+    layout = ExpertLayout.of(ModelSpec.of(config, quant))
     tensors = next(random_experts(config, quant, settings.device, distinct=1))[2]
     staging = torch.empty(layout.nbytes, dtype=torch.uint8)
     layout.pack(tensors, staging)
@@ -361,7 +362,7 @@ def kernel_bandwidth(config, quant, settings: BenchSettings, repeats: int = 20) 
     gbs = layout.nbytes / seconds / 1e9
     name = torch.cuda.get_device_name() if _cuda(settings) else "cpu"
     peak = next((v for k, v in PEAK_GBS.items() if k in name), None)
-    shapes = expert_shapes(config)
+    shapes = ModelSpec.of(config).expert_shapes
     return {
         "expert_us": seconds * 1e6,
         "kernel_gbs": gbs,
@@ -557,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     # cheap measurements first: a run stopped by a time box still has them
-    bw.update(bandwidth(settings, ExpertLayout.for_model(config, quant).nbytes))
+    bw.update(bandwidth(settings, ExpertLayout.of(ModelSpec.of(config, quant)).nbytes))
     kb.update(kernel_bandwidth(config, quant, settings))
     save()
     full_k, experts = settings.full_k, config.num_local_experts

@@ -26,7 +26,8 @@ from .runtime.linear import QuantLinear
 from .runtime.moe import OffloadedMoE, PrefetchConfig
 from .runtime.oss_experts import BiasedSwigluMoE, sink_attention
 from .runtime.placement import ExpertCacheGroup, LayerPlacement, place_layers, split_refusal
-from .weights.checkpoint import SUFFIXES, Checkpoint, QuantConfig, arch_of, quantized_trunk_shapes
+from .weights.checkpoint import SUFFIXES, Checkpoint, QuantConfig
+from .weights.model_spec import ModelSpec
 from .weights.quant import QuantizedWeight
 from .weights.tokenizer import load_tokenizer  # noqa: F401  (re-exported: model.load_tokenizer)
 
@@ -180,7 +181,8 @@ def assemble_model(
     """
     from tqdm.auto import tqdm
 
-    arch = arch_of(mcfg)
+    spec = ModelSpec.of(mcfg, quant)  # the one model description: shapes, quantization, expert layout
+    arch = spec.arch
     if getattr(mcfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"experts with activation {mcfg.hidden_act!r} are not supported (the kernels are SiLU)")
     dev = resolve_device(cfg.device)
@@ -206,7 +208,7 @@ def assemble_model(
         model = getattr(transformers, arch.model_class)(mcfg)
     model.eval().requires_grad_(False)
 
-    for name, shape in quantized_trunk_shapes(mcfg).items():  # attention; shared-expert and dense-layer MLPs
+    for name, shape in spec.quantized_trunk_shapes.items():  # attention; shared-expert and dense-layer MLPs
         at = device_of(int(name.split(".")[2]))
         tensors = {s: trunk.pop(f"{name}.{s}").to(at) for s in SUFFIXES}
         qw = QuantizedWeight.from_tensors(quant.attention, shape, tensors)
@@ -258,12 +260,12 @@ def assemble_model(
     moe_layers = len(arch.moe_layers)
     if placement is None:
         model.to(dev)
-        cache = _expert_cache(mcfg, quant, moe_layers, k, dev, cfg)
+        cache = _expert_cache(spec, moe_layers, k, dev, cfg)
     else:
         model.boundary_hooks = place_layers(model, placement)
         ks = experts_per_layer(k, moe_layers, arch.num_experts)
         caches = [
-            _expert_cache(mcfg, quant, n, ks[start : start + n], torch.device(d), cfg)
+            _expert_cache(spec, n, ks[start : start + n], torch.device(d), cfg)
             for d, start, n in zip(placement.devices, placement.starts, placement.counts, strict=True)
         ]
         cache = ExpertCacheGroup(caches, placement)
@@ -308,11 +310,11 @@ def close_model(model: MixtralForCausalLM) -> None:
         torch.cuda.empty_cache()
 
 
-def _expert_cache(mcfg, quant: QuantConfig, layers: int, ks, device: torch.device, cfg: OffloadConfig):
+def _expert_cache(spec: ModelSpec, layers: int, ks, device: torch.device, cfg: OffloadConfig):
     return ExpertCache(
-        ExpertLayout.for_model(mcfg, quant),
+        ExpertLayout.of(spec),
         layers,
-        arch_of(mcfg).num_experts,
+        spec.num_experts,
         ks,
         device=device,
         policy=cfg.policy,
@@ -327,16 +329,17 @@ def dequantized_reference(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     The ground truth for parity tests and the CPU overhead benchmark; small models only.
     """
     ckpt = Checkpoint.open(Path(path))
-    mcfg, arch = ckpt.config, ckpt.arch
+    mcfg, spec = ckpt.config, ckpt.spec
+    arch = spec.arch
     mcfg._attn_implementation = "eager" if arch.attn_sinks else "sdpa"  # transformers' SDPA drops gpt-oss's sinks
     model = getattr(transformers, arch.model_class)(mcfg).eval().requires_grad_(False)
     sd = ckpt.load_trunk()
-    for name, shape in quantized_trunk_shapes(mcfg).items():
+    for name, shape in spec.quantized_trunk_shapes.items():
         t = {s: sd.pop(f"{name}.{s}") for s in SUFFIXES}
         sd[f"{name}.weight"] = QuantizedWeight.from_tensors(ckpt.quant.attention, shape, t).dequantize()
     if "lm_head.weight" not in sd:  # tied, not stored
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    layout = ExpertLayout.for_model(mcfg, ckpt.quant)
+    layout = ExpertLayout.of(spec)
     inter = arch.expert_intermediate
     gate_up = {i: torch.zeros(arch.fused_expert_shapes["gate_up_proj"]) for i in arch.moe_layers}
     down = {i: torch.zeros(arch.fused_expert_shapes["down_proj"]) for i in arch.moe_layers}

@@ -11,20 +11,21 @@ from hypothesis import strategies as st
 
 from colab_helpers.runtime.experts import ExpertCache, ExpertLayout, deferred_interrupts
 from colab_helpers.runtime.policies import POLICIES
-from colab_helpers.weights.checkpoint import QuantConfig, expected_expert_tensors
+from colab_helpers.weights.checkpoint import QuantConfig
+from colab_helpers.weights.model_spec import ModelSpec
 from tests.conftest import tiny_config
 
 LAYERS, EXPERTS = 3, 8
 CONFIG = tiny_config(LAYERS)
 QUANT = QuantConfig()
-LAYOUT = ExpertLayout.for_model(CONFIG, QUANT)
+LAYOUT = ExpertLayout.of(ModelSpec.of(CONFIG, QUANT))
 
 
 def expert_tensors(layer: int, expert: int) -> dict[str, torch.Tensor]:
     """Distinct random contents per expert, so any mix-up shows in the bytes."""
     g = torch.Generator().manual_seed(1000 * layer + expert)
     out = {}
-    for key, (dtype, shape) in expected_expert_tensors(CONFIG, QUANT).items():
+    for key, (dtype, shape) in dict(ModelSpec.of(CONFIG, QUANT).expert_tensors).items():
         if dtype == torch.float16:
             out[key] = torch.randn(shape, generator=g).half()
         else:

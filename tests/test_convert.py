@@ -22,7 +22,7 @@ from colab_helpers.model import dequantized_reference, load_model
 from colab_helpers.runtime.experts import ExpertLayout
 from colab_helpers.sim.random_mixtral import random_mixtral, save_hub_format, small_config
 from colab_helpers.weights import convert as cv
-from colab_helpers.weights.checkpoint import Checkpoint, expert_shapes, save_checkpoint
+from colab_helpers.weights.checkpoint import Checkpoint, save_checkpoint
 from colab_helpers.weights.families import from_transformers
 from colab_helpers.weights.families.source_names import source_names
 
@@ -113,7 +113,7 @@ def test_converted_model_matches_reference_and_source(sources, tmp_path, bits: i
 
     source = random_mixtral().to(torch.bfloat16).float()
     spec = ckpt.quant.experts
-    layout = ExpertLayout.for_model(ckpt.config, ckpt.quant)
+    layout = ExpertLayout.of(ckpt.spec)
     buf = torch.empty(layout.nbytes, dtype=torch.uint8)
     inter = ckpt.config.intermediate_size
     for layer, e, tensors in ckpt.iter_experts():
@@ -124,7 +124,7 @@ def test_converted_model_matches_reference_and_source(sources, tmp_path, bits: i
         exp = source.model.layers[layer].mlp.experts
         src = {"w1": exp.gate_up_proj[e, :inter], "w3": exp.gate_up_proj[e, inter:], "w2": exp.down_proj[e]}
         for mat, w in src.items():
-            assert ours[mat].shape == expert_shapes(ckpt.config)[mat]
+            assert ours[mat].shape == ckpt.spec.expert_shapes[mat]
             wq, meta = Quantizer.quantize(
                 w, nbits=bits, group_size=spec.group_size, optimize=True, axis=0, device="cpu",
                 compute_dtype=torch.float32, round_zero=bits == 4, bitpack=False,
@@ -313,7 +313,7 @@ _RSS_SCRIPT = textwrap.dedent(
     r"""
     import json, re, sys
     import torch
-    from colab_helpers import convert as cv
+    from colab_helpers.weights import convert as cv
     from colab_helpers.weights.checkpoint import quantize_matrix
     from colab_helpers.weights.quant import DEFAULT_EXPERT_SPECS
     def status(field):  # VmHWM is this process's own peak (ru_maxrss would carry pytest's over exec)

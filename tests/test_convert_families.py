@@ -22,9 +22,10 @@ from colab_helpers.model import dequantized_reference, load_model
 from colab_helpers.sim.random_mixtral import save_hub_format
 from colab_helpers.sim.random_moe import families, random_model, small_config
 from colab_helpers.weights import convert as cv
-from colab_helpers.weights.checkpoint import Checkpoint, save_checkpoint, trunk_entries
+from colab_helpers.weights.checkpoint import Checkpoint, save_checkpoint
 from colab_helpers.weights.families import adapters, from_transformers
 from colab_helpers.weights.families.source_names import source_names
+from colab_helpers.weights.model_spec import ModelSpec
 
 # every tiny family variant (shared expert, dense layers, biases, sparsemixer ...) and one with tied embeddings
 CASES = {f: (f, {}) for f in families()} | {"qwen3_moe-tied": ("qwen3_moe", {"tie_word_embeddings": True})}
@@ -177,7 +178,7 @@ def test_the_layout_stores_what_the_source_names_cover() -> None:
     for case in CASES:
         config = tiny_model(case).config
         arch = from_transformers(config)
-        stored = {e.model_name for e in trunk_entries(config)}
+        stored = {e.model_name for e in ModelSpec.of(config).trunk}
         dropped = {"lm_head.weight"} if arch.tie_embeddings and arch.family != "mixtral" else set()
         assert stored == set(arch.trunk_shapes) - dropped, case
 

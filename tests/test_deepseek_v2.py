@@ -15,9 +15,10 @@ import torch
 from colab_helpers.model import dequantized_reference, load_model
 from colab_helpers.planning.planner import ModelSizes
 from colab_helpers.sim.random_moe import random_model, small_config
-from colab_helpers.weights.checkpoint import QuantConfig, quantized_trunk_shapes, save_checkpoint
+from colab_helpers.weights.checkpoint import QuantConfig, save_checkpoint
 from colab_helpers.weights.families import architecture
 from colab_helpers.weights.families.configs import shipped
+from colab_helpers.weights.model_spec import ModelSpec
 
 pytestmark = pytest.mark.skipif(not hasattr(__import__("transformers"), "DeepseekV2Config"), reason="no DeepSeek-V2")
 PROMPT = torch.tensor([[1, 17, 45, 99, 3, 64, 12, 7, 88, 23, 5, 41]])
@@ -47,7 +48,7 @@ def test_routing_variants_match_transformers_and_change_the_logits(tmp_path, ove
 
 def test_latent_attention_projections_are_quantized_and_its_norm_is_not() -> None:
     config = small_config("deepseek_v2")
-    quantized = quantized_trunk_shapes(config)
+    quantized = ModelSpec.of(config).quantized_trunk_shapes
     assert quantized["model.layers.1.self_attn.kv_a_proj_with_mqa"] == (128 + 64, 256)
     assert quantized["model.layers.1.self_attn.kv_b_proj"] == (8 * (32 + 32), 128)
     assert quantized["model.layers.1.mlp.shared_experts.down_proj"] == (256, 512)
@@ -70,7 +71,7 @@ def test_lite_plans_one_latent_per_token_and_layer_in_the_kv_cache() -> None:
 def test_full_deepseek_v2_query_lora_matches_transformers(tmp_path) -> None:
     """DeepSeek-V2 (not Lite) compresses queries too: q_a_proj -> q_a_layernorm -> q_b_proj."""
     config = small_config("deepseek_v2", q_lora_rank=64)
-    assert set(quantized_trunk_shapes(config)) >= {
+    assert set(ModelSpec.of(config).quantized_trunk_shapes) >= {
         "model.layers.1.self_attn.q_a_proj",
         "model.layers.1.self_attn.q_b_proj",
     }

@@ -17,15 +17,12 @@ from colab_helpers.weights.checkpoint import (
     Checkpoint,
     CheckpointError,
     QuantConfig,
-    arch_of,
-    expected_expert_tensors,
-    expected_trunk_tensors,
     expert_file,
     save_checkpoint,
-    trunk_entries,
     trunk_file,
 )
 from colab_helpers.weights.families import UnsupportedFamilyError
+from colab_helpers.weights.model_spec import ModelSpec
 
 FAMILIES = families()
 
@@ -53,20 +50,20 @@ def test_every_tensor_of_the_model_is_stored_once(family):
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight")
-    arch = arch_of(model.config)
-    names = [e.model_name for e in trunk_entries(model.config)]
+    arch = ModelSpec.of(model.config).arch
+    names = [e.model_name for e in ModelSpec.of(model.config).trunk]
     experts = [f"model.layers.{i}.mlp.experts.{n}" for i in arch.moe_layers for n in ("gate_up_proj", "down_proj")]
     assert sorted(names + experts) == sorted(sd)
-    for e in trunk_entries(model.config):
+    for e in ModelSpec.of(model.config).trunk:
         assert tuple(sd[e.model_name].shape) == e.shape, e.name
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_saved_checkpoint_opens_as_its_family(saved, family):
     model, path = saved(family)
-    arch = arch_of(model.config)
+    arch = ModelSpec.of(model.config).arch
     ck = Checkpoint.open(path)
-    assert ck.family == family and arch_of(ck.config) == arch
+    assert ck.family == family and ck.arch == arch
     assert type(ck.config) is type(model.config)
     config = json.loads((path / CONFIG_FILE).read_text())
     assert config["model_type"] == family and config["architectures"] == [arch.model_class]
@@ -79,9 +76,9 @@ def test_a_saved_checkpoint_opens_as_its_family(saved, family):
     block = "block_sparse_moe" if family == "mixtral" else "mlp"
     assert index[f"model.layers.{last}.{block}.experts.7.w2.W_q"] == expert_file(ck.config, last, 7) == files[-1]
     expert = load_file(path / files[-1])
-    assert set(expert) == set(expected_expert_tensors(ck.config, ck.quant)) and len(expert) == 21
+    assert set(expert) == set(dict(ModelSpec.of(ck.config, ck.quant).expert_tensors)) and len(expert) == 21
     trunk = load_file(path / trunk_file(ck.config))
-    assert set(trunk) == set(expected_trunk_tensors(ck.config, ck.quant))
+    assert set(trunk) == set(dict(ModelSpec.of(ck.config, ck.quant).trunk_tensors))
 
 
 def test_family_specific_trunk_tensors(saved):
@@ -122,8 +119,8 @@ def test_the_planner_sizes_are_the_layout(family, bits):
     config = small_config(family)
     quant = QuantConfig.for_bits(*bits)
     sizes = ModelSizes.of(config, quant)
-    assert sizes.trunk_bytes == _tensor_bytes(expected_trunk_tensors(config, quant))
-    assert sizes.expert_bytes == _tensor_bytes(expected_expert_tensors(config, quant))
+    assert sizes.trunk_bytes == _tensor_bytes(dict(ModelSpec.of(config, quant).trunk_tensors))
+    assert sizes.expert_bytes == _tensor_bytes(dict(ModelSpec.of(config, quant).expert_tensors))
 
 
 def test_a_mixtral_config_without_model_type_opens_as_mixtral(saved, tmp_path):

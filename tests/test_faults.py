@@ -13,6 +13,7 @@ from colab_helpers.conversation.session import ChatSession
 from colab_helpers.model import close_model, load_model, load_tokenizer
 from colab_helpers.runtime import kernels, pinning
 from colab_helpers.runtime.experts import ExpertCache, ExpertLayout
+from colab_helpers.weights.model_spec import ModelSpec
 from colab_helpers.weights.quant import DEMO_EXPERT_SPEC, QuantizedWeight, dequantized_linear
 from colab_helpers.weights.tiny import tiny_model_path
 
@@ -238,7 +239,7 @@ def test_close_synchronizes_before_freeing_pinned_and_device_buffers(tiny) -> No
     from colab_helpers.weights.checkpoint import QuantConfig
 
     cfg = MixtralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_local_experts=4)
-    layout = ExpertLayout.for_model(cfg, QuantConfig())
+    layout = ExpertLayout.of(ModelSpec.of(cfg, QuantConfig()))
     cache = ExpertCache(layout, 2, 4, 2)
     fake = FakeCudart()
     cache.host_buf = pinning.pinned_host_buffer(*cache.host_buf.shape, cudart=fake)  # as on a GPU

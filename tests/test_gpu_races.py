@@ -53,7 +53,7 @@ def expert_bytes(cache, layer: int, expert: int) -> torch.Tensor:
 def packed_checkpoint_experts(path) -> dict[tuple[int, int], torch.Tensor]:
     """Every expert's flat bytes as the cache packs them, straight from the shards."""
     ckpt = Checkpoint.open(path)
-    layout = ExpertLayout.for_model(ckpt.config, ckpt.quant)
+    layout = ExpertLayout.of(ckpt.spec)
     out = {}
     for layer, e, tensors in ckpt.iter_experts():
         buf = torch.empty(layout.nbytes, dtype=torch.uint8)

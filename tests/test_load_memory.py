@@ -24,11 +24,10 @@ from colab_helpers.weights.checkpoint import (
     CONFIG_FILE,
     INDEX_FILE,
     QuantConfig,
-    expected_expert_tensors,
-    expected_trunk_tensors,
     expert_prefix,
     shard_name,
 )
+from colab_helpers.weights.model_spec import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 K = 2  # experts per layer in "device" slots
@@ -58,10 +57,10 @@ def write_checkpoint(root: Path) -> int:
     """A checkpoint in the offloading layout with random contents; returns its size in bytes."""
     config, quant, gen = MixtralConfig(**CONFIG), QuantConfig(), torch.Generator().manual_seed(0)
     n_files = 1 + config.num_hidden_layers * config.num_local_experts
-    trunk = {k: _random(d, s, gen) for k, (d, s) in expected_trunk_tensors(config, quant).items()}
+    trunk = {k: _random(d, s, gen) for k, (d, s) in dict(ModelSpec.of(config, quant).trunk_tensors).items()}
     save_file(trunk, root / shard_name(1, n_files))
     weight_map = dict.fromkeys(trunk, shard_name(1, n_files))
-    expert = {k: _random(d, s, gen) for k, (d, s) in expected_expert_tensors(config, quant).items()}
+    expert = {k: _random(d, s, gen) for k, (d, s) in dict(ModelSpec.of(config, quant).expert_tensors).items()}
     for layer in range(config.num_hidden_layers):
         for e in range(config.num_local_experts):
             name = shard_name(2 + layer * config.num_local_experts + e, n_files)

@@ -26,9 +26,8 @@ from colab_helpers.weights.checkpoint import (
     INDEX_FILE,
     QUANT_CONFIG_KEY,
     QuantConfig,
-    expected_expert_tensors,
-    expected_trunk_tensors,
 )
+from colab_helpers.weights.model_spec import ModelSpec
 
 T4 = Budget.given(15, 12.7)
 
@@ -239,12 +238,12 @@ def _index_only_checkpoint(path, config, quant):
     cfg = {k: v for k, v in config.to_dict().items() if not isinstance(v, dict)} | {"model_type": "mixtral"}
     cfg[QUANT_CONFIG_KEY] = quant.to_dict()
     (path / "config.json").write_text(json.dumps(cfg))
-    weight_map = {k: "model-00001.safetensors" for k in expected_trunk_tensors(config, quant)}
+    weight_map = {k: "model-00001.safetensors" for k in dict(ModelSpec.of(config, quant).trunk_tensors)}
     for layer in range(config.num_hidden_layers):
         for e in range(config.num_local_experts):
             prefix = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
             weight_map |= {
-                prefix + k: f"expert-{layer}-{e}.safetensors" for k in expected_expert_tensors(config, quant)
+                prefix + k: f"expert-{layer}-{e}.safetensors" for k in dict(ModelSpec.of(config, quant).expert_tensors)
             }
     (path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 

@@ -12,9 +12,10 @@ from colab_helpers.cli import main
 from colab_helpers.planning.plan_cli import cli_main
 from colab_helpers.planning.planner import GB, Budget, ModelSizes, _tensor_bytes, plan_memory, stock_config
 from colab_helpers.runtime.experts import ExpertLayout
-from colab_helpers.weights.checkpoint import QuantConfig, expected_expert_tensors, expected_trunk_tensors
+from colab_helpers.weights.checkpoint import QuantConfig
 from colab_helpers.weights.families import architecture, from_transformers
 from colab_helpers.weights.families.configs import shipped
+from colab_helpers.weights.model_spec import ModelSpec
 
 T4 = Budget.given(15, 12.7)
 QUANTS = [QuantConfig(), *(QuantConfig.for_bits(a, e) for a in (2, 3, 4) for e in (2, 3, 4))]
@@ -33,9 +34,9 @@ TINY_MIXTRAL = dict(
 def _checkpoint_sizes(config, quant):
     """What the Mixtral checkpoint layout and the expert cache allocate (the planner's former source)."""
     return (
-        _tensor_bytes(expected_expert_tensors(config, quant)),
-        ExpertLayout.for_model(config, quant).nbytes,
-        _tensor_bytes(expected_trunk_tensors(config, quant)),
+        _tensor_bytes(dict(ModelSpec.of(config, quant).expert_tensors)),
+        ExpertLayout.of(ModelSpec.of(config, quant)).nbytes,
+        _tensor_bytes(dict(ModelSpec.of(config, quant).trunk_tensors)),
     )
 
 

@@ -17,6 +17,7 @@ from colab_helpers.planning.multigpu import plan_gpus
 from colab_helpers.planning.planner import GB, Budget, ModelSizes, plan_memory, stock_config
 from colab_helpers.runtime.placement import ExpertCacheGroup, LayerPlacement
 from colab_helpers.weights.checkpoint import QuantConfig
+from colab_helpers.weights.model_spec import ModelSpec
 
 PROMPT = torch.tensor([[1, 5, 9, 17, 33, 65, 3, 7]])
 
@@ -181,13 +182,12 @@ def test_each_gpus_trunk_share_is_the_bytes_of_its_layers(family) -> None:
     """A GPU's trunk row = the checkpoint's trunk tensors of its layers, + the embeddings on the first GPU,
     + lm_head, its bias and the final norm on the last (read from the layout, not from the planner)."""
     from colab_helpers.planning.planner import _tensor_bytes
-    from colab_helpers.weights.checkpoint import expected_trunk_tensors
 
     config = _family_config(family, num_hidden_layers=5)
     q = quant(2)
     plan = plan_gpus(config, q, [15 * GB] * 3, 64 * GB)
     assert plan.fits and plan.host_experts == 0 and sum(plan.layers_per_gpu) == 5
-    tensors = expected_trunk_tensors(config, q)
+    tensors = dict(ModelSpec.of(config, q).trunk_tensors)
     for g in plan.gpus:
         layers = range(g.first_layer, g.first_layer + g.num_layers)
         mine = {n: t for n, t in tensors.items() if n.startswith("model.layers.") and int(n.split(".")[2]) in layers}

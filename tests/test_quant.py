@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from colab_helpers.runtime.linear import QuantLinear
-from colab_helpers.weights.checkpoint import QuantConfig, attention_shapes, expected_trunk_tensors, expert_shapes
+from colab_helpers.weights.checkpoint import QuantConfig
+from colab_helpers.weights.model_spec import ModelSpec
 from colab_helpers.weights.quant import (
     DEFAULT_EXPERT_SPECS,
     DEMO_ATTENTION_SPEC,
@@ -162,10 +163,10 @@ def test_real_mixtral_byte_sizes_match_the_format_doc() -> None:
 
     cfg = MixtralConfig()  # stock Mixtral-8x7B shapes
     quant = QuantConfig()
-    expert = sum(DEMO_EXPERT_SPEC.nbytes(s) for s in expert_shapes(cfg).values())
-    attention = sum(DEMO_ATTENTION_SPEC.nbytes(s) for s in attention_shapes(cfg).values())
+    expert = sum(DEMO_EXPERT_SPEC.nbytes(s) for s in ModelSpec.of(cfg).expert_shapes.values())
+    attention = sum(DEMO_ATTENTION_SPEC.nbytes(s) for s in ModelSpec.of(cfg).arch.attention_shapes.values())
     trunk = 0
-    for dtype, shape in expected_trunk_tensors(cfg, quant).values():
+    for dtype, shape in dict(ModelSpec.of(cfg, quant).trunk_tensors).values():
         n = 1
         for s in shape:
             n *= s

@@ -23,10 +23,9 @@ from colab_helpers.model import load_model
 from colab_helpers.weights.checkpoint import (
     ATTENTION_PROJS,
     Checkpoint,
-    attention_shapes,
-    expert_shapes,
     save_checkpoint,
 )
+from colab_helpers.weights.model_spec import ModelSpec
 from colab_helpers.weights.quant import QuantizedWeight
 
 # Relative Frobenius error of a dequantized random-normal matrix against its source, per bit width:
@@ -93,12 +92,12 @@ def stored_matrices(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     trunk = ckpt.load_trunk()
     for layer in range(cfg.num_hidden_layers):
-        for proj, shape in attention_shapes(cfg).items():
+        for proj, shape in ModelSpec.of(cfg).arch.attention_shapes.items():
             prefix = f"model.layers.{layer}.self_attn.{proj}."
             t = {s: trunk[prefix + s] for s in quant.SUFFIXES}
             out[f"{layer}.{proj}"] = QuantizedWeight.from_tensors(q.attention, shape, t).dequantize(torch.float32)
     for layer, e, tensors in ckpt.iter_experts():
-        for mat, shape in expert_shapes(cfg).items():
+        for mat, shape in ModelSpec.of(cfg).expert_shapes.items():
             t = {s: tensors[f"{mat}.{s}"] for s in quant.SUFFIXES}
             out[f"{layer}.{e}.{mat}"] = QuantizedWeight.from_tensors(q.experts, shape, t).dequantize(torch.float32)
     return out

@@ -17,7 +17,8 @@ from transformers import MixtralConfig
 
 from ..runtime.placement import split_refusal
 from ..weights.checkpoint import QuantConfig
-from ..weights.families import MoEArchitecture, from_transformers
+from ..weights.families import MoEArchitecture
+from ..weights.model_spec import ModelSpec
 from ..weights.quant import DEFAULT_EXPERT_SPECS
 from .planner import (
     GB,
@@ -254,10 +255,10 @@ def plan_gpus(
 ) -> MultiGpuPlan:
     """Whole layers per GPU, no offloading, when that fits; else an even split with offloading."""
     m = margins or Margins()
-    arch = config if isinstance(config, MoEArchitecture) else from_transformers(config)
-    if why := split_refusal(arch):
+    spec = ModelSpec.of(config, quant)
+    if why := split_refusal(spec.arch):
         raise ValueError(why)
-    s = ModelSizes.of(arch, quant)
+    s = ModelSizes.of(spec)
     n = len(vram)
     if n < 1:
         raise ValueError("plan_gpus needs at least one GPU")

@@ -17,14 +17,14 @@ from transformers import MixtralConfig
 from ..runtime.placement import split_refusal
 from ..usage import ArgumentParser, UsageError, check_experts_on_device, device_name, positive_float, positive_int
 from ..weights.checkpoint import QuantConfig
-from ..weights.families import MoEArchitecture, from_transformers
+from ..weights.families import MoEArchitecture
+from ..weights.model_spec import ModelSpec
 from ..weights.quant import DEFAULT_EXPERT_SPECS
 from .multigpu import plan_gpus, single_gpu_upgrades
 from .planner import (
     DEFAULT_CONTEXT,
     GB,
     Budget,
-    ModelSizes,
     _device,
     measure_budget,
     model_for_cli,
@@ -129,7 +129,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             print(read, file=sys.stderr)
     else:
         config, quant = stock_config(), QuantConfig.for_bits(4, args.expert_bits)
-    experts = ModelSizes.of(config, quant).num_experts
+    experts = ModelSpec.of(config, quant).num_experts
     check_experts_on_device(args.experts_on_device, experts, args.model or "Mixtral-8x7B")
     if args.gpus > 1:
         return _cli_multi_gpu(args, config, quant)
@@ -146,8 +146,7 @@ def _cli_multi_gpu(args: argparse.Namespace, config: MixtralConfig | MoEArchitec
     """``plan --gpus N``: whole layers per GPU (see ``multigpu.py``); each GPU measured here when present."""
     if args.experts_on_device is not None:
         raise UsageError("--experts-on-device is chosen per GPU with --gpus; leave it out")
-    arch = config if isinstance(config, MoEArchitecture) else from_transformers(config)
-    if why := split_refusal(arch):
+    if why := split_refusal(ModelSpec.of(config).arch):
         raise UsageError(f"--gpus {args.gpus}: {why}")
     if args.vram_gb is not None:
         vram = [int(args.vram_gb * GB)] * args.gpus

@@ -19,11 +19,11 @@ import torch
 from transformers import MixtralConfig
 
 from ..runtime.attention import T4_CAPABILITY, AttentionPath, choose_attention
-from ..runtime.experts import _ALIGN
 from ..runtime.host_embedding import host_embedding_refusal
 from ..runtime.oss_experts import sink_attention
 from ..weights.checkpoint import QUANT_CONFIG_KEY, QuantConfig, config_from_dict
-from ..weights.families import MoEArchitecture, from_transformers
+from ..weights.families import MoEArchitecture
+from ..weights.model_spec import ModelSpec
 from ..weights.quant import DEFAULT_EXPERT_SPECS, dequantize_peak_bytes
 
 GB = 10**9
@@ -100,33 +100,26 @@ class ModelSizes:
     embedding_refusal: str | None = None  # why the table must stay on the GPU (a tied lm_head), None if it may move
 
     @classmethod
-    def of(cls, config: MixtralConfig | MoEArchitecture, quant: QuantConfig) -> ModelSizes:
-        """Sizes of any supported family (a transformers config or its ``MoEArchitecture``).
+    def of(cls, config: MixtralConfig | MoEArchitecture | ModelSpec, quant: QuantConfig | None = None) -> ModelSizes:
+        """Sizes of any supported family: a ``ModelSpec``, or a transformers config or ``MoEArchitecture``
+        with ``quant``.
 
-        Shared experts and the MLPs of dense layers live in the trunk, quantized like attention: the bytes
-        ``checkpoint.expected_trunk_tensors`` lists (``tests/test_family_layout.py``).
+        The stored bytes (an expert, its cache slot, the trunk, attention, shared experts and dense
+        layers' MLPs) are the model description's (``model_spec.ModelSpec``); the experts' scale group is
+        the one the writer would use (64 for gpt-oss-20b at 3/4 bits).
         """
-        a = config if isinstance(config, MoEArchitecture) else from_transformers(config)
-        quant = quant.fitted(a)  # the expert scale group the writer would use (64 for gpt-oss-20b at 3/4 bits)
+        if isinstance(config, ModelSpec):
+            config, quant = config.arch, config.quant
+        a = ModelSpec.of(config).arch
+        spec = ModelSpec.of(a, quant.fitted(a))
+        quant = spec.quant
         attn_shapes = a.attention_shapes.values()
         mlp_shapes = [*a.shared_expert_shapes.values()] + ([*a.dense_mlp_shapes.values()] if a.dense_layers else [])
-        attn = sum(quant.attention.nbytes(shape) for shape in attn_shapes)
-        mlp = len(a.moe_layers) * sum(quant.attention.nbytes(sh) for sh in a.shared_expert_shapes.values())
-        mlp += len(a.dense_layers) * sum(quant.attention.nbytes(sh) for sh in a.dense_mlp_shapes.values())
-        fp16 = a.embedding_params + a.num_layers * (a.norm_params + a.attention_small_params)
-        fp16 += len(a.moe_layers) * (a.router_params + a.expert_bias_params)  # gpt-oss's expert biases: trunk
         stored_lm_head = not a.tie_embeddings or a.family == "mixtral"  # Mixtral's trunk stores it even when tied
-        if a.tie_embeddings and a.family == "mixtral":
-            fp16 += a.vocab * a.hidden
         head = a.vocab * a.hidden * stored_lm_head + a.vocab * a.lm_head_bias + a.hidden * (1 + a.norm_bias)
         mats = [a.expert_intermediate * a.hidden, *(o * i for o, i in (*attn_shapes, *mlp_shapes))]
         weights = [(quant.experts, shape) for shape in a.expert_shapes.values()]
         weights += [(quant.attention, shape) for shape in (*attn_shapes, *mlp_shapes)]
-        expert = [
-            _tensor_bytes({"t": spec})
-            for shape in a.expert_shapes.values()
-            for spec in quant.experts.tensor_specs(shape).values()
-        ]
         return cls(
             num_layers=a.num_layers,
             num_experts=a.num_experts,
@@ -139,19 +132,19 @@ class ModelSizes:
             head_dim=(a.mla[1] + a.mla[2] + 1) // 2 if a.mla else a.head_dim,
             attention_bits=quant.attention.nbits,
             expert_bits=quant.experts.nbits,
-            expert_bytes=sum(expert),
-            slot_bytes=sum(-(-max(n, 1) // _ALIGN) * _ALIGN for n in expert),  # ExpertLayout's flat buffer
-            attention_layer_bytes=attn,
-            trunk_bytes=2 * fp16 + a.num_layers * attn + mlp,
+            expert_bytes=spec.expert_bytes,
+            slot_bytes=spec.expert_slot_bytes,  # ExpertLayout's flat buffer
+            attention_layer_bytes=spec.attention_layer_bytes,
+            trunk_bytes=spec.trunk_bytes,
             largest_matrix=max(mats),
             attention_params=a.attention_params,
             expert_params=a.expert_params,
-            dequant_peak_fp16=max(dequantize_peak_bytes(spec, shape, 2) for spec, shape in weights),
-            dequant_peak_fp32=max(dequantize_peak_bytes(spec, shape, 4) for spec, shape in weights),
+            dequant_peak_fp16=max(dequantize_peak_bytes(q, shape, 2) for q, shape in weights),
+            dequant_peak_fp32=max(dequantize_peak_bytes(q, shape, 4) for q, shape in weights),
             family=a.name,
             moe_layers=len(a.moe_layers),
             top_k=a.top_k,
-            resident_mlp_bytes=mlp,
+            resident_mlp_bytes=spec.resident_mlp_bytes,
             resident_mlp_params=len(a.moe_layers) * a.shared_params + len(a.dense_layers) * a.dense_mlp_params,
             embed_bytes=2 * a.vocab * a.hidden,
             head_bytes=2 * head,
@@ -651,7 +644,7 @@ def _plan(
     s = ModelSizes.of(config, quant)
     dev = _device(device).type
     attention = attention or _default_attention(dev, budget)
-    if (config if isinstance(config, MoEArchitecture) else from_transformers(config)).attn_sinks:
+    if ModelSpec.of(config).arch.attn_sinks:
         attention = sink_attention(attention)  # gpt-oss runs eager attention: its scores counted like math's
     if context < 1:
         raise ValueError(f"context must be at least 1 token, got {context}")

@@ -23,13 +23,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from transformers import MixtralConfig
 
-from ..weights.checkpoint import QuantConfig, expected_expert_tensors, expert_shapes
+from ..weights.model_spec import SLOT_ALIGN, ModelSpec, QuantConfig
 from ..weights.quant import SUFFIXES, QuantizedWeight
 from .policies import EvictionPolicy, make_policy
-
-_ALIGN = 64  # bytes; keeps every view aligned for fp16/int32 loads and vectorized kernels
 
 
 @dataclass(frozen=True)
@@ -51,13 +48,15 @@ class ExpertLayout:
     shapes: dict[str, tuple[int, int]]
 
     @classmethod
-    def for_model(cls, config: MixtralConfig, quant: QuantConfig) -> ExpertLayout:
+    def of(cls, spec: ModelSpec) -> ExpertLayout:
+        """The flat buffer of ``spec``'s expert: its stored tensors in order, each ``SLOT_ALIGN``-aligned
+        (``spec.expert_slot_bytes`` in all)."""
         entries, offset = [], 0
-        for key, (dtype, shape) in expected_expert_tensors(config, quant).items():
+        for key, (dtype, shape) in spec.expert_tensors.items():
             n = max(1, _numel(shape)) * torch.empty((), dtype=dtype).element_size()
             entries.append(_Entry(key, dtype, tuple(shape), offset, n))
-            offset += -(-n // _ALIGN) * _ALIGN
-        return cls(tuple(entries), offset, quant, expert_shapes(config))
+            offset += -(-n // SLOT_ALIGN) * SLOT_ALIGN
+        return cls(tuple(entries), offset, spec.quant, spec.expert_shapes)
 
     def pack(self, tensors: dict[str, torch.Tensor], out: torch.Tensor) -> None:
         """Copy an expert's tensors (``{rel_key: tensor}``) into its flat buffer ``out`` (padding zeroed)."""
@@ -151,7 +150,7 @@ class _Staged:
 def chunk_ranges(nbytes: int, chunks: int) -> list[tuple[int, int]]:
     """``nbytes`` cut into ``chunks`` byte ranges of near-equal size, each boundary 64-byte aligned."""
     step = -(-nbytes // max(1, chunks))
-    step = -(-step // _ALIGN) * _ALIGN
+    step = -(-step // SLOT_ALIGN) * SLOT_ALIGN
     return [(a, min(a + step, nbytes)) for a in range(0, nbytes, step)]
 
 

@@ -151,10 +151,10 @@ def random_model(config_or_family, seed: int = 0) -> torch.nn.Module:
     """
     import transformers
 
-    from ..weights.families import from_transformers
+    from ..weights.model_spec import ModelSpec
 
     config = small_config(config_or_family) if isinstance(config_or_family, str) else config_or_family
-    arch = from_transformers(config)
+    arch = ModelSpec.of(config).arch
     torch.manual_seed(seed)
     model = getattr(transformers, arch.model_class)(config).eval()
     with torch.no_grad():

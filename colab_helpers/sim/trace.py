@@ -640,24 +640,26 @@ def _model_options(
     model: str, options: ReplayOptions, first: np.ndarray, trace_name: str
 ) -> tuple[ReplayOptions, TimingModel, str]:
     """Expert count from the model's config, its shape checked against the trace, a timing model of its sizes."""
-    from ..planning.planner import ModelSizes, model_for_cli
+    from ..planning.planner import model_for_cli
     from ..usage import UsageError
+    from ..weights.model_spec import ModelSpec
 
     config, quant, _ = model_for_cli(model, 2)
-    s = ModelSizes.of(config, quant)
+    s = ModelSpec.of(config, quant)  # the settings model_for_cli gives are fitted to the shapes already
+    family, moe_layers = s.arch.name, len(s.moe_layers)
     layers, top_k = first.shape[1], first.shape[2]
-    if (layers, top_k) != (s.expert_layers, s.top_k):
+    if (layers, top_k) != (moe_layers, s.top_k):
         raise UsageError(
-            f"--model {model}: {s.family} routes top-{s.top_k} in {s.expert_layers} MoE layers, but {trace_name} "
+            f"--model {model}: {family} routes top-{s.top_k} in {moe_layers} MoE layers, but {trace_name} "
             f"holds top-{top_k} in {layers} layers: a trace of another model"
         )
     if int(first.max(initial=0)) >= s.num_experts:
         most = int(first.max())
-        raise UsageError(f"--model {model}: {trace_name} names expert {most}; {s.family} has {s.num_experts}")
+        raise UsageError(f"--model {model}: {trace_name} names expert {most}; {family} has {s.num_experts}")
     timing = TimingModel(
-        expert_bytes=s.expert_bytes, trunk_bytes=s.trunk_bytes, num_layers=s.expert_layers, experts_per_token=s.top_k
+        expert_bytes=s.expert_bytes, trunk_bytes=s.trunk_bytes, num_layers=moe_layers, experts_per_token=s.top_k
     )
-    return replace(options, num_experts=s.num_experts), timing, f"{s.family} {s.expert_bits}-bit"
+    return replace(options, num_experts=s.num_experts), timing, f"{family} {s.quant.experts.nbits}-bit"
 
 
 def _model_label(args: argparse.Namespace) -> str:

@@ -262,11 +262,11 @@ def _target(model: str | None) -> Target | None:
     if model is None:
         return None
     from ..planning.planner import model_for_cli
-    from ..weights.families import MoEArchitecture, from_transformers
+    from ..weights.model_spec import ModelSpec
     from .twin_family import FamilyTwin, is_stock_mixtral
 
     config, quant, _ = model_for_cli(model, 2)
-    arch = config if isinstance(config, MoEArchitecture) else from_transformers(config)
+    arch = ModelSpec.of(config, quant).arch
     family = None if is_stock_mixtral(arch, quant) else FamilyTwin(arch, quant)
     return Target(f"{model} ({arch.name}, {quant.experts.nbits}-bit experts)", arch, quant, family)
 
@@ -299,10 +299,10 @@ def _routing(args: argparse.Namespace, target: Target | None, names: list[str] |
     if names:
         raise ValueError("--sequences names sequences of a trace; synthetic routing has none")
     if arch is None:
-        from ..weights.families import from_transformers
+        from ..weights.model_spec import ModelSpec
         from .synthetic import mixtral_8x7b_config
 
-        arch = from_transformers(mixtral_8x7b_config())
+        arch = ModelSpec.of(mixtral_8x7b_config()).arch
     tokens = max(256, args.tokens + args.warmup + 32)  # the prompt's 16 rows, warm-up and recorded steps
     rows = synthetic_routing(len(arch.moe_layers), arch.num_experts, arch.top_k, tokens)
     label = (

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..weights.families import MoEArchitecture, from_transformers
+from ..weights.families import MoEArchitecture
+from ..weights.model_spec import ModelSpec
 
 TRACE_ENV = "COLAB_HELPERS_TRACE"  # a routing trace .npz used when --trace is not given
 NARROW_HIDDEN = 256
@@ -195,7 +196,7 @@ class FamilyTwin:
                 intermediate_size=_round_to(max(a.dense_intermediate, 1) / w, resident),
             )
         config = getattr(transformers, cls)(**fields)
-        narrow = from_transformers(config)
+        narrow = ModelSpec.of(config).arch
         for key in ("family", "moe_layers", "num_experts", "top_k", "heads", "kv_heads", "router", "norm_bias"):
             if getattr(narrow, key) != getattr(a, key):  # the narrow model must be the same model, only narrower
                 raise ValueError(f"the narrow {a.name} differs in {key}: {getattr(narrow, key)} != {getattr(a, key)}")
@@ -239,7 +240,6 @@ class FamilyTwin:
     def byte_scale(self, model):
         """Full-size bytes per narrow byte for each weight the engine reads: each trunk tensor reads what its
         full-size tensor (``MoEArchitecture.trunk_shapes``) reads, 4-bit matrices as quantized."""
-        from ..planning.planner import ModelSizes
         from ..runtime.linear import QuantLinear
         from .twin_record import ByteScale
 
@@ -261,16 +261,15 @@ class FamilyTwin:
             if name in full_shapes:
                 put([p], 2 * math.prod(full_shapes[name]))
         w = self.width
-        return ByteScale(ModelSizes.of(a, q).expert_bytes, ratios, w * w, w)
+        return ByteScale(ModelSpec.of(a, q.fitted(a)).expert_bytes, ratios, w * w, w)  # as the writer fits q
 
 
 def is_stock_mixtral(arch: MoEArchitecture, quant) -> bool:
     """Mixtral-8x7B's shapes at the demo's bit widths: the twin's own narrow Mixtral covers it exactly."""
     from ..weights.checkpoint import QuantConfig
-    from ..weights.families import from_transformers
     from .synthetic import mixtral_8x7b_config
 
-    stock = from_transformers(mixtral_8x7b_config())
+    stock = ModelSpec.of(mixtral_8x7b_config()).arch
     keys = ("family", "num_layers", "moe_layers", "num_experts", "top_k", "hidden", "expert_intermediate")
     keys += ("heads", "kv_heads", "head_dim", "vocab", "shared_intermediate", "dense_intermediate")
     same = all(getattr(arch, k) == getattr(stock, k) for k in keys)

@@ -26,17 +26,17 @@ class Component:
 
 def mixtral_components(config=None, quant=None) -> list[Component]:
     """Every parameter of Mixtral grouped by role, with its fp16 size and its size in the quantized checkpoint."""
-    from ..planning.planner import ModelSizes
     from ..sim.synthetic import mixtral_8x7b_config
-    from ..weights.checkpoint import QuantConfig
+    from ..weights.model_spec import ModelSpec, QuantConfig
 
     config = config or mixtral_8x7b_config()
     quant = quant or QuantConfig()
-    s = ModelSizes.of(config, quant)
-    L, E, H, V = s.num_layers, s.num_experts, s.hidden, s.vocab
+    s = ModelSpec.of(config, quant)
+    a = s.arch
+    L, E, H, V = a.num_layers, a.num_experts, a.hidden, a.vocab
     return [
-        Component("experts (w1, w2, w3)", L * E * s.expert_params, L * E * s.expert_bytes, f"{L}x{E} experts"),
-        Component("attention (q, k, v, o)", L * s.attention_params, L * s.attention_layer_bytes, f"{L} layers"),
+        Component("experts (w1, w2, w3)", L * E * a.expert_params, L * E * s.expert_bytes, f"{L}x{E} experts"),
+        Component("attention (q, k, v, o)", L * a.attention_params, L * s.attention_layer_bytes, f"{L} layers"),
         Component("token embeddings", V * H, 2 * V * H, "fp16"),
         Component("lm_head", V * H, 2 * V * H, "fp16"),
         Component("routers", L * E * H, 2 * L * E * H, "fp16"),

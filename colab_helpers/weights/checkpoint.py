@@ -21,12 +21,11 @@ import torch
 from transformers import MixtralConfig
 
 from .families import MoEArchitecture, UnsupportedFamilyError, detect_family, transformers_config
-from .model_spec import (  # noqa: F401  (QUANT_CONFIG_KEY, arch_of, to_transformers_name: re-exported)
+from .model_spec import (  # noqa: F401  (QUANT_CONFIG_KEY, to_transformers_name: re-exported)
     QUANT_CONFIG_KEY,
     ModelSpec,
     QuantConfig,
     TrunkEntry,
-    arch_of,
     to_transformers_name,
 )
 from .quant import SUFFIXES, QuantSpec
@@ -66,20 +65,6 @@ def spec_of(cfg, quant: QuantConfig | None = None) -> ModelSpec:
     return ModelSpec.of(cfg, quant)
 
 
-def head_dim(cfg) -> int:
-    return spec_of(cfg).arch.head_dim
-
-
-def attention_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """``{q_proj|k_proj|v_proj|o_proj: (out, in)}`` of one layer."""
-    return spec_of(cfg).arch.attention_shapes
-
-
-def expert_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """One routed expert's ``w1`` (gate), ``w2`` (down), ``w3`` (up), ``(out, in)`` each."""
-    return spec_of(cfg).expert_shapes
-
-
 def legacy_names(cfg) -> bool:
     """Mixtral keeps the public demo's old names (``block_sparse_moe``) in the trunk and the index."""
     return spec_of(cfg).legacy_names
@@ -89,28 +74,6 @@ def expert_prefix(layer: int, expert: int, cfg=None) -> str:
     """The index's name prefix of one expert (``layer`` is the decoder layer); ``cfg`` None means Mixtral."""
     block = "block_sparse_moe" if cfg is None or legacy_names(cfg) else "mlp"
     return f"model.layers.{layer}.{block}.experts.{expert}."
-
-
-def expected_expert_tensors(cfg, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
-    """Keys (relative to the expert), dtypes and shapes of one expert file's 21 tensors."""
-    return dict(spec_of(cfg, quant).expert_tensors)
-
-
-def trunk_entries(cfg) -> list[TrunkEntry]:
-    """Every non-expert tensor of a model of any supported family, as the trunk file stores it
-    (``model_spec``: which are quantized with the attention settings, which stay float16)."""
-    return list(spec_of(cfg).trunk)
-
-
-def expected_trunk_tensors(cfg, quant: QuantConfig) -> dict[str, tuple[torch.dtype, tuple]]:
-    """Full names, dtypes and shapes of every tensor in the trunk file (``trunk_entries`` expanded: a
-    quantized matrix is its 7 tensors ``<name>.W_q`` ..., anything else one float16 tensor)."""
-    return dict(spec_of(cfg, quant).trunk_tensors)
-
-
-def quantized_trunk_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """``{transformers 5 name without .weight: (out, in)}`` of the trunk's quantized matrices."""
-    return spec_of(cfg).quantized_trunk_shapes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,13 +206,13 @@ class Checkpoint:
 
     def verify(self) -> None:
         """Check every referenced file against the layout without reading tensor data."""
-        trunk_expected = expected_trunk_tensors(self.config, self.quant)
+        trunk_expected = self.spec.trunk_tensors
         by_file: dict[str, dict] = {}
         for key, file in self.trunk_files.items():
             by_file.setdefault(file, {})[key] = trunk_expected[key]
         for file, expected in by_file.items():
             check_tensors(self.root / file, read_header(self.root / file), expected, exact=False)
-        expert_expected = expected_expert_tensors(self.config, self.quant)
+        expert_expected = dict(self.spec.expert_tensors)
         for file in sorted(set(self.expert_files.values())):
             check_tensors(self.root / file, read_header(self.root / file), expert_expected, exact=True)
 
@@ -488,12 +451,12 @@ def write_layout_metadata(out: Path, cfg, quant: QuantConfig) -> None:
 
 
 def model_to_layout_names(sd: dict[str, torch.Tensor], cfg) -> Iterator[tuple[str, torch.Tensor]]:
-    """A transformers 5 state dict's trunk tensors under the layout's names (``trunk_entries``); experts excluded."""
-    for entry in trunk_entries(cfg):
+    """A transformers 5 state dict's trunk tensors under the layout's names (``ModelSpec.trunk``); experts excluded."""
+    for entry in spec_of(cfg).trunk:
         yield entry.name, sd[entry.model_name]
 
 
-# trunk matrices quantized with the attention settings (``trunk_entries``), by layout name
+# trunk matrices quantized with the attention settings (``ModelSpec.trunk``), by layout name
 QUANTIZED_TRUNK = re.compile(
     r"\.(self_attn\.([qkvo]|q_[ab]|kv_a|kv_b)_proj(_with_mqa)?|mlp\.(shared_experts?\.)?(gate|up|down)_proj)\.weight$"
 )  # kv_a_proj_with_mqa, kv_b_proj, q_a/q_b_proj: DeepSeek-V2's latent attention; shared_experts: its shared MLP
@@ -551,7 +514,7 @@ def save_checkpoint(
 
     Attention (and shared-expert / dense-layer MLPs) is quantized to ``attn_bits``, experts to
     ``expert_bits`` (HQQ's optimizer refines each group's zero when ``optimize``; on ``device`` when given);
-    embeddings, norms, biases, routers and ``lm_head`` stay float16 (``trunk_entries``). The same per-tensor
+    embeddings, norms, biases, routers and ``lm_head`` stay float16 (``ModelSpec.trunk``). The same per-tensor
     functions serve the streaming converter (``convert.py``), so a model saved here and the same model
     converted from its ``save_pretrained`` shards are byte-identical.
     """

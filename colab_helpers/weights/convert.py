@@ -34,22 +34,18 @@ from .checkpoint import (
     Checkpoint,
     CheckpointError,
     QuantConfig,
-    arch_of,
     config_from_dict,
-    expected_expert_tensors,
-    expected_trunk_tensors,
     expert_file,
-    quantized_trunk_shapes,
     stored_expert_matrix,
     stored_trunk_tensor,
-    trunk_entries,
     trunk_file,
     write_layout_metadata,
     write_shard,
     write_text,
 )
-from .families import MoEArchitecture, UnsupportedFamilyError, detect_family, from_transformers
+from .families import MoEArchitecture, UnsupportedFamilyError, detect_family
 from .families.source_names import SourceKey, SourceNames, UnexpectedTensorError, source_names
+from .model_spec import ModelSpec
 
 GB = 10**9
 MB = 10**6
@@ -192,6 +188,11 @@ class ConversionPlan:
     device: str
 
     @property
+    def spec(self) -> ModelSpec:
+        """The one model description of the output: its tensors and their bytes."""
+        return ModelSpec.of(self.arch, self.quant)
+
+    @property
     def disk_bytes(self) -> int:
         """Peak extra disk: the output, the staged trunk pieces and the source shards held at once."""
         held = 2 * self.max_shard_bytes if self.delete_source else self.source_bytes
@@ -279,7 +280,7 @@ def hqq_scratch_bytes(arch, device: str) -> int:
     """Host memory HQQ's optimizer needs for the biggest quantized matrix (Mixtral: an expert's w1) on ``device``;
     ``arch`` is a ``MoEArchitecture`` or a transformers config."""
     per = HQQ_SCRATCH_PER_PARAM["cuda" if str(device).startswith("cuda") else "cpu"]
-    return per * max(o * i for o, i in _quantized_shapes(arch_of(arch)))
+    return per * max(o * i for o, i in _quantized_shapes(ModelSpec.of(arch)))
 
 
 def _size(n: int) -> str:
@@ -334,9 +335,10 @@ def plan_conversion(
     meta = meta_dir if source.remote else None
     cfg_dict = _read_json_file(source, CONFIG_FILE, meta)
     config = _family_config(cfg_dict, source)
-    arch = from_transformers(config)
+    arch = ModelSpec.of(config).arch
     quant = quant.fitted(arch)  # a smaller expert scale group where the shapes need it (gpt-oss at 3/4 bits)
-    _check_shapes(arch, quant, source)
+    spec = ModelSpec.of(arch, quant)
+    _check_shapes(spec, source)
     shard_tensors = _shard_tensors(source, meta)
     _refuse_quantized(source, shard_tensors)
     shards = tuple(sorted(shard_tensors))
@@ -345,8 +347,6 @@ def plan_conversion(
     params = arch.total_params
     rate = measure_quantize_rate(quant, dev, optimize)
     present = sum(source.files[s] for s in shards if _cached(source, s, meta_dir, delete_source))
-    trunk = sum(_spec_bytes(v) for v in expected_trunk_tensors(config, quant).values())
-    per_expert = sum(_spec_bytes(v) for v in expected_expert_tensors(config, quant).values())
     return ConversionPlan(
         source=source,
         config=config,
@@ -356,8 +356,8 @@ def plan_conversion(
         shard_tensors=shard_tensors,
         source_bytes=sum(sizes),
         max_shard_bytes=max(sizes),
-        output_bytes=trunk + per_expert * arch.total_experts,
-        trunk_bytes=trunk,
+        output_bytes=spec.checkpoint_bytes,
+        trunk_bytes=spec.trunk_bytes,
         params=params,
         quantize_seconds=rate * params,
         download_seconds=(sum(sizes) - present) / ASSUMED_DOWNLOAD_BPS if source.remote else 0.0,
@@ -389,17 +389,17 @@ def _family_config(cfg: dict, source: Source):
         raise ConvertError(f"{source.description}: config.json: {' '.join(str(err).split())}") from None
 
 
-def _quantized_shapes(arch: MoEArchitecture) -> list[tuple[int, int]]:
+def _quantized_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
     """Every matrix shape HQQ quantizes: experts, and the trunk's attention (shared-expert and dense MLPs too)."""
-    return [*arch.expert_shapes.values(), *quantized_trunk_shapes(arch).values()]
+    return [*spec.expert_shapes.values(), *spec.quantized_trunk_shapes.values()]
 
 
-def _check_shapes(arch: MoEArchitecture, quant: QuantConfig, source: Source) -> None:
+def _check_shapes(spec: ModelSpec, source: Source) -> None:
     try:
-        for shape in quantized_trunk_shapes(arch).values():
-            quant.attention.num_groups(shape)
-        for shape in arch.expert_shapes.values():
-            quant.experts.num_groups(shape)
+        for shape in spec.quantized_trunk_shapes.values():
+            spec.quant.attention.num_groups(shape)
+        for shape in spec.expert_shapes.values():
+            spec.quant.experts.num_groups(shape)
     except ValueError as err:
         raise ConvertError(f"{source.description}: {err}") from None
 
@@ -435,13 +435,6 @@ def _refuse_quantized(source: Source, shard_tensors: dict[str, tuple[str, ...]])
             f"{source.description}: already quantized (HQQ tensors in the offloading layout, as convert writes "
             "them): load it with colab_helpers.load_model, or convert the bf16/fp16 original"
         )
-
-
-def _spec_bytes(spec: tuple[torch.dtype, tuple]) -> int:
-    n = 1
-    for s in spec[1]:
-        n *= s
-    return n * torch.empty((), dtype=spec[0]).element_size()
 
 
 def _cached(source: Source, name: str, download_dir: Path | None, delete_source: bool) -> bool:
@@ -508,10 +501,11 @@ class _Converter:
         self.state = out / STATE_DIR
         self.config, self.arch, self.quant = plan.config, plan.arch, plan.quant
         self.names = source_names(plan.arch)
-        self.layout_names = {e.model_name: e.name for e in trunk_entries(plan.config)}  # transformers 5 -> layout
+        self.spec = plan.spec
+        self.layout_names = {e.model_name: e.name for e in self.spec.trunk}  # transformers 5 -> layout
         self.device = torch.device(plan.device)
         self.pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (layer, expert) -> quantized mats
-        self.n_mats = len(expected_expert_tensors(self.config, self.quant)) // 3  # 7 tensors per matrix
+        self.n_mats = len(self.spec.expert_tensors) // 3  # 7 tensors per matrix
 
     # ---- one shard ----
 
@@ -656,7 +650,7 @@ class _Converter:
                 for key in f.keys():
                     if not key.startswith(f"{PENDING}."):
                         trunk[key] = f.get_tensor(key)
-        expected = expected_trunk_tensors(c, self.quant)
+        expected = self.spec.trunk_tensors
         tied = self.arch.tie_embeddings and "lm_head.weight" in expected and "lm_head.weight" not in trunk
         if tied and "model.embed_tokens.weight" in trunk:  # Mixtral's layout stores lm_head even when tied
             trunk["lm_head.weight"] = trunk["model.embed_tokens.weight"].clone()
