@@ -718,7 +718,7 @@ def test_interrupted_at_one_commit_and_resumed_after_main_moved(fake, tmp_path, 
 
 CHILD = """
 import sys
-from colab_helpers import hub
+from colab_helpers.weights import hub
 from colab_helpers.weights.transfer import NetConfig
 hub.check_chat_template = lambda path, what: None  # a transformers import (seconds); not what is tested here
 net = NetConfig(timeout_s=10, attempts=3, first_wait_s=0.01, max_wait_s=0.05)
