@@ -208,13 +208,18 @@ def shots(tmp_path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kind", ["lab", "nb6"])
-def test_quickstart_chat_in_a_real_browser(kind, browser, shots, tmp_path) -> None:
-    reason = missing(FRONT_ENDS[kind])
+def _require(front_end) -> None:
+    """Skip when this front end's environment is missing; in CI (``REQUIRED``) fail instead."""
+    reason = missing(front_end)
     if reason:
         if REQUIRED:
             pytest.fail(f"browser test required but: {reason}")
         pytest.skip(reason)
+
+
+@pytest.mark.parametrize("kind", ["lab", "nb6"])
+def test_quickstart_chat_in_a_real_browser(kind, browser, shots, tmp_path) -> None:
+    _require(FRONT_ENDS[kind])
     # Notebook 6 + ipywidgets 7.7.1 used to render no widget after about one Run All in four: a Run All sent
     # before the widget manager's start-up comm_info_request is answered after every cell ran, and the manager's
     # re-render of widget cells then hides them (widgetsnbextension 3.6; browser_harness.NB6_READY has the
@@ -249,11 +254,7 @@ SECOND_CHAT = """() => { const chats = document.querySelectorAll('.colab-helpers
 def test_a_second_widget_shows_the_conversation_so_far(browser, shots, tmp_path) -> None:
     """Notebook 6.5 + ipywidgets 7.7.1 (Colab's widget version): after Run All, a new ``ChatUI`` over the same
     session shows the ``chat()`` turn and its numbers at once (the first widget also survives Run All)."""
-    reason = missing(FRONT_ENDS["nb6"])
-    if reason:
-        if REQUIRED:
-            pytest.fail(f"browser test required but: {reason}")
-        pytest.skip(reason)
+    _require(FRONT_ENDS["nb6"])
     server = Server(FRONT_ENDS["nb6"], tmp_path / "server")
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
     page_errors: list[str] = []
@@ -437,11 +438,7 @@ def test_notebook6_run_all_while_the_kernel_starts_shows_the_chat_or_says_to_rer
     """Notebook 6.5 + ipywidgets 7.7.1: a Run All clicked while the kernel is still starting used to run every cell
     and show no widget (the widget manager's start-up re-render hides it; browser_harness.NB6_READY). Now either
     the chat shows, or a line under the cell says to run it again, and running it again shows the chat."""
-    reason = missing(FRONT_ENDS["nb6"])
-    if reason:
-        if REQUIRED:
-            pytest.fail(f"browser test required but: {reason}")
-        pytest.skip(reason)
+    _require(FRONT_ENDS["nb6"])
     server = Server(FRONT_ENDS["nb6"], tmp_path / "server")
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
     try:

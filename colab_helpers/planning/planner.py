@@ -495,9 +495,9 @@ def _cuda_rows(
 def _load_rows(s: ModelSizes) -> list[Row]:
     """Shard pages held while loading, next to the already pinned host store.
 
-    ``assemble_model`` allocates the cache first, then copies the trunk to the GPU (its mapped pages
-    become resident as they are read) and drops it before the experts stream in, one file plus one
-    staging copy at a time: the larger of the two phases counts.
+    ``assemble_model`` copies the trunk to the GPU first (its mapped pages become resident as they are
+    read) and drops it before the expert store is allocated and the experts stream in, one file plus one
+    staging copy at a time: the larger of the two phases counts (docs/memory_plan.md has the order).
     """
     trunk, expert = s.trunk_bytes, 2 * s.expert_bytes
     item = "trunk shard pages" if trunk >= expert else "expert shard + staging copy"
