@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import DynamicCache, MixtralConfig, MixtralForCausalLM
+from transformers.cache_utils import DynamicLayer
 
 from .runtime.attention import AttentionPath, choose_attention, install_attention, register
 from .runtime.experts import ExpertCache, ExpertLayout, experts_per_layer
 from .runtime.host_embedding import HostEmbedding, host_embedding_refusal
+from .runtime.kv_cache import KVArena
 from .runtime.linear import QuantLinear
 from .runtime.moe import OffloadedMoE, PrefetchConfig
 from .runtime.oss_experts import BiasedSwigluMoE, sink_attention
@@ -50,6 +52,7 @@ class OffloadConfig:
     attention: AttentionPath | None = None  # default: chosen by the device's compute capability (attention.py)
     placement: LayerPlacement | None = None  # whole layers split across devices (several GPUs); None: all on device
     embedding_on_host: bool | None = None  # table in host RAM, rows sent (host_embedding.py); None: the plan decides
+    kv_lending: bool = True  # the KV cache's unreached tail holds more experts until needed (kv_cache.KVArena)
 
     def attention_path(self) -> AttentionPath:
         return self.attention or choose_attention(resolve_device(self.device))
@@ -279,6 +282,7 @@ def assemble_model(
     bar.close()
     cache.check_complete()
     model.expert_cache = cache
+    model.kv_arena = _kv_arena(mcfg, arch, cache, cfg, dev, dtype)
     model.offload_config = cfg
     install_attention(model, attention)
     from .runtime import kernels
@@ -308,6 +312,17 @@ def close_model(model: MixtralForCausalLM) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+def _kv_arena(mcfg, arch, cache, cfg: OffloadConfig, device: torch.device, dtype: torch.dtype) -> KVArena | None:
+    """The KV cache's bytes, lending their unreached tail to the expert cache (``kv_cache.KVArena``); None where
+    it cannot: lending off, layers split across devices, no expert in host RAM, or layers whose K/V are not
+    plain full attention of ``kv_heads x head_dim`` (sliding windows, MLA)."""
+    if not cfg.kv_lending or not isinstance(cache, ExpertCache) or not len(cache.host_buf) or arch.kv_lending_refusal:
+        return None
+    if any(type(layer) is not DynamicLayer for layer in DynamicCache(config=mcfg).layers):
+        return None
+    return KVArena(arch.num_layers, arch.kv_heads, arch.head_dim, context_tokens(cfg, mcfg), dtype, device, cache)
 
 
 def _expert_cache(spec: ModelSpec, layers: int, ks, device: torch.device, cfg: OffloadConfig):

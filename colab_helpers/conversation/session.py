@@ -174,6 +174,8 @@ class ChatSession:
                 warnings.warn(f"chat view failed on {event!r}: {type(err).__name__}: {err}", stacklevel=2)
 
     def reset_cache(self) -> None:
+        if self._cache is not None:  # the model's KV arena lends its tail to the expert cache again
+            self._cache.release_arena()
         self._cache = None
         self._cached_ids = []
 

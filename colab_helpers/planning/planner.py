@@ -20,6 +20,7 @@ from transformers import MixtralConfig
 
 from ..runtime.attention import T4_CAPABILITY, AttentionPath, choose_attention
 from ..runtime.host_embedding import host_embedding_refusal
+from ..runtime.kv_cache import lent_slot_starts
 from ..runtime.oss_experts import sink_attention
 from ..weights.checkpoint import QUANT_CONFIG_KEY, QuantConfig, config_from_dict
 from ..weights.families import MoEArchitecture
@@ -98,6 +99,7 @@ class ModelSizes:
     embed_bytes: int = 0  # fp16 embeddings (the first device's share of the trunk when layers are split)
     head_bytes: int = 0  # fp16 lm_head (unless tied and not stored), its bias and the final norm (the last device's)
     embedding_refusal: str | None = None  # why the table must stay on the GPU (a tied lm_head), None if it may move
+    kv_lending_refusal: str | None = None  # why the KV cache cannot lend expert slots (MLA, sliding windows)
 
     @classmethod
     def of(cls, config: MixtralConfig | MoEArchitecture | ModelSpec, quant: QuantConfig | None = None) -> ModelSizes:
@@ -149,6 +151,7 @@ class ModelSizes:
             embed_bytes=2 * a.vocab * a.hidden,
             head_bytes=2 * head,
             embedding_refusal=host_embedding_refusal(a),
+            kv_lending_refusal=a.kv_lending_refusal,
         )
 
     @property
@@ -310,6 +313,15 @@ class MemoryPlan:
         return self.sizes.kv_bytes_per_token(2 if self.device == "cuda" else 4) * self.context
 
     @property
+    def kv_lent_slot_starts(self) -> list[int]:
+        """Where the KV cache's lendable expert slots are needed back (``kv_cache.lent_slot_starts``): while the
+        conversation is at most ``starts[j]`` tokens, slot ``j`` holds one more expert. Counted in the KV row,
+        so no byte is planned twice; empty where nothing is lent (CPU, nothing in host RAM, MLA, windows)."""
+        if self.device != "cuda" or not self.host_experts or self.sizes.kv_lending_refusal:
+            return []
+        return lent_slot_starts(self.context, self.sizes.kv_bytes_per_token(2), self.sizes.slot_bytes)
+
+    @property
     def vram_peak(self) -> int:
         """Everything planned on the GPU, the reserve included."""
         return sum(r.vram for r in self.rows)
@@ -357,6 +369,7 @@ class MemoryPlan:
             "pinned_alloc_gb": round(self.pinned_alloc_bytes / GB, 3),
             "context": self.context,
             "kv_budget_gb": round(self.kv_budget_bytes / GB, 3),
+            "kv_lent_slot_starts": self.kv_lent_slot_starts,
             "expert_bits": self.sizes.expert_bits,
             "vram_peak_gb": round(self.vram_peak / GB, 3),
             "ram_peak_gb": round(self.ram_peak / GB, 3),
@@ -890,11 +903,18 @@ def _embedding_text(plan: MemoryPlan) -> str:
 def _placement(plan: MemoryPlan) -> str:
     counts = {k: plan.per_layer.count(k) for k in sorted(set(plan.per_layer), reverse=True)}
     per = ", ".join(f"{k} in {n} layers" for k, n in counts.items())
-    return (
+    text = (
         f"experts on the {plan.device} per layer: {per} ({plan.device_experts} of {plan.sizes.total_experts}) "
         f"+ {plan.spare_slots} spare slots; {plan.host_experts} in host RAM; KV budget {plan.context} tokens "
         f"({plan.kv_budget_bytes / GB:.3f} GB)"
     )
+    starts = plan.kv_lent_slot_starts
+    if starts:
+        text += (
+            f"\n  the KV budget's unreached tail holds {len(starts)} more experts while the conversation is short: "
+            f"{len(starts)} up to {starts[-1]} tokens, then one fewer at each of {', '.join(map(str, starts[-2::-1]))}"
+        )
+    return text
 
 
 # ---- entry points --------------------------------------------------------------------------------

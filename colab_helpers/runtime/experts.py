@@ -296,6 +296,8 @@ class CacheStats(RoutingCounters):
     staged: list[int] = field(default_factory=list)  # speculative loads into a free slot that started copying
     staged_used: list[int] = field(default_factory=list)  # ... that their layer then used
     staged_dropped: list[int] = field(default_factory=list)  # guesses dropped before any byte moved
+    given_back: list[int] = field(default_factory=list)  # KV-lent slots returned to the KV cache (kv_cache.py)
+    moved_bytes: list[int] = field(default_factory=list)  # device->device: a resident moved out of a returned slot
 
     COUNTERS: ClassVar[tuple[str, ...]] = (
         *RoutingCounters.COUNTERS,
@@ -307,6 +309,8 @@ class CacheStats(RoutingCounters):
         "staged",
         "staged_used",
         "staged_dropped",
+        "given_back",
+        "moved_bytes",
     )
 
     def summary(self) -> dict[str, float]:
@@ -325,6 +329,8 @@ class CacheStats(RoutingCounters):
             "staged": sum(self.staged),
             "staged_used": sum(self.staged_used),
             "staged_dropped": sum(self.staged_dropped),
+            "given_back": sum(self.given_back),
+            "moved_bytes": sum(self.moved_bytes),
         }
 
 
@@ -358,6 +364,9 @@ class ExpertCache:
 
     A freed slot keeps its expert's bytes until another load overwrites it: an expert wanted again
     meanwhile (say, evicted by a wrong guess) is *re-mapped* to that slot instead of copied back in.
+
+    ``lend``/``give_back``: the KV cache's unused tail lends whole slots (``kv_cache.KVArena``); each raises one
+    layer's capacity until the conversation needs the bytes back (a write-back if the layer is then over).
     """
 
     def __init__(
@@ -376,6 +385,7 @@ class ExpertCache:
         self.num_layers, self.num_experts = num_layers, num_experts
         self.device = torch.device(device)
         self.capacity = experts_per_layer(experts_on_device, num_layers, num_experts)
+        self.base_capacity = list(self.capacity)  # without lent slots
         n_host = sum(num_experts - k for k in self.capacity)
         self.spare = spare_slots if n_host else 0
         if n_host and self.spare < 1:
@@ -412,6 +422,8 @@ class ExpertCache:
         # CPU fast path: a slot's weights are dequantized once per load instead of once per use
         self.dense_dtype = dense_dtype if self.device.type == "cpu" else None
         self._slot_dense = [False] * n_slots
+        self._borrower: dict[int, int | None] = {}  # lent slot -> the layer whose capacity it raised
+        self._retired: set[int] = set()  # given-back slot ids (reused by the next ``lend``)
         # held by each MoE layer's whole cache step (fetch, compute, prefetch): two generations on two
         # threads (a widget callback on a kernel subshell and a cell) then interleave whole layer steps,
         # never half a swap. Re-entrant so a step may call ``fetch``/``prefetch`` freely.
@@ -429,9 +441,9 @@ class ExpertCache:
             if self.engine.cuda:
                 staging = torch.empty(self.layout.nbytes, dtype=torch.uint8)
                 self.layout.pack(tensors, staging)
-                self.device_buf[slot].copy_(staging)
+                self._slot_bufs[slot].copy_(staging)
             else:
-                self.layout.pack(tensors, self.device_buf[slot])
+                self.layout.pack(tensors, self._slot_bufs[slot])
             self._drop_dense(slot)
             self.slot_of[layer][expert] = slot
         else:
@@ -482,7 +494,9 @@ class ExpertCache:
                 continue
             self.stats.misses[layer] += 1
             victim = self._victim(layer, e, order[i + 1 :])
-            if victim in order[:i]:  # not computed yet: swap once it has been, decide the rest then
+            if (
+                victim is not None and victim in order[:i]
+            ):  # not computed yet: swap once it has been, decide the rest then
                 self._deferred[layer][e] = victim
                 self._lazy[layer] = order[i + 1 :]
                 break
@@ -523,9 +537,10 @@ class ExpertCache:
         if expert in self.slot_of[layer]:
             return False
         candidates = self._candidates(layer, expert, keep)
-        if not candidates:
+        if not candidates and not self._has_room(layer):
             return False
-        self._swap_in(layer, expert, self.policy.victim(layer, candidates), SPECULATIVE)
+        victim = None if self._has_room(layer) else self.policy.victim(layer, candidates)
+        self._swap_in(layer, expert, victim, SPECULATIVE)
         self.stats.prefetch_loads[layer] += 1
         self._prefetched[layer].add(expert)
         return True
@@ -665,7 +680,14 @@ class ExpertCache:
         keep = set(keep) | {expert}
         return sorted(e for e in self.slot_of[layer] if e not in keep)
 
-    def _victim(self, layer: int, expert: int, keep: Iterable[int]) -> int:
+    def _has_room(self, layer: int) -> bool:
+        """The layer holds fewer experts than its capacity (a lent slot raised it): a miss evicts nothing."""
+        return len(self.slot_of[layer]) < self.capacity[layer]
+
+    def _victim(self, layer: int, expert: int, keep: Iterable[int]) -> int | None:
+        """The expert a miss evicts (None while the layer has room)."""
+        if self._has_room(layer):
+            return None
         candidates = self._candidates(layer, expert, keep)
         if not candidates:
             raise RuntimeError(f"layer {layer}: no evictable expert to make room for {expert} (keep={set(keep)})")
@@ -693,13 +715,12 @@ class ExpertCache:
             del self._ghost[self._ghost_of[slot]]
             self._ghost_of[slot] = None
 
-    def _swap_in(self, layer: int, expert: int, victim: int, kind: str) -> int:
-        """Bring ``expert`` into a device slot and write ``victim`` back into the host buffer it leaves."""
-        nbytes = self.layout.nbytes
+    def _swap_in(self, layer: int, expert: int, victim: int | None, kind: str) -> int:
+        """Bring ``expert`` into a device slot and write ``victim`` back into the host buffer it leaves (no victim:
+        the layer has room, and that host buffer becomes free)."""
         eng = self.engine
         with deferred_interrupts():  # copies and bookkeeping change together or not at all
             host = self.host_of[layer][expert]
-            old = self.slot_of[layer][victim]
             slot = self._ghost.get((layer, expert))
             if slot is not None:  # its old slot (or a guess's) holds it: no copy in
                 st = self._staged.get(slot)
@@ -734,26 +755,125 @@ class ExpertCache:
                     expert=expert,
                 )
                 self._slot_ready[slot] = read_host = ready
-                self.stats.h2d_bytes[layer] += nbytes
+                self.stats.h2d_bytes[layer] += self.layout.nbytes
                 if kind == SPECULATIVE:
-                    self.stats.speculative_bytes[layer] += nbytes
-            drained = eng.copy(
-                self.host_buf[host],
-                self._slot_bufs[old],
-                WRITE_BACK,
-                after=(read_host, self._host_written[host], self._slot_ready[old]),
-                layer=layer,
-                expert=victim,
-            )
-            self._slot_drained[old], self._host_written[host] = drained, drained
-            del self.slot_of[layer][victim], self.host_of[layer][expert]
+                    self.stats.speculative_bytes[layer] += self.layout.nbytes
+            del self.host_of[layer][expert]
             self.slot_of[layer][expert] = slot
-            self.host_of[layer][victim] = host
-            self._free_slots.append(old)
-            self._ghost[(layer, victim)] = old
-            self._ghost_of[old] = (layer, victim)
-            self.stats.d2h_bytes[layer] += nbytes
+            if victim is None:  # a free host buffer now; a write-back into it waits for the copy out of it
+                self._host_written[host] = read_host
+                self._free_hosts.append(host)
+            else:
+                self._write_back(layer, victim, host, read_host)
         return slot
+
+    def _write_back(self, layer: int, victim: int, host: int, after: object = None) -> None:
+        """Evict resident ``victim`` into host buffer ``host``: its slot is freed, still holding it (a ghost)."""
+        old = self.slot_of[layer].pop(victim)
+        drained = self.engine.copy(
+            self.host_buf[host],
+            self._slot_bufs[old],
+            WRITE_BACK,
+            after=(after, self._host_written[host], self._slot_ready[old]),
+            layer=layer,
+            expert=victim,
+        )
+        self._slot_drained[old], self._host_written[host] = drained, drained
+        self.host_of[layer][victim] = host
+        self._free_slots.append(old)
+        self._ghost[(layer, victim)] = old
+        self._ghost_of[old] = (layer, victim)
+        self.stats.d2h_bytes[layer] += self.layout.nbytes
+
+    # ---- slots lent by the KV cache ----------------------------------------------------------------
+
+    @property
+    def lent_slots(self) -> list[int]:
+        """Slot ids the KV cache lent and has not taken back."""
+        return list(self._borrower)
+
+    def lend(self, buf: torch.Tensor) -> int:
+        """Take ``buf`` (``layout.nbytes`` bytes of device memory, e.g. the KV cache's unused tail) as one more slot.
+
+        The layer with the fewest experts on the device (then the lowest index) gets one more: its next miss
+        loads without evicting. Until ``give_back`` the cache owns the bytes; the compute stream's writes so far
+        come before any copy into them. Returns the slot id ``give_back`` takes."""
+        if buf.device != self.device or buf.dtype != torch.uint8 or buf.numel() != self.layout.nbytes:
+            raise ValueError(f"a lent slot must be {self.layout.nbytes} uint8 bytes on {self.device}, got {buf}")
+        with self.lock, deferred_interrupts():
+            slot = min(self._retired) if self._retired else len(self._slot_bufs)
+            entry = (buf, self.layout.weights(buf), self.engine.mark_compute(), None, None, None, False)
+            if slot == len(self._slot_bufs):
+                for table in self._slot_tables():
+                    table.append(None)
+            self._retired.discard(slot)
+            for table, value in zip(self._slot_tables(), entry, strict=True):
+                table[slot] = value
+            open_layers = [layer for layer in range(self.num_layers) if self.capacity[layer] < self.num_experts]
+            borrower = min(open_layers, key=lambda layer: (self.capacity[layer], layer)) if open_layers else None
+            if borrower is not None:
+                self.capacity[borrower] += 1
+            self._borrower[slot] = borrower
+            self._free_slots.appendleft(slot)  # holds nothing: the next load takes it first
+        return slot
+
+    def give_back(self, slot: int) -> None:
+        """Return lent ``slot``: its borrower layer's capacity drops (the policy's victim is written back if the
+        layer is over); an expert the slot holds moves to a free slot (device to device). Later compute on this
+        stream (the KV cache's writes) runs after every copy into or out of the slot."""
+        with self.lock, deferred_interrupts():
+            layer = self._borrower.pop(slot)
+            if layer is not None:
+                self.capacity[layer] -= 1
+                if len(self.slot_of[layer]) > self.capacity[layer]:
+                    victim = self.policy.victim(layer, sorted(self.slot_of[layer]))
+                    self._write_back(layer, victim, self._free_hosts.popleft())
+            owner = next(
+                ((lay, e) for lay in range(self.num_layers) for e, s in self.slot_of[lay].items() if s == slot), None
+            )
+            if owner is not None:
+                self._move(owner, slot)
+            else:
+                self._unstage(slot)
+                self._forget_ghost(slot)
+                self._free_slots.remove(slot)
+            self.engine.compute_waits(self._slot_ready[slot])
+            self.engine.compute_waits(self._slot_drained[slot])
+            self._drop_dense(slot)
+            for table in self._slot_tables():
+                table[slot] = None
+            self._slot_dense[slot] = False
+            self._retired.add(slot)
+            self.stats.given_back[layer if layer is not None else 0] += 1
+
+    def _move(self, owner: tuple[int, int], slot: int) -> None:
+        """Move a resident expert out of ``slot`` into a free one, on the compute stream (device to device)."""
+        layer, expert = owner
+        free = [s for s in self._free_slots if s != slot]  # never empty: at least spare + 1 slots are free here
+        dst = next((s for s in free if not (s in self._staged and self._staged[s].live)), free[0])
+        self._unstage(dst)  # a live guess loading there (only when every free slot holds one) is dropped
+        self._free_slots.remove(dst)
+        self._forget_ghost(dst)
+        self._drop_dense(dst)
+        for event in (self._slot_ready[slot], self._slot_ready[dst], self._slot_drained[dst]):
+            self.engine.compute_waits(event)
+        self._slot_bufs[dst].copy_(self._slot_bufs[slot])
+        self._slot_ready[dst] = self._slot_used[dst] = self.engine.mark_compute()
+        self._slot_drained[dst] = None
+        self.slot_of[layer][expert] = dst
+        self.stats.moved_bytes[layer] += self.layout.nbytes
+
+    def _slot_tables(self) -> tuple[list, ...]:
+        """Every per-slot list, in ``lend``'s entry order."""
+        return (
+            self._slot_bufs,
+            self._slot_weights,
+            self._slot_used,
+            self._slot_ready,
+            self._slot_drained,
+            self._ghost_of,
+            self._slot_dense,
+        )
 
     def _make_dense(self, slot: int) -> None:
         """CPU fast path: dequantize a slot's weights once per load (no fused low-bit kernel on a CPU)."""
@@ -797,7 +917,7 @@ class ExpertCache:
         self.engine.synchronize()
         slot = self.slot_of[layer].get(expert)
         if slot is not None:
-            return self.device_buf[slot].cpu().clone()
+            return self._slot_bufs[slot].cpu().clone()
         return self.host_buf[self.host_of[layer][expert]].clone()
 
     def check_invariants(self) -> None:
@@ -816,8 +936,11 @@ class ExpertCache:
             assert len(on_dev) <= self.capacity[layer], f"layer {layer}: {len(on_dev)} > {self.capacity[layer]}"
             slots += self.slot_of[layer].values()
             hosts += self.host_of[layer].values()
-        assert len(set(slots) | set(self._free_slots)) == len(slots) + len(self._free_slots) == len(self.device_buf)
-        assert len(set(hosts)) == len(hosts) == len(self.host_buf)
+        live = len(self._slot_bufs) - len(self._retired)
+        assert len(set(slots) | set(self._free_slots)) == len(slots) + len(self._free_slots) == live
+        assert not (set(slots) | set(self._free_slots)) & self._retired, "a given-back slot is still in use"
+        assert set(self._free_hosts).isdisjoint(hosts) and len(hosts) + len(self._free_hosts) == len(self.host_buf)
+        assert len(set(hosts)) == len(hosts)
         for (layer, e), slot in self._ghost.items():
             assert slot in self._free_slots and self._ghost_of[slot] == (layer, e), f"stale ghost {layer}.{e}"
             assert e in self.host_of[layer], f"ghost {layer}.{e} is resident"

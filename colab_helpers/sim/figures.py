@@ -70,35 +70,67 @@ class TwinRun:
     h2d_busy_ms: float  # per token
     total_ms: float  # per token
     command: str
+    wasted_per_token: float = 0.0  # speculative loads whose layer did not use them
 
 
 TRACE = "mixtral-8x7b-instruct-routing.npz"  # the recorded real routing (not shipped; read from its own folder)
 _TWIN = "python -m colab_helpers twin --json --tokens 96 --warmup 32 --trace TRACE.npz"
-TWIN_DATE = "2026-12-07, this CPU machine (no GPU), main after issue 19 (prefetch auto, embedding table in host RAM)"
+TWIN_DATE = (
+    "2026-12-07, this CPU machine (no GPU), main after issue 19 (prefetch auto, embedding in host RAM, KV lending)"
+)
 """When the twin rows were produced. Plan: ``plan --vram-gb 15 --ram-gb 12.7`` (the embedding table in host RAM,
-179 experts on the GPU: 6 per layer in 19 layers, 5 in 13), ``lfu_decay``, the trace's four sequences back to
-back. Loads are host->device bytes per token in expert units (a guess copied in chunks counts its chunks)."""
+179 experts on the GPU: 6 per layer in 19 layers, 5 in 13; the KV budget's unreached tail lends 8 more slots, 7 of
+them still lent in the recorded window: a 16-token prompt, 32 tokens of warm-up, 96 recorded), ``lfu_decay``, the
+trace's four sequences back to back. Loads are host->device bytes per token in expert units (a guess copied in
+chunks counts its chunks)."""
 
-TWIN_NO_PREFETCH = TwinRun("prefetch off", 11.30, 0.813, 11.95, 11.95, 0.0, 64.5, 88.5, _TWIN + " --no-prefetch")
-TWIN_AUTO = TwinRun("prefetch auto (default), recall 0.8", 11.63, 0.813, 12.45, 10.88, 1.56, 67.2, 86.0, _TWIN)
+TWIN_NO_PREFETCH = TwinRun(
+    "prefetch off", 12.24, 0.834, 10.62, 10.62, 0.0, 57.4, 81.7, _TWIN + " --no-prefetch", wasted_per_token=0.0
+)
+TWIN_AUTO = TwinRun(
+    "prefetch auto (default), recall 0.8", 12.61, 0.834, 11.10, 9.67, 1.43, 59.9, 79.3, _TWIN, wasted_per_token=0.47
+)
 """Gated, preemptible prefetch ("auto", the engine's default): a guess is copied only into a free spare slot, in
 chunks paced one per layer step, and dropped when a demand copy comes; nothing resident is evicted for it."""
 TWIN_AUTO_R05 = TwinRun(
-    "prefetch auto, recall 0.5", 11.40, 0.813, 13.19, 11.30, 1.89, 71.2, 87.8, _TWIN + " --recall 0.5"
-)
+    "prefetch auto, recall 0.5", 12.35, 0.834, 11.77, 10.04, 1.73, 63.5, 81.0, _TWIN + " --recall 0.5",
+    wasted_per_token=1.15,
+)  # fmt: skip
+TWIN_AUTO_R09 = TwinRun(
+    "prefetch auto, recall 0.9", 12.68, 0.834, 10.88, 9.56, 1.33, 58.8, 78.9, _TWIN + " --recall 0.9",
+    wasted_per_token=0.26,
+)  # fmt: skip
 TWIN_AUTO_R10 = TwinRun(
-    "prefetch auto, every guess right (recall 1.0)", 11.82, 0.813, 11.95, 10.59, 1.35, 64.5, 84.6,
-    _TWIN + " --recall 1.0",
+    "prefetch auto, every guess right (recall 1.0)", 12.80, 0.834, 10.63, 9.41, 1.21, 57.4, 78.1,
+    _TWIN + " --recall 1.0", wasted_per_token=0.0,
+)  # fmt: skip
+TWIN_NO_LENDING = TwinRun(
+    "prefetch auto, recall 0.8, no KV lending (before)", 11.63, 0.813, 12.45, 10.88, 1.56, 67.2, 86.0,
+    _TWIN + " --no-kv-lending", wasted_per_token=0.50,
+)  # fmt: skip
+"""The default before the KV cache lent its tail: 179 slots instead of 186 in this window."""
+TWIN_NO_LENDING_NO_PREFETCH = TwinRun(
+    "prefetch off, no KV lending (before)", 11.30, 0.813, 11.95, 11.95, 0.0, 64.5, 88.5,
+    _TWIN + " --no-prefetch --no-kv-lending", wasted_per_token=0.0,
 )  # fmt: skip
 TWIN_EVICT = TwinRun(
-    "guesses that evict (old default), recall 0.8", 9.38, 0.939, 16.66, 2.90, 13.76, 89.9, 106.6,
-    _TWIN + " --prefetch-mode evict",
+    "guesses that evict (old default), recall 0.8", 10.23, 0.945, 15.05, 2.66, 12.40, 81.3, 97.7,
+    _TWIN + " --prefetch-mode evict", wasted_per_token=3.96,
 )  # fmt: skip
 """Every guess copied at once, evicting what the policy picks: the default before issue 19. On a saturated bus a
 wrong guess is a whole 5.4 ms copy that also evicts an expert needed later, so it is slower than no prefetch."""
 TWIN_EVICT_R10 = TwinRun(
-    "guesses that evict, every guess right (recall 1.0)", 12.05, 0.994, 11.95, 0.41, 11.54, 64.5, 83.0,
+    "guesses that evict, every guess right (recall 1.0)", 13.01, 0.994, 10.62, 0.41, 10.22, 57.4, 76.8,
     _TWIN + " --prefetch-mode evict --recall 1.0",
+    wasted_per_token=0.0,
+)  # fmt: skip
+TWIN_LONG = TwinRun(
+    "prefetch auto, after a 1200-token prompt (5 slots lent)", 11.87, 0.820, 12.00, 10.49, 1.51, 64.8, 84.2,
+    _TWIN + " --prompt-tokens 1200", wasted_per_token=0.46,
+)  # fmt: skip
+TWIN_LONG_NO_LENDING = TwinRun(
+    "prefetch auto, after a 1200-token prompt, no KV lending", 11.23, 0.805, 12.97, 11.36, 1.61, 70.0, 89.1,
+    _TWIN + " --prompt-tokens 1200 --no-kv-lending", wasted_per_token=0.49,
 )  # fmt: skip
 
 PROJECTED = TWIN_AUTO
@@ -108,22 +140,37 @@ PAPER_T4_TOK_S = 2.09
 
 
 def twin_rows() -> tuple[TwinRun, ...]:
-    return (TWIN_NO_PREFETCH, TWIN_AUTO, TWIN_AUTO_R05, TWIN_AUTO_R10, TWIN_EVICT, TWIN_EVICT_R10)
+    return (
+        TWIN_NO_PREFETCH,
+        TWIN_AUTO,
+        TWIN_AUTO_R05,
+        TWIN_AUTO_R09,
+        TWIN_AUTO_R10,
+        TWIN_NO_LENDING_NO_PREFETCH,
+        TWIN_NO_LENDING,
+        TWIN_EVICT,
+        TWIN_EVICT_R10,
+        TWIN_LONG,
+        TWIN_LONG_NO_LENDING,
+    )
 
 
 def twin_table() -> str:
     """The twin's rows as text, with the PCIe bound each row's loads allow, the command and the date."""
     lines = [
-        f"{'configuration':<52}{'tok/s':>7}{'loads/token':>13}{'demand':>8}{'guessed':>9}"
+        f"{'configuration':<58}{'tok/s':>7}{'loads/token':>13}{'demand':>8}{'guessed':>9}{'wasted':>8}"
         f"{'H2D busy':>10}{'token':>8}{'PCIe bound':>12}"
     ]
     for r in twin_rows():
         lines.append(
-            f"{r.configuration:<52}{r.tok_s:>7.2f}{r.loads_per_token:>13.1f}{r.demand_misses_per_token:>8.1f}"
-            f"{r.speculative_per_token:>9.1f}{r.h2d_busy_ms:>8.1f}ms{r.total_ms:>6.1f}ms"
+            f"{r.configuration:<58}{r.tok_s:>7.2f}{r.loads_per_token:>13.1f}{r.demand_misses_per_token:>8.1f}"
+            f"{r.speculative_per_token:>9.1f}{r.wasted_per_token:>8.1f}{r.h2d_busy_ms:>8.1f}ms{r.total_ms:>6.1f}ms"
             f"{pcie_bound_tok_s(r.loads_per_token):>10.1f}/s"
         )
-    lines.append(f"projected, not measured: {_TWIN} [--no-prefetch | --recall R | --prefetch-mode evict] ({TWIN_DATE})")
+    lines.append(
+        f"projected, not measured: {_TWIN} [--no-prefetch | --recall R | --prefetch-mode evict | --no-kv-lending | "
+        f"--prompt-tokens N] ({TWIN_DATE})"
+    )
     return "\n".join(lines)
 
 

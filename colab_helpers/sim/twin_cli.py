@@ -103,6 +103,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-prefetch", action="store_true", help="simulate without speculative prefetch")
     p.add_argument(
+        "--no-kv-lending",
+        action="store_true",
+        help="simulate without the KV cache lending its unreached tail as expert slots (kv_cache.KVArena)",
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        type=positive_int,
+        default=16,
+        help="conversation length before the warm-up: the longer, the fewer slots the KV cache still lends "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--prefetch-mode",
         choices=("auto", "evict"),
         default="auto",
@@ -198,7 +210,8 @@ def ours_report(p: EngineProjection) -> str:
     k_text = ", ".join(f"{k} in {p.experts_on_device.count(k)} layers" for k in reversed(ks))
     lines = [
         f"twin of our engine on {p.hardware.name}, {p.notes.get('model', 'Mixtral-8x7B')}: {k_text}, {p.policy}, "
-        f"prefetch recall {p.recall} ({p.tokens} decode steps recorded after warm-up)",
+        f"prefetch recall {p.recall} ({p.tokens} decode steps recorded after warm-up); "
+        f"KV cache lending {p.notes.get('kv_lent_slots', 0)} expert slots at the end",
         f"routing: {p.notes.get('routing', 'the recorded routing trace')}",
         f"projected {d['tok_s']:.2f} tok/s   hit rate {d['hit_rate']:.3f}"
         f"   expert loads/token {d['loads_per_token']:.1f}"
@@ -334,7 +347,8 @@ def _project(args: argparse.Namespace, target: Target | None, names: list[str] |
     family = None if target is None else target.family
     proj = project_ours(
         routing, ks, hw, args.recall, args.policy, not args.no_prefetch, args.tokens, args.warmup, family,
-        _prefetch_config(args), on_host,
+        _prefetch_config(args), on_host, kv_lending=not args.no_kv_lending and family is None,
+        prompt_tokens=args.prompt_tokens,
     )  # fmt: skip
     proj.notes["embedding"] = "host RAM (rows sent per token)" if on_host else "GPU"
     proj.notes["model"] = "Mixtral-8x7B (2-bit experts)" if target is None else target.name

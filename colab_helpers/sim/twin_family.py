@@ -223,6 +223,7 @@ class FamilyTwin:
             check_memory=False,
             progress=False,
             embedding_on_host=run.embedding_on_host,
+            kv_lending=False,  # the narrow KV would lend at narrow sizes; families project without lending
         )
         torch.manual_seed(run.seed)
         model = assemble_model(

@@ -90,10 +90,13 @@ def project_ours(
     family=None,
     prefetch_config=None,
     embedding_on_host: bool = False,
+    kv_lending: bool = True,
+    prompt_tokens: int = 16,
 ) -> EngineProjection:
     """Record our engine decoding ``routing`` [T, L, k] at ``experts_on_device`` and simulate it on ``hw``.
 
-    ``family``: a ``twin_family.FamilyTwin`` for another model (None: Mixtral-8x7B's narrow engine)."""
+    ``family``: a ``twin_family.FamilyTwin`` for another model (None: Mixtral-8x7B's narrow engine, which lends
+    the KV cache's unreached tail as ``load_model`` does unless ``kv_lending`` is False; families do not)."""
     run = EngineRun(
         tuple(experts_on_device),
         policy,
@@ -104,6 +107,8 @@ def project_ours(
         family=family,
         prefetch_config=prefetch_config,
         embedding_on_host=embedding_on_host,
+        kv_lending=kv_lending and family is None,
+        prompt_tokens=prompt_tokens,
     )
     s = record_engine(run, routing)
     notes = dict(s.notes)

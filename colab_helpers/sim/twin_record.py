@@ -32,6 +32,7 @@ from transformers import MixtralConfig
 
 from ..runtime import kernels
 from ..runtime.experts import DEMAND, SPECULATIVE, WRITE_BACK, CopyEngine, ExpertCache
+from ..weights.model_spec import ModelSpec
 from ..weights.quant import QuantizedWeight
 from .dispatch_count import _PATCHED_METHODS, _is_launch, _is_sync
 from .synthetic import ScriptedRouter
@@ -122,7 +123,10 @@ class ScheduleRecorder(TorchDispatchMode):
         cache = model.expert_cache
         self.scale: ByteScale = getattr(model, "twin_scale", None) or ByteScale()
         self.expert_ratio = self.scale.expert_bytes / cache.layout.nbytes
-        self.expert_storage = cache.device_buf.untyped_storage().data_ptr()
+        self.expert_storages = {cache.device_buf.untyped_storage().data_ptr()}
+        lent = getattr(model, "twin_lent_slots", None)  # the twin's stand-ins for KV-lent slots (install_kv_lending)
+        if lent is not None:
+            self.expert_storages.add(lent.untyped_storage().data_ptr())
         self.weight_storages = {
             t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if t.numel() > 1
         }
@@ -143,7 +147,7 @@ class ScheduleRecorder(TorchDispatchMode):
 
     def full_bytes(self, t: torch.Tensor) -> float:
         ptr = t.untyped_storage().data_ptr()
-        if ptr == self.expert_storage:
+        if ptr in self.expert_storages:
             return t.nbytes * self.expert_ratio
         if ptr in self.weight_storages:
             return t.nbytes * self.scale.weights.get(ptr, self.scale.weight_default)
@@ -359,6 +363,8 @@ class EngineRun:
     family: object | None = None  # a ``twin_family.FamilyTwin`` (another model's narrow engine); None: Mixtral-8x7B
     prefetch_config: object | None = None  # a ``moe.PrefetchConfig`` (None: the default, on or off by ``prefetch``)
     embedding_on_host: bool = False  # the embedding table in host RAM (host_embedding.py), as the plan may put it
+    kv_lending: bool = True  # the KV cache's unreached tail lends expert slots (kv_cache.KVArena), at full size
+    context: int = 4096  # the planned KV budget, tokens (where the lent slots are needed back)
 
     def prefetch_settings(self, **family_defaults):
         """The ``PrefetchConfig`` the engine runs with."""
@@ -376,7 +382,7 @@ def build_narrow_engine(run: EngineRun, routing: np.ndarray):
         return run.family.build(run, routing)
     from ..model import OffloadConfig, assemble_model
     from ..weights.checkpoint import QuantConfig
-    from .synthetic import random_experts, random_trunk
+    from .synthetic import mixtral_8x7b_config, random_experts, random_trunk
 
     config = narrow_mixtral_config(len(run.experts_on_device))
     quant = QuantConfig()
@@ -390,6 +396,7 @@ def build_narrow_engine(run: EngineRun, routing: np.ndarray):
         check_memory=False,
         progress=False,
         embedding_on_host=run.embedding_on_host,
+        kv_lending=False,  # installed below at Mixtral's full sizes
     )
     torch.manual_seed(run.seed)
     model = assemble_model(config, quant, random_trunk(config, quant), random_experts(config, quant), cfg)
@@ -398,7 +405,34 @@ def build_narrow_engine(run: EngineRun, routing: np.ndarray):
     blocks = [layer.mlp for layer in model.model.layers]
     for i, block in enumerate(blocks):
         block.link(blocks[i + 1 : i + 1 + block.prefetch.lookahead])
+    if run.kv_lending:
+        full = mixtral_8x7b_config()
+        head_dim = full.hidden_size // full.num_attention_heads
+        kv_bytes = 2 * full.num_hidden_layers * full.num_key_value_heads * head_dim * 2  # fp16 K and V, every layer
+        install_kv_lending(model, run.context, kv_bytes, ModelSpec.of(full, quant).expert_slot_bytes)
     return model
+
+
+def install_kv_lending(model, context: int, kv_bytes_per_token: int, slot_bytes: int) -> None:
+    """Give the narrow engine a ``KVArena`` lending as the full-size model's would: slots needed back at the
+    full-size positions (``lent_slot_starts``), held in narrow stand-in buffers the recorder counts as experts."""
+    from ..runtime.kv_cache import KVArena, lent_slot_starts
+
+    cache, config = model.expert_cache, model.config
+    starts = lent_slot_starts(context, kv_bytes_per_token, slot_bytes)
+    model.twin_lent_slots = torch.empty(max(1, len(starts)), cache.layout.nbytes, dtype=torch.uint8)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    model.kv_arena = KVArena(
+        config.num_hidden_layers,
+        config.num_key_value_heads,
+        head_dim,
+        context,
+        model.dtype,
+        cache.device,
+        cache,
+        starts,
+        list(model.twin_lent_slots[: len(starts)]),
+    )
 
 
 class _HostIdsStreamer:
@@ -425,14 +459,12 @@ class _HostIdsStreamer:
 def _decode_as_generate_stream(model, ids: torch.Tensor, n: int, rec: ScheduleRecorder) -> None:
     """``n`` greedy tokens the way ``conversation.generation.generate_stream`` decodes them: a streamer
     receives each token on the host, and a host-RAM embedding table gathers from those host ids (no
-    read-back). The KV cache is generate's default (a ``DynamicCache``), passed so the ids are found by its
-    length."""
-    from transformers import DynamicCache
-
+    read-back); the KV cache is ``new_kv_cache``'s (the model's arena when it has one)."""
     from ..conversation.generation import _kv_cache_kwarg
     from ..runtime.host_embedding import HostIds, feeding_host_ids
+    from ..runtime.kv_cache import new_kv_cache
 
-    kv = DynamicCache(config=model.config)
+    kv = new_kv_cache(model, int(ids.shape[-1]) + n)
     fed = HostIds(ids, kv)
     with feeding_host_ids(model, fed):
         model.generate(
@@ -469,6 +501,8 @@ def record_engine(run: EngineRun, routing: np.ndarray) -> Schedule:
         "prefetch_loads_per_token": w["prefetch_loads"] * per_token,
         "prefetch_precision": w["correct"] / max(w["predicted"], 1),
         "prefetch_recall": w["correct"] / max(w["needed"], 1),
+        "kv_lent_slots": model.kv_arena.lent if getattr(model, "kv_arena", None) is not None else 0,  # at the end
+        "kv_slots_given_back": w["given_back"],  # within the recorded window
         "harness_syncs_per_token": counts.syncs_per_token,
         "harness_launches_per_token": counts.launches_per_token,
         "harness_syncs_per_layer_token": counts.syncs_per_layer_token,

@@ -56,6 +56,16 @@ class MoEArchitecture:
     # multi-head latent attention (DeepSeek-V2): (q_lora_rank (0: plain q_proj), kv_lora_rank, rope dim, v dim);
     # head_dim is then the q/k head (nope + rope); () for standard attention
     mla: tuple[int, ...] = ()
+    sliding_window_layers: bool = False  # some layers keep a rolling window of K/V (gpt-oss's ``layer_types``)
+
+    @property
+    def kv_lending_refusal(self) -> str | None:
+        """Why the KV cache cannot lend its unreached tail as expert slots (``runtime.kv_cache.KVArena``), or None."""
+        if self.mla:
+            return "MLA caches K and V of other widths than kv_heads x head_dim"
+        if self.sliding_window_layers:
+            return "sliding-window layers keep a rolling K/V window"
+        return None
 
     # ---- shapes ----------------------------------------------------------------------------------
 

@@ -42,4 +42,5 @@ def from_config(config) -> MoEArchitecture:
         expert_bias=True,
         expert_layout="interleaved",
         attn_sinks=True,
+        sliding_window_layers=True,
     )
