@@ -298,7 +298,7 @@ def close_model(model: MixtralForCausalLM) -> None:
     """Free what a loaded model holds on the device and pinned on the host, safely, now.
 
     Waits for every copy in flight (``ExpertCache.close``), unpins and frees the expert store and
-    slots, drops the trunk's tensors (the model moves to the meta device) and returns cached blocks
+    slots, drops the KV arena and the trunk's tensors (the model moves to the meta device) and returns cached blocks
     to the GPU. The model cannot be used afterwards; load it again.
     """
     cache = getattr(model, "expert_cache", None)
@@ -308,6 +308,7 @@ def close_model(model: MixtralForCausalLM) -> None:
     for m in model.modules():
         if isinstance(m, HostEmbedding):  # model.to leaves its table in host RAM
             m.release()
+    model.kv_arena = None  # the KV bytes (and the slots they lent: the cache is closed)
     model.to("meta")
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -71,7 +71,7 @@ def test_the_cache_holds_moe_layers_only_and_dense_layers_keep_their_mlp(family_
     assert tuple(moe) == arch.moe_layers
     assert [blocks[i].layer for i in moe] == list(range(len(moe)))  # the cache's layer = rank among MoE layers
     assert [blocks[i].decoder_layer for i in moe] == moe
-    assert model.expert_cache.num_layers == len(moe) and model.expert_cache.capacity == [1, 8]
+    assert model.expert_cache.num_layers == len(moe) and model.expert_cache.base_capacity == [1, 8]  # before lending
     for i in arch.dense_layers:  # the family's own MLP, low-bit
         assert all(isinstance(getattr(blocks[i], m), QuantLinear) for m in ("gate_proj", "up_proj", "down_proj"))
     shared = [blocks[i].shared_expert for i in moe]

@@ -254,8 +254,10 @@ def test_close_synchronizes_before_freeing_pinned_and_device_buffers(tiny) -> No
 
 def test_close_model_releases_the_cache(make_checkpoint) -> None:
     model = load_model(make_checkpoint(2), experts_on_device=2, progress=False)
+    assert model.kv_arena is not None  # the KV bytes, lending a slot
     close_model(model)
     assert model.expert_cache.device_bytes == 0 and model.expert_cache.host_bytes == 0
+    assert model.kv_arena is None
 
 
 # ---- context: the plan's, and prompts that do not fit -----------------------------------------------

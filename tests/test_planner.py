@@ -202,10 +202,12 @@ def test_cpu_plan_keeps_everything_in_ram(config):
 
 
 def test_cpu_dense_copies_are_counted(config):
-    """OffloadConfig.dense_on_cpu keeps fp32 weights of attention and of every slot: 4 B per weight."""
+    """OffloadConfig.dense_on_cpu keeps fp32 weights of attention and of every slot, lent ones too: 4 B per weight."""
     plan = plan_memory(config, QuantConfig(), Budget.given(None, 64), "cpu", context=512)
     dense = {r.item: r.ram for r in plan.rows if "dense_on_cpu" in r.item}
-    assert sum(dense.values()) == 4 * (32 * plan.sizes.attention_params + plan.slots * plan.sizes.expert_params)
+    # 512 tokens x 262,144 B of fp32 K/V = 134,217,728 B: two 66,404,736 B slots to lend
+    assert plan.kv_lent_slot_starts == [258, 5] and plan.slots == 66  # offsets 67,812,864 and 1,408,000 B
+    assert sum(dense.values()) == 4 * (32 * plan.sizes.attention_params + (66 + 2) * plan.sizes.expert_params)
     assert not plan.fits
 
 

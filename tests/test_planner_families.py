@@ -317,6 +317,9 @@ def test_cpu_plan_counts_the_dense_copies_a_loaded_model_holds(family, tied, tmp
     assert rows["fp32 attention weights (dense_on_cpu)"] == held["attention"]
     assert rows.get("fp32 shared-expert/dense-layer MLPs (dense_on_cpu)", 0) == held["mlp"]
     assert (held["mlp"] > 0) == (family in ("qwen2_moe", "qwen3_moe", "deepseek_v2"))
-    assert rows[f"fp32 experts in {plan.slots} slots (dense_on_cpu)"] == plan.slots * expert
+    lent = len(plan.kv_lent_slot_starts)  # slots the KV cache lends get their dense copies too
+    what = f"{plan.slots} slots" + (f" + {lent} lent by the KV cache" if lent else "")
+    assert rows[f"fp32 experts in {what} (dense_on_cpu)"] == (plan.slots + lent) * expert
+    assert (lent > 0) == (family not in ("gpt_oss", "deepseek_v2"))  # sliding windows, MLA: nothing lent
     off = plan_for_checkpoint(tmp_path, "cpu", experts_on_device=2, budget=Budget.given(None, 64), dense_on_cpu=False)
     assert not any("dense_on_cpu" in r.item for r in off.rows)

@@ -266,9 +266,10 @@ NEW_TOKENS = 6
 
 def record(path, tmp_path, policy: str, k: int, prefetch: bool):
     """Generate with a recorder attached; also snapshot the live counters when decoding starts."""
-    # the replay models guesses that evict (mode "evict"); "auto" staging is measured by the twin
+    # the replay models guesses that evict (mode "evict") and a fixed K per layer (no slots lent by the KV cache);
+    # "auto" staging and lending are measured by the twin
     model = load_model(path, experts_on_device=k, progress=False, policy=policy,
-                       prefetch=PrefetchConfig(enabled=prefetch, mode="evict"))  # fmt: skip
+                       prefetch=PrefetchConfig(enabled=prefetch, mode="evict"), kv_lending=False)  # fmt: skip
     stats, at_decode = model.expert_cache.stats, {}
 
     def snapshot(layer, experts, guesses) -> None:

@@ -58,6 +58,7 @@ class GenerationStats:
     prefetch_recall: float = 0.0
     stop_reason: str = "length"  # "eos" | "length" | "stopped" | "interrupted" | "out_of_memory"
     vram_gb: float | None = None
+    lent_slots: int = 0  # expert slots the KV cache's unreached tail still lends at the end (kv_cache.KVArena)
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,6 +72,8 @@ class GenerationStats:
             f"{self.d2h_bytes / 2**20:.1f} MiB out, prefetch precision {self.prefetch_precision:.1%} "
             f"recall {self.prefetch_recall:.1%}"
         )
+        if self.lent_slots:
+            s += f", {self.lent_slots} expert slots lent by the KV cache"
         if self.vram_gb is not None:
             s += f", VRAM {self.vram_gb:.2f} GB"
         return s + f" [{self.stop_reason}]"
@@ -293,6 +296,8 @@ def generate_stream(
             summary["d2h_bytes"],
         )
         stats.prefetch_precision, stats.prefetch_recall = summary["prefetch_precision"], summary["prefetch_recall"]
+    arena = getattr(model, "kv_arena", None)
+    stats.lent_slots = arena.lent if arena is not None else 0
     stats.vram_gb = _vram_gb(device)
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     return GenerationResult(text, new_ids, stats, past_key_values, error)

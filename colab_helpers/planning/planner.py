@@ -316,10 +316,9 @@ class MemoryPlan:
     def kv_lent_slot_starts(self) -> list[int]:
         """Where the KV cache's lendable expert slots are needed back (``kv_cache.lent_slot_starts``): while the
         conversation is at most ``starts[j]`` tokens, slot ``j`` holds one more expert. Counted in the KV row,
-        so no byte is planned twice; empty where nothing is lent (CPU, nothing in host RAM, MLA, windows)."""
-        if self.device != "cuda" or not self.host_experts or self.sizes.kv_lending_refusal:
-            return []
-        return lent_slot_starts(self.context, self.sizes.kv_bytes_per_token(2), self.sizes.slot_bytes)
+        so no byte is planned twice (on a CPU their fp32 dense copies are a row); empty where nothing is lent
+        (nothing in host RAM, MLA, sliding windows)."""
+        return _lent_starts(self.sizes, self.context, 2 if self.device == "cuda" else 4, self.host_experts)
 
     @property
     def vram_peak(self) -> int:
@@ -554,8 +553,18 @@ def _cpu_rows(
         rows.append(Row("fp32 attention weights (dense_on_cpu)", 0, 4 * s.num_layers * s.attention_params, src))
         if s.resident_mlp_params:  # Qwen-MoE style shared experts and dense layers (none in Mixtral)
             rows.append(Row("fp32 shared-expert/dense-layer MLPs (dense_on_cpu)", 0, 4 * s.resident_mlp_params, src))
-        rows.append(Row(f"fp32 experts in {slots} slots (dense_on_cpu)", 0, 4 * slots * s.expert_params, src))
+        lent = len(_lent_starts(s, context, 4, host))  # the KV cache lends slots on a CPU too (same code path)
+        what = f"{slots} slots" + (f" + {lent} lent by the KV cache" if lent else "")
+        rows.append(Row(f"fp32 experts in {what} (dense_on_cpu)", 0, 4 * (slots + lent) * s.expert_params, src))
     return rows
+
+
+def _lent_starts(s: ModelSizes, context: int, itemsize: int, host_experts: int) -> list[int]:
+    """``kv_cache.lent_slot_starts`` for this model's KV budget ([] when nothing is lent: no host expert, or
+    MLA / sliding windows)."""
+    if not host_experts or s.kv_lending_refusal:
+        return []
+    return lent_slot_starts(context, s.kv_bytes_per_token(itemsize), s.slot_bytes)
 
 
 # ---- choosing experts per layer ------------------------------------------------------------------

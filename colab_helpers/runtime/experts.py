@@ -494,9 +494,8 @@ class ExpertCache:
                 continue
             self.stats.misses[layer] += 1
             victim = self._victim(layer, e, order[i + 1 :])
-            if (
-                victim is not None and victim in order[:i]
-            ):  # not computed yet: swap once it has been, decide the rest then
+            # a victim not computed yet: swap once it has been, decide the rest then
+            if victim is not None and victim in order[:i]:
                 self._deferred[layer][e] = victim
                 self._lazy[layer] = order[i + 1 :]
                 break

@@ -20,6 +20,7 @@ layers' rows); attention reads them as it reads any view.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -86,6 +87,7 @@ class KVArena:
         self._lent: list[int | None] = [None] * len(self.slot_starts)  # the cache's slot id while lent
         self._lengths = [0] * num_layers
         self._owner: weakref.ref | None = None
+        self._binding = threading.Lock()  # two threads starting conversations at once: one gets the arena
         self._next_start = self.capacity  # the lowest start of a lent slot (fast path of ``ensure``)
         self.release()
 
@@ -107,19 +109,21 @@ class KVArena:
 
     def bind(self, owner: object) -> bool:
         """Let ``owner`` (a KV cache starting empty) write here; False while another live cache holds the arena."""
-        if self._owner is not None and self._owner() is not None:
-            return False
-        self._owner = weakref.ref(owner)
-        self._lengths = [0] * self.num_layers
-        self.release()
-        return True
+        with self._binding:
+            if self._owner is not None and self._owner() is not None:
+                return False
+            self._owner = weakref.ref(owner)
+            self._lengths = [0] * self.num_layers
+            self.release()
+            return True
 
     def unbind(self, owner: object) -> None:
         """``owner`` is done: every lendable slot goes back to the expert cache."""
-        if self._owner is not None and self._owner() is owner:
-            self._owner = None
-            self._lengths = [0] * self.num_layers
-            self.release()
+        with self._binding:
+            if self._owner is not None and self._owner() is owner:
+                self._owner = None
+                self._lengths = [0] * self.num_layers
+                self.release()
 
     def ensure(self, layer: int, end: int) -> None:
         """Layer ``layer`` is about to write positions up to ``end``: take back every lent slot those bytes reach."""

@@ -171,7 +171,8 @@ class ReplayOptions:
     Defaults follow ``shared/traces/README.md`` (the reference numbers): a cold cache per sequence and
     layer, experts accessed in rank order (top-1 first), decode steps only, no prefetch. ``live()``
     mirrors ``load_model``'s cache instead: experts 0..K-1 resident at start, resident experts fetched
-    first, prefill replayed (not counted), recorded prefetch guesses applied.
+    first, prefill replayed (not counted), recorded prefetch guesses applied. The replay keeps K fixed: it
+    reproduces a cache loaded with ``kv_lending=False`` exactly (the KV cache's lent slots raise K for a while).
     """
 
     initial: Literal["cold", "warm"] | Sequence[int] | Sequence[Sequence[int]] = "cold"
