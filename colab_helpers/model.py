@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicLayer
 from .runtime.attention import AttentionPath, choose_attention, install_attention, register
 from .runtime.experts import ExpertCache, ExpertLayout, experts_per_layer
 from .runtime.host_embedding import HostEmbedding, host_embedding_refusal
-from .runtime.kv_cache import KVArena
+from .runtime.kv_cache import KVArena, use_arena_in_generate
 from .runtime.linear import QuantLinear
 from .runtime.moe import OffloadedMoE, PrefetchConfig
 from .runtime.oss_experts import BiasedSwigluMoE, sink_attention
@@ -283,6 +283,8 @@ def assemble_model(
     cache.check_complete()
     model.expert_cache = cache
     model.kv_arena = _kv_arena(mcfg, arch, cache, cfg, dev, dtype)
+    if model.kv_arena is not None:  # HF's own generate then writes K/V into the arena too (never a second KV)
+        use_arena_in_generate(model)
     model.offload_config = cfg
     install_attention(model, attention)
     from .runtime import kernels

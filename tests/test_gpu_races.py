@@ -44,10 +44,9 @@ def delayed_copies(monkeypatch) -> list[int]:
 
 
 def expert_bytes(cache, layer: int, expert: int) -> torch.Tensor:
-    """The flat bytes of one expert wherever it lives now (a device slot or the host store), on the CPU."""
-    if expert in cache.slot_of[layer]:
-        return cache.device_buf[cache.slot_of[layer][expert]].cpu()
-    return cache.host_buf[cache.host_of[layer][expert]].clone()
+    """The flat bytes of one expert wherever it lives now (a device slot, a slot the KV cache lent, or the host
+    store), on the CPU."""
+    return cache.expert_bytes(layer, expert)
 
 
 def packed_checkpoint_experts(path) -> dict[tuple[int, int], torch.Tensor]:
@@ -94,6 +93,8 @@ def test_delayed_copies_one_expert_per_layer_with_prefetch(delayed_copies) -> No
     torch.cuda.synchronize()
     stats = model.expert_cache.stats
     assert delayed_copies[0] > 0 and sum(stats.misses) > 0 and sum(stats.prefetch_loads) > 0  # copies really ran
+    # generate wrote K/V into the arena; its slot at position 5 (the embedded model's) went back, copies late
+    assert sum(stats.given_back) >= 1 and type(out.past_key_values).__name__ == "PreallocatedCache"
     assert torch.equal(out.sequences.cpu(), ref.sequences.cpu())
     for step, (got, want) in enumerate(zip(out.scores, ref.scores, strict=True)):
         # fp32; only the order of the expert sums differs (EOS is -inf in both: min_new_tokens)

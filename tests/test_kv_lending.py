@@ -205,3 +205,22 @@ def test_the_twin_lends_at_the_free_t4_plans_positions() -> None:
     model = build_narrow_engine(EngineRun(tuple(plan.per_layer)), routing)
     assert model.kv_arena.slot_starts == plan.kv_lent_slot_starts == [3589, 3082, 2576, 2069, 1562, 1056, 549, 42]
     assert model.kv_arena.lent == 8 and sum(model.expert_cache.capacity) == plan.device_experts + 8
+
+
+def test_transformers_generate_writes_into_the_arena_and_answers_as_without_lending(models) -> None:
+    lending, plain = models
+    arena = lending.kv_arena
+    start = min(s for s in arena.slot_starts if s >= 30)  # the prompt stays below it, the answer crosses it
+    ids = torch.randint(3, lending.config.vocab_size, (1, start - 10), generator=torch.Generator().manual_seed(4))
+    given_back = sum(lending.expert_cache.stats.given_back)
+    outs = [
+        m.generate(
+            ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        for m in (lending, plain)
+    ]
+    assert sum(lending.expert_cache.stats.given_back) > given_back  # no second KV: generate used the arena
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0].scores, outs[1].scores, strict=True))
+    del outs  # the arena's cache: collected, the next conversation binds again
+    assert new_kv_cache(lending, 8).arena is arena

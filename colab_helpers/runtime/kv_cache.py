@@ -20,6 +20,7 @@ layers' rows); attention reads them as it reads any view.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 
@@ -169,6 +170,8 @@ class PreallocatedLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
+        if self.arena is not None and key_states.shape[0] != 1:
+            raise RuntimeError(f"the KV arena holds one sequence; got a batch of {key_states.shape[0]}")
         if self.arena is not None:
             keys, values = self.arena.keys(self.index), self.arena.values(self.index)
             for name, got, want in (("keys", key_states, keys), ("values", value_states, values)):
@@ -280,4 +283,35 @@ def new_kv_cache(model, tokens: int) -> PreallocatedCache:
     return PreallocatedCache(model.config, tokens, getattr(model, "kv_arena", None))
 
 
-__all__ = ["KVArena", "PreallocatedCache", "PreallocatedLayer", "lent_slot_offsets", "lent_slot_starts", "new_kv_cache"]
+def use_arena_in_generate(model) -> None:
+    """``model.generate`` (transformers' own loop) writes its K/V into the model's arena when no cache is passed.
+
+    Without this it would make a ``DynamicCache``: KV bytes the memory plan does not have (the plan counts the
+    KV budget once, as the arena, whose tail is lent to expert slots). transformers offers no hook for a custom
+    default cache, so the instance's ``_prepare_cache_for_generation`` is wrapped: batch 1, ``use_cache`` on and
+    no ``cache_implementation`` get ``new_kv_cache``; anything else goes to transformers unchanged."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    default = model._prepare_cache_for_generation
+
+    def prepare(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        if (
+            model_kwargs.get(name) is None
+            and batch_size == 1
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation is None
+        ):
+            model_kwargs[name] = new_kv_cache(model, max(1, int(max_cache_length)))
+        return default(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+
+    model._prepare_cache_for_generation = prepare
+
+
+__all__ = [
+    "KVArena",
+    "PreallocatedCache",
+    "PreallocatedLayer",
+    "lent_slot_offsets",
+    "lent_slot_starts",
+    "new_kv_cache",
+    "use_arena_in_generate",
+]
