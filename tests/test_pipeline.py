@@ -110,6 +110,7 @@ def test_gated_and_capped_guesses_replay_to_the_live_counters(tmp_path) -> None:
         # the replay models guesses that evict (mode "evict"); "auto" staging is measured by the twin instead
         prefetch=PrefetchConfig(mode="evict", min_confidence=0.25, max_bytes_per_token=300_000),
         progress=False,
+        kv_lending=False,  # the replay keeps K fixed (no slots lent by the KV cache)
     )
     with RoutingRecorder(model) as rec:
         model.generate(PROMPT, max_new_tokens=10, do_sample=False)

@@ -103,22 +103,23 @@ def host_buffer(rows: int, nbytes: int, pin: bool, device: torch.device | None =
     return pinned_host_buffer(rows, nbytes, device=device)  # unpinning waits for this device's copies
 
 
-DEMAND, SPECULATIVE, WRITE_BACK = "demand", "speculative", "write_back"
-COPY_KINDS = (DEMAND, SPECULATIVE, WRITE_BACK)  # the first two copy host→device, write-backs device→host
+DEMAND, SPECULATIVE, WRITE_BACK, MOVE = "demand", "speculative", "write_back", "move"
+# the first two copy host→device, write-backs device→host, a move device→device (out of a slot the KV cache takes back)
+COPY_KINDS = (DEMAND, SPECULATIVE, WRITE_BACK, MOVE)
 
 
 @dataclass(frozen=True)
 class CopyRecord:
     """One copy as issued through ``CopyEngine.copy``: what the T4 twin and the op counters record."""
 
-    kind: str  # DEMAND | SPECULATIVE (host→device) | WRITE_BACK (device→host)
+    kind: str  # DEMAND | SPECULATIVE (host→device) | WRITE_BACK (device→host) | MOVE (device→device)
     nbytes: int
     layer: int = -1
     expert: int = -1
 
     @property
     def to_device(self) -> bool:
-        return self.kind != WRITE_BACK
+        return self.kind in (DEMAND, SPECULATIVE)
 
 
 @dataclass
@@ -174,6 +175,7 @@ class CopyEngine:
                 DEMAND: torch.cuda.Stream(self.device, priority=-1),  # lower number = higher priority
                 SPECULATIVE: torch.cuda.Stream(self.device, priority=0),
                 WRITE_BACK: torch.cuda.Stream(self.device, priority=0),
+                MOVE: torch.cuda.Stream(self.device, priority=-1),
             }
 
     def copy(
@@ -818,8 +820,8 @@ class ExpertCache:
 
     def give_back(self, slot: int) -> None:
         """Return lent ``slot``: its borrower layer's capacity drops (the policy's victim is written back if the
-        layer is over); an expert the slot holds moves to a free slot (device to device). Later compute on this
-        stream (the KV cache's writes) runs after every copy into or out of the slot."""
+        layer is over); an expert the slot holds moves to a free slot (a device-to-device copy). Later compute
+        (the KV cache's writes) runs after every copy into or out of the slot."""
         with self.lock, deferred_interrupts():
             layer = self._borrower.pop(slot)
             if layer is not None:
@@ -846,7 +848,7 @@ class ExpertCache:
             self.stats.given_back[layer if layer is not None else 0] += 1
 
     def _move(self, owner: tuple[int, int], slot: int) -> None:
-        """Move a resident expert out of ``slot`` into a free one, on the compute stream (device to device)."""
+        """Move a resident expert out of ``slot`` into a free one (device to device, on its own stream)."""
         layer, expert = owner
         free = [s for s in self._free_slots if s != slot]  # never empty: at least spare + 1 slots are free here
         dst = next((s for s in free if not (s in self._staged and self._staged[s].live)), free[0])
@@ -854,11 +856,16 @@ class ExpertCache:
         self._free_slots.remove(dst)
         self._forget_ghost(dst)
         self._drop_dense(dst)
-        for event in (self._slot_ready[slot], self._slot_ready[dst], self._slot_drained[dst]):
-            self.engine.compute_waits(event)
-        self._slot_bufs[dst].copy_(self._slot_bufs[slot])
-        self._slot_ready[dst] = self._slot_used[dst] = self.engine.mark_compute()
-        self._slot_drained[dst] = None
+        moved = self.engine.copy(
+            self._slot_bufs[dst],
+            self._slot_bufs[slot],
+            MOVE,
+            after=(self._slot_ready[slot], self._slot_ready[dst], self._slot_drained[dst], self._slot_used[dst]),
+            layer=layer,
+            expert=expert,
+        )
+        self._slot_ready[dst] = moved
+        self._slot_drained[slot] = moved  # a read out of ``slot``: the K/V writes wait for it like for a write-back
         self.slot_of[layer][expert] = dst
         self.stats.moved_bytes[layer] += self.layout.nbytes
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..runtime.experts import COPY_KINDS, DEMAND, SPECULATIVE, WRITE_BACK, CopyEngine
+from ..runtime.experts import COPY_KINDS, DEMAND, MOVE, SPECULATIVE, CopyEngine
 
 COMPUTE = "compute"
 STREAMS = (COMPUTE, *COPY_KINDS)
@@ -99,16 +99,18 @@ class SimCopyEngine(CopyEngine):
         h2d_bytes_per_s: float = 12.3e9,
         d2h_bytes_per_s: float = 13.1e9,
         compute_s: float = 0.0,
+        d2d_bytes_per_s: float = 120e9,  # a move reads and writes device memory (T4: ~240 GB/s, both ways)
         strict: bool = True,
     ) -> None:
         super().__init__("cpu")
         self.h2d_bytes_per_s, self.d2h_bytes_per_s, self.compute_s = h2d_bytes_per_s, d2h_bytes_per_s, compute_s
+        self.d2d_bytes_per_s = d2d_bytes_per_s
         self.strict = strict
         n = len(STREAMS)
         self._steps = [0] * n  # operations issued per stream
         self._tail = [tuple([0] * n) for _ in range(n)]  # what each stream's next operation is ordered after
         self._free_at = [0.0] * n  # when each stream (and its DMA engine) is next idle
-        self._engine_free = {True: (0.0, None), False: (0.0, None)}  # to_device -> (free at, kind holding it)
+        self._engine_free = {"h2d": (0.0, None), "d2h": (0.0, None), "d2d": (0.0, None)}  # lane -> (free at, kind)
         self._pending: list[_Copy] = []
         self._writer: dict[tuple[int, int], _Access] = {}  # by byte range; ranges may overlap (chunks, slots)
         self._readers: dict[tuple[int, int], list[_Access]] = {}
@@ -130,8 +132,8 @@ class SimCopyEngine(CopyEngine):
         what = f"{kind} copy #{self._steps[s]}"
         self._check_read(src, clock, what)
         self._check_write(dst, clock, what)
-        to_device = kind != WRITE_BACK
-        free, holder = self._engine_free[to_device]
+        lane = "h2d" if kind in (DEMAND, SPECULATIVE) else "d2d" if kind == MOVE else "d2h"
+        free, holder = self._engine_free[lane]
         start = max(ready, self._free_at[s], free)
         if kind == DEMAND and holder == SPECULATIVE and free > max(ready, self._free_at[s]):
             waited = free - max(ready, self._free_at[s])
@@ -139,10 +141,12 @@ class SimCopyEngine(CopyEngine):
             st = self.stats
             st.longest_demand_wait_behind_speculative_s = max(st.longest_demand_wait_behind_speculative_s, waited)
         nbytes = dst.numel() * dst.element_size()
-        duration = nbytes / (self.h2d_bytes_per_s if to_device else self.d2h_bytes_per_s)
+        duration = (
+            nbytes / {"h2d": self.h2d_bytes_per_s, "d2h": self.d2h_bytes_per_s, "d2d": self.d2d_bytes_per_s}[lane]
+        )
         end = start + duration
         self._free_at[s] = end
-        self._engine_free[to_device] = (end, kind)
+        self._engine_free[lane] = (end, kind)
         self.stats.busy_s[kind] += duration
         self.stats.copies += 1
         access = _Access(s, self._steps[s], what)

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MixtralConfig
 
 from ..runtime import kernels
-from ..runtime.experts import DEMAND, SPECULATIVE, WRITE_BACK, CopyEngine, ExpertCache
+from ..runtime.experts import DEMAND, MOVE, SPECULATIVE, CopyEngine, ExpertCache
 from ..weights.model_spec import ModelSpec
 from ..weights.quant import QuantizedWeight
 from .dispatch_count import _PATCHED_METHODS, _is_launch, _is_sync
@@ -223,7 +223,11 @@ class RecordingCopyEngine(CopyEngine):
         finally:
             rec.paused -= 1
         deps = [e.op for e in after if isinstance(e, _Event) and e.op is not None]
-        return _Event(rec.add_copy(dst.nbytes * rec.expert_ratio, kind != WRITE_BACK, kind, deps))
+        if kind == MOVE:  # device to device: no PCIe; an op reading and writing the expert in GPU memory
+            rec.waits.extend(deps)
+            rec.add_compute("eager", 2 * dst.nbytes * rec.expert_ratio, MOVE)
+            return _Event(rec.last_compute if rec.active else None)
+        return _Event(rec.add_copy(dst.nbytes * rec.expert_ratio, kind in (DEMAND, SPECULATIVE), kind, deps))
 
     def compute_waits(self, event: object) -> None:
         if isinstance(event, _Event) and event.op is not None and self.rec.active:

@@ -61,7 +61,8 @@ def _benchmark(
     rows = []
     for k in ks:
         try:
-            model = load_model(path, device=device, experts_on_device=k, progress=progress)
+            # K as the table says: no extra slots lent by the KV cache (they would blur the sizes compared)
+            model = load_model(path, device=device, experts_on_device=k, progress=progress, kv_lending=False)
         except MemoryPlanError as err:
             print(f"k={k}: does not fit this machine, skipped ({str(err).splitlines()[0]})")
             continue

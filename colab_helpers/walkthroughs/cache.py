@@ -173,12 +173,19 @@ def stickiness_line(experts: np.ndarray, num_experts: int, top_k: int) -> str:
 
 def load_for_cache_walkthrough(choice, experts_on_device_tiny: int = 2):
     """The model the walkthrough records from: the real Mixtral with the planner's cache on a GPU (its own
-    routing and prefetch guesses, recorded live), else the embedded tiny model with a small cache."""
+    routing and prefetch guesses, recorded live), else the embedded tiny model with a small cache (kept small:
+    its KV budget would lend it more slots than it has experts)."""
     from ..model import load_model, load_tokenizer
     from .setup import plan_for
 
     if choice.tiny:
-        model = load_model(choice.path, device=choice.device, experts_on_device=experts_on_device_tiny, progress=False)
+        model = load_model(
+            choice.path,
+            device=choice.device,
+            experts_on_device=experts_on_device_tiny,
+            progress=False,
+            kv_lending=False,
+        )
     else:
         plan = plan_for(choice)
         model = load_model(
