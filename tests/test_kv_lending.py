@@ -228,3 +228,26 @@ def test_transformers_generate_writes_into_the_arena_and_answers_as_without_lend
     assert all(torch.equal(a, b) for a, b in zip(outs[0].scores, outs[1].scores, strict=True))
     del outs  # the arena's cache: collected, the next conversation binds again
     assert new_kv_cache(lending, 8).arena is arena
+
+
+def test_a_crop_lends_again_only_what_the_conversation_no_longer_reaches(models) -> None:
+    lending, plain = models
+    arena = lending.kv_arena
+    start = min(s for s in arena.slot_starts if s >= 30)
+    ids = torch.randint(3, lending.config.vocab_size, (1, start + 20), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for name, model in (("lending", lending), ("plain", plain)):
+        cache = new_kv_cache(model, start + 40)
+        with torch.no_grad():
+            model(ids[:, : start + 10], use_cache=True, **{KV: cache})  # past the slot at ``start``
+            for layer in cache.layers:  # a chat turn keeping only a common prefix (session._truncate)
+                layer.crop(-5)
+            if name == "lending":  # the slot at ``start`` is still inside the conversation: not lent again
+                assert arena.lent == sum(s >= start + 10 for s in arena.slot_starts)
+            steps = [
+                model(ids[:, t : t + 1], use_cache=True, **{KV: cache}).logits for t in range(start + 5, start + 20)
+            ]
+        logits[name] = torch.cat(steps, dim=1)
+        if name == "lending":
+            cache.release_arena()
+    assert torch.equal(logits["lending"], logits["plain"])
