@@ -23,7 +23,8 @@ from transformers.cache_utils import DynamicLayer
 from .runtime.attention import AttentionPath, choose_attention, install_attention, register
 from .runtime.experts import ExpertCache, ExpertLayout, experts_per_layer
 from .runtime.host_embedding import HostEmbedding, host_embedding_refusal
-from .runtime.kv_cache import KVArena, use_arena_in_generate
+from .runtime.kv_arena import KVArena
+from .runtime.kv_cache import use_arena_in_generate
 from .runtime.linear import QuantLinear
 from .runtime.moe import OffloadedMoE, PrefetchConfig
 from .runtime.oss_experts import BiasedSwigluMoE, sink_attention
@@ -52,7 +53,7 @@ class OffloadConfig:
     attention: AttentionPath | None = None  # default: chosen by the device's compute capability (attention.py)
     placement: LayerPlacement | None = None  # whole layers split across devices (several GPUs); None: all on device
     embedding_on_host: bool | None = None  # table in host RAM, rows sent (host_embedding.py); None: the plan decides
-    kv_lending: bool = True  # the KV cache's unreached tail holds more experts until needed (kv_cache.KVArena)
+    kv_lending: bool = True  # the KV cache's unreached tail holds more experts until needed (kv_arena.KVArena)
 
     def attention_path(self) -> AttentionPath:
         return self.attention or choose_attention(resolve_device(self.device))
@@ -318,7 +319,7 @@ def close_model(model: MixtralForCausalLM) -> None:
 
 
 def _kv_arena(mcfg, arch, cache, cfg: OffloadConfig, device: torch.device, dtype: torch.dtype) -> KVArena | None:
-    """The KV cache's bytes, lending their unreached tail to the expert cache (``kv_cache.KVArena``); None where
+    """The KV cache's bytes, lending their unreached tail to the expert cache (``kv_arena.KVArena``); None where
     it cannot: lending off, layers split across devices, no expert in host RAM, or layers whose K/V are not
     plain full attention of ``kv_heads x head_dim`` (sliding windows, MLA)."""
     if not cfg.kv_lending or not isinstance(cache, ExpertCache) or not len(cache.host_buf) or arch.kv_lending_refusal:

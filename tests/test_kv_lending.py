@@ -1,4 +1,4 @@
-"""The KV cache's unreached tail lent to the expert cache as slots (``kv_cache.KVArena``, ``ExpertCache.lend``)."""
+"""The KV cache's unreached tail lent to the expert cache as slots (``kv_arena.KVArena``, ``ExpertCache.lend``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from transformers import MixtralForCausalLM
 
 from colab_helpers.conversation.session import ChatSession
 from colab_helpers.model import load_model
-from colab_helpers.runtime.kv_cache import LEND_ALIGN, KVArena, PreallocatedCache, lent_slot_starts, new_kv_cache
+from colab_helpers.runtime.kv_arena import LEND_ALIGN, KVArena, lent_slot_starts
+from colab_helpers.runtime.kv_cache import PreallocatedCache, new_kv_cache
 from colab_helpers.runtime.policies import POLICIES
 from colab_helpers.sim.copysim import simulate_copies
 from colab_helpers.weights.tiny import tiny_model_path

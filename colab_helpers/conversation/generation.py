@@ -58,7 +58,7 @@ class GenerationStats:
     prefetch_recall: float = 0.0
     stop_reason: str = "length"  # "eos" | "length" | "stopped" | "interrupted" | "out_of_memory"
     vram_gb: float | None = None
-    lent_slots: int = 0  # expert slots the KV cache's unreached tail still lends at the end (kv_cache.KVArena)
+    lent_slots: int = 0  # expert slots the KV cache's unreached tail still lends at the end (kv_arena.KVArena)
 
     @property
     def tokens_per_s(self) -> float:

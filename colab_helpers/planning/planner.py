@@ -20,7 +20,7 @@ from transformers import MixtralConfig
 
 from ..runtime.attention import T4_CAPABILITY, AttentionPath, choose_attention
 from ..runtime.host_embedding import host_embedding_refusal
-from ..runtime.kv_cache import lent_slot_starts
+from ..runtime.kv_arena import lent_slot_starts
 from ..runtime.oss_experts import sink_attention
 from ..weights.checkpoint import QUANT_CONFIG_KEY, QuantConfig, config_from_dict
 from ..weights.families import MoEArchitecture
@@ -314,7 +314,7 @@ class MemoryPlan:
 
     @property
     def kv_lent_slot_starts(self) -> list[int]:
-        """Where the KV cache's lendable expert slots are needed back (``kv_cache.lent_slot_starts``): while the
+        """Where the KV cache's lendable expert slots are needed back (``kv_arena.lent_slot_starts``): while the
         conversation is at most ``starts[j]`` tokens, slot ``j`` holds one more expert. Counted in the KV row,
         so no byte is planned twice (on a CPU their fp32 dense copies are a row); empty where nothing is lent
         (nothing in host RAM, MLA, sliding windows)."""
@@ -560,7 +560,7 @@ def _cpu_rows(
 
 
 def _lent_starts(s: ModelSizes, context: int, itemsize: int, host_experts: int) -> list[int]:
-    """``kv_cache.lent_slot_starts`` for this model's KV budget ([] when nothing is lent: no host expert, or
+    """``kv_arena.lent_slot_starts`` for this model's KV budget ([] when nothing is lent: no host expert, or
     MLA / sliding windows)."""
     if not host_experts or s.kv_lending_refusal:
         return []

@@ -367,7 +367,7 @@ class ExpertCache:
     A freed slot keeps its expert's bytes until another load overwrites it: an expert wanted again
     meanwhile (say, evicted by a wrong guess) is *re-mapped* to that slot instead of copied back in.
 
-    ``lend``/``give_back``: the KV cache's unused tail lends whole slots (``kv_cache.KVArena``); each raises one
+    ``lend``/``give_back``: the KV cache's unused tail lends whole slots (``kv_arena.KVArena``); each raises one
     layer's capacity until the conversation needs the bytes back (a write-back if the layer is then over).
     """
 

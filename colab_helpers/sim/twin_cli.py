@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-kv-lending",
         action="store_true",
-        help="simulate without the KV cache lending its unreached tail as expert slots (kv_cache.KVArena)",
+        help="simulate without the KV cache lending its unreached tail as expert slots (kv_arena.KVArena)",
     )
     p.add_argument(
         "--prompt-tokens",

@@ -367,7 +367,7 @@ class EngineRun:
     family: object | None = None  # a ``twin_family.FamilyTwin`` (another model's narrow engine); None: Mixtral-8x7B
     prefetch_config: object | None = None  # a ``moe.PrefetchConfig`` (None: the default, on or off by ``prefetch``)
     embedding_on_host: bool = False  # the embedding table in host RAM (host_embedding.py), as the plan may put it
-    kv_lending: bool = True  # the KV cache's unreached tail lends expert slots (kv_cache.KVArena), at full size
+    kv_lending: bool = True  # the KV cache's unreached tail lends expert slots (kv_arena.KVArena), at full size
     context: int = 4096  # the planned KV budget, tokens (where the lent slots are needed back)
 
     def prefetch_settings(self, **family_defaults):
@@ -420,7 +420,7 @@ def build_narrow_engine(run: EngineRun, routing: np.ndarray):
 def install_kv_lending(model, context: int, kv_bytes_per_token: int, slot_bytes: int) -> None:
     """Give the narrow engine a ``KVArena`` lending as the full-size model's would: slots needed back at the
     full-size positions (``lent_slot_starts``), held in narrow stand-in buffers the recorder counts as experts."""
-    from ..runtime.kv_cache import KVArena, lent_slot_starts
+    from ..runtime.kv_arena import KVArena, lent_slot_starts
 
     cache, config = model.expert_cache, model.config
     starts = lent_slot_starts(context, kv_bytes_per_token, slot_bytes)

@@ -60,7 +60,7 @@ class MoEArchitecture:
 
     @property
     def kv_lending_refusal(self) -> str | None:
-        """Why the KV cache cannot lend its unreached tail as expert slots (``runtime.kv_cache.KVArena``), or None."""
+        """Why the KV cache cannot lend its unreached tail as expert slots (``runtime.kv_arena.KVArena``), or None."""
         if self.mla:
             return "MLA caches K and V of other widths than kv_heads x head_dim"
         if self.sliding_window_layers:
