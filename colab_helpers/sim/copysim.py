@@ -105,6 +105,11 @@ class SimCopyEngine(CopyEngine):
         super().__init__("cpu")
         self.h2d_bytes_per_s, self.d2h_bytes_per_s, self.compute_s = h2d_bytes_per_s, d2h_bytes_per_s, compute_s
         self.d2d_bytes_per_s = d2d_bytes_per_s
+        self._lane_rate = {
+            "h2d": h2d_bytes_per_s,
+            "d2h": d2h_bytes_per_s,
+            "d2d": d2d_bytes_per_s,
+        }  # bytes/s per DMA lane
         self.strict = strict
         n = len(STREAMS)
         self._steps = [0] * n  # operations issued per stream
@@ -141,9 +146,7 @@ class SimCopyEngine(CopyEngine):
             st = self.stats
             st.longest_demand_wait_behind_speculative_s = max(st.longest_demand_wait_behind_speculative_s, waited)
         nbytes = dst.numel() * dst.element_size()
-        duration = (
-            nbytes / {"h2d": self.h2d_bytes_per_s, "d2h": self.d2h_bytes_per_s, "d2d": self.d2d_bytes_per_s}[lane]
-        )
+        duration = nbytes / self._lane_rate[lane]
         end = start + duration
         self._free_at[s] = end
         self._engine_free[lane] = (end, kind)

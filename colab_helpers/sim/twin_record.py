@@ -410,26 +410,28 @@ def build_narrow_engine(run: EngineRun, routing: np.ndarray):
     for i, block in enumerate(blocks):
         block.link(blocks[i + 1 : i + 1 + block.prefetch.lookahead])
     if run.kv_lending:
-        full = mixtral_8x7b_config()
-        head_dim = full.hidden_size // full.num_attention_heads
-        kv_bytes = 2 * full.num_hidden_layers * full.num_key_value_heads * head_dim * 2  # fp16 K and V, every layer
-        install_kv_lending(model, run.context, kv_bytes, ModelSpec.of(full, quant).expert_slot_bytes)
+        from ..planning.planner import ModelSizes
+        from ..runtime.kv_arena import lent_slot_starts
+
+        full = ModelSizes.of(mixtral_8x7b_config(), quant)  # fp16 K/V per token and slot bytes, as the plan has them
+        install_kv_lending(
+            model, run.context, lent_slot_starts(run.context, full.kv_bytes_per_token(2), full.slot_bytes)
+        )
     return model
 
 
-def install_kv_lending(model, context: int, kv_bytes_per_token: int, slot_bytes: int) -> None:
+def install_kv_lending(model, context: int, starts: list[int]) -> None:
     """Give the narrow engine a ``KVArena`` lending as the full-size model's would: slots needed back at the
-    full-size positions (``lent_slot_starts``), held in narrow stand-in buffers the recorder counts as experts."""
-    from ..runtime.kv_arena import KVArena, lent_slot_starts
+    full-size positions ``starts`` (``lent_slot_starts``), held in narrow stand-in buffers the recorder counts
+    as experts."""
+    from ..runtime.kv_arena import KVArena
 
-    cache, config = model.expert_cache, model.config
-    starts = lent_slot_starts(context, kv_bytes_per_token, slot_bytes)
+    cache, arch = model.expert_cache, ModelSpec.of(model.config).arch
     model.twin_lent_slots = torch.empty(max(1, len(starts)), cache.layout.nbytes, dtype=torch.uint8)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     model.kv_arena = KVArena(
-        config.num_hidden_layers,
-        config.num_key_value_heads,
-        head_dim,
+        arch.num_layers,
+        arch.kv_heads,
+        arch.head_dim,
         context,
         model.dtype,
         cache.device,
